@@ -1,0 +1,3 @@
+from lowmem_tune.cli import main
+
+main()

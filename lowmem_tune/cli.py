@@ -1,0 +1,148 @@
+"""Command line: parses arguments and delegates. Heavy modules are imported inside each command
+so that `lowmem-tune --help` and `plan` start fast."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from lowmem_tune import __version__
+from lowmem_tune.errors import UserError
+
+
+class _Group(click.Group):
+    """Turns UserError into one line on stderr and exit code 2, with no traceback."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lowmem-tune")
+def main() -> None:
+    """Finetune 7B-class LLMs on one consumer GPU with full-parameter-quality methods."""
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def probe(as_json: bool) -> None:
+    """Show the NVIDIA GPUs here: memory, compute capability, bf16, utilization."""
+    from lowmem_tune.hardware import probe_command
+
+    probe_command(as_json=as_json)
+
+
+@main.command()
+@click.option("--model", "model", required=True, help="Catalog name, hub id, local model directory or config.json.")
+@click.option("--gpu", default="auto", show_default=True, help="auto, a preset (rtx4090, ...) or a size (24GB, 24GiB).")
+@click.option("--gpu-index", default=0, show_default=True, help="Which GPU --gpu auto reads.")
+@click.option("--margin", default=0.10, show_default=True, help="Share of usable memory kept free.")
+@click.option("--strategy", default=None, help="Pin the strategy (full, adamw8bit, galore, fira, lisa, owlore, welore).")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per sequence.")
+@click.option("--micro-batch-size", default=None, type=int, help="Pin the micro batch size.")
+@click.option("--prefer", type=click.Choice(["quality", "speed", "memory"]), default="quality", show_default=True)
+@click.option("--verify", is_flag=True, help="Measure one real step on fake tensors (no weights, no GPU).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the chosen plan as a profile YAML.")
+def plan(model: str, gpu: str, gpu_index: int, margin: float, strategy: str | None, seq_len: int,
+         micro_batch_size: int | None, prefer: str, verify: bool, as_json: bool, output: Path | None) -> None:
+    """Estimate memory for every strategy and pick the best one that fits."""
+    from lowmem_tune.planner import plan_command
+
+    plan_command(model=model, gpu=gpu, gpu_index=gpu_index, margin=margin, strategy=strategy, seq_len=seq_len,
+                 micro_batch_size=micro_batch_size, prefer=prefer, verify=verify, as_json=as_json, output=output)
+
+
+@main.command()
+@click.argument("profile", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a profile key (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in the output directory.")
+@click.option("--headless", is_flag=True, help="No dashboard: a progress bar, or plain lines when not a terminal.")
+def run(profile: Path, overrides: tuple[str, ...], resume: bool, headless: bool) -> None:
+    """Train with a profile, checkpointing, and evaluate at the end."""
+    from lowmem_tune.profile import load_profile
+
+    loaded = load_profile(profile, overrides)
+    if headless or not sys.stdout.isatty():
+        from lowmem_tune.train import run_headless
+
+        sys.exit(run_headless(loaded, resume=resume))
+    from lowmem_tune.tui import run_with_dashboard
+
+    sys.exit(run_with_dashboard(loaded, resume=resume))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def monitor(run_dir: Path) -> None:
+    """Attach the live dashboard to a run directory (running or finished)."""
+    from lowmem_tune.tui import monitor_command
+
+    monitor_command(run_dir)
+
+
+@main.command(name="eval")
+@click.option("--dataset", "dataset", required=True, help="A task (boolq, piqa, ...) or a suite (commonsense, welore).")
+@click.option("--model", "model", required=True, help="Model directory, catalog name or hub id.")
+@click.option("--data-file", "data_files", multiple=True, metavar="[TASK=]PATH",
+              help="Local JSON / JSONL / parquet in the task's schema (TASK=PATH for suites).")
+@click.option("--limit", type=int, default=None, help="Evaluate the first N examples of each task.")
+@click.option("--num-fewshot", type=int, default=None, help="Few-shot examples (default: the task card's).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write results JSON.")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+def eval_(dataset: str, model: str, data_files: tuple[str, ...], limit: int | None, num_fewshot: int | None,
+          batch_size: int, output: Path | None, device: str) -> None:
+    """Evaluate a model on tasks scored the way the field scores them."""
+    from lowmem_tune.evaluation import eval_command
+
+    eval_command(dataset=dataset, model=model, data_files=data_files, limit=limit, num_fewshot=num_fewshot,
+                 batch_size=batch_size, output=output, device=device)
+
+
+@main.command()
+@click.option("--model", "model", required=True, help="Catalog name, hub id or local model directory.")
+@click.option("--rank-reduction", default=0.5, show_default=True, help="Share of total rank to remove (ERR).")
+@click.option("--min-ratio", default=0.5, show_default=True, help="Dropped share above which a matrix is low-rank.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--merge", is_flag=True, help="Multiply the factors back into a dense transformers model.")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+def compress(model: str, rank_reduction: float, min_ratio: float, output: Path, merge: bool, device: str) -> None:
+    """WeLore: rank-reduce a model non-uniformly (low-rank components) and save it."""
+    from lowmem_tune.compress import compress_command
+
+    compress_command(model=model, rank_reduction=rank_reduction, min_ratio=min_ratio, output=output,
+                     merge=merge, device=device)
+
+
+@main.group(cls=_Group)
+def inspect() -> None:
+    """Look inside a model: outlier ratios per layer."""
+
+
+@inspect.command()
+@click.option("--model", "model", required=True, help="Catalog name, hub id or local model directory.")
+@click.option("--calibration-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Plain text for calibration (default: generated synthetic-boolq text).")
+@click.option("--samples", default=32, show_default=True, help="Calibration sequences.")
+@click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--threshold", default=5.0, show_default=True, help="M: a weight is an outlier above M x the layer mean.")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+def outliers(model: str, calibration_file: Path | None, samples: int, seq_len: int, threshold: float,
+             device: str) -> None:
+    """Per-layer outlier ratios (OwLore) and the sampling probabilities they give."""
+    from lowmem_tune.strategies.outliers import inspect_outliers_command
+
+    inspect_outliers_command(model=model, calibration_file=calibration_file, samples=samples, seq_len=seq_len,
+                             threshold=threshold, device=device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Locations of the files shipped with the package: ready profiles and evaluation task cards."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+
+def _shipped_dir(package: str, checkout_dir: str) -> Path:
+    # In a source checkout (editable install) the top-level folder is the one users edit;
+    # in an installed wheel the same files live inside the package.
+    checkout = Path(__file__).resolve().parent.parent / checkout_dir
+    if checkout.is_dir():
+        return checkout
+    return Path(str(resources.files(package)))
+
+
+def profiles_dir() -> Path:
+    return _shipped_dir("lowmem_tune._profiles", "profiles")
+
+
+def evaluate_dir() -> Path:
+    return _shipped_dir("lowmem_tune._evaluate", "evaluate")

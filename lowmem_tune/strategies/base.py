@@ -1,0 +1,94 @@
+"""The strategy interface: how a finetuning method plugs into the training loop.
+
+A strategy decides what is trainable (and may rewrite the model, as WeLore does), builds the
+`Updater` that changes the weights, acts at optimizer-step boundaries (LISA / OwLore resample
+layers there), and says what goes into a checkpoint and into each step's metrics.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from lowmem_tune.events import EventSink, Info
+from lowmem_tune.optim.updater import Updater
+from lowmem_tune.profile import Profile
+
+
+class _NullSink:
+    def emit(self, event: Any) -> None:
+        pass
+
+
+@dataclass
+class StrategyContext:
+    """What a strategy may use besides the model: where to cache, data for calibration, events."""
+
+    device: torch.device
+    dtype: torch.dtype
+    run_dir: Path | None = None
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "lowmem-tune")
+    model_id: str = ""
+    """Identity of the model's weights (name + revision or a content hash) for caches."""
+    calibration_batches: Callable[[int, int], Iterator[torch.Tensor]] | None = None
+    """calibration_batches(n_sequences, seq_len) yields input_ids tensors from the run's data."""
+    events: EventSink = field(default_factory=_NullSink)
+    fake: bool = False
+    """True under `plan --verify` (FakeTensorMode): no real values, skip data-dependent work."""
+
+    def info(self, message: str) -> None:
+        self.events.emit(Info(message))
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.cfg = profile.strategy
+
+    def prepare_model(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
+        """Rewrite the model if the method needs to and set requires_grad. Default: all trainable."""
+        model.requires_grad_(True)
+        return model
+
+    @abstractmethod
+    def build_updater(self, model: nn.Module, ctx: StrategyContext) -> Updater:
+        """The optimizer (or layerwise engine) for the trainable parameters."""
+
+    def on_step_start(self, step: int, model: nn.Module, updater: Updater) -> None:
+        """Called before the micro-batches of optimizer step `step` (0-based)."""
+
+    def step_metrics(self) -> dict[str, Any]:
+        """Strategy fields merged into each metrics.jsonl line."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """Static facts for the dashboard's strategy panel and OUTPUT/strategy.json."""
+        return {"name": self.name}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Strategy state for checkpoints (plain tensors and numbers)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def save_final(self, model: nn.Module, out_dir: Path) -> None:
+        """Write the finetuned model loadable by `from_pretrained` (safetensors)."""
+        model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    params = []
+    for param in model.parameters():
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            params.append(param)
+    return params
