@@ -7,6 +7,7 @@ layers there), and says what goes into a checkpoint and into each step's metrics
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,11 @@ from torch import nn
 from lowmem_tune.events import EventSink, Info
 from lowmem_tune.optim.updater import Updater
 from lowmem_tune.profile import Profile
+
+
+def default_cache_dir() -> Path:
+    """$LOWMEM_TUNE_CACHE, else ~/.cache/lowmem-tune (SVD spectra, outlier ratios, tokenizers)."""
+    return Path(os.environ.get("LOWMEM_TUNE_CACHE", Path.home() / ".cache" / "lowmem-tune"))
 
 
 class _NullSink:
@@ -32,7 +38,7 @@ class StrategyContext:
     device: torch.device
     dtype: torch.dtype
     run_dir: Path | None = None
-    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "lowmem-tune")
+    cache_dir: Path = field(default_factory=default_cache_dir)
     model_id: str = ""
     """Identity of the model's weights (name + revision or a content hash) for caches."""
     calibration_batches: Callable[[int, int], Iterator[torch.Tensor]] | None = None
