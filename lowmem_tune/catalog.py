@@ -11,9 +11,10 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import AutoConfig, PretrainedConfig
+if TYPE_CHECKING:  # transformers imports torch (seconds): `plan` reads the catalog without it
+    from transformers import PretrainedConfig
 
 from lowmem_tune.errors import UserError
 
@@ -26,6 +27,8 @@ class ModelSpec:
     config: dict[str, Any] = field(default_factory=dict)
 
     def build_config(self) -> PretrainedConfig:
+        from transformers import AutoConfig
+
         return AutoConfig.for_model(self.model_type, **self.config)
 
 
@@ -131,6 +134,8 @@ def resolve_model(name: str) -> ResolvedModel:
 
 
 def _config_from_file(path: Path) -> PretrainedConfig:
+    from transformers import AutoConfig
+
     try:
         data = json.loads(path.read_text())
         model_type = data.pop("model_type")
@@ -143,6 +148,8 @@ def _config_from_file(path: Path) -> PretrainedConfig:
 
 
 def _config_from_hub(hub_id: str) -> PretrainedConfig:
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(hub_id)
     except (OSError, ValueError) as err:
