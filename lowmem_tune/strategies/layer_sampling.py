@@ -1,0 +1,338 @@
+"""LISA and OwLore: train a few sampled decoder layers at a time, resampled every K steps.
+
+Every K optimizer steps a seeded sampler draws γ layers without replacement (uniformly for LISA,
+with p_l ∝ outlier ratio D_l for OwLore). Those layers train; the others are frozen and their
+optimizer state is released (dropped, or parked on the CPU with `inactive_state: offload`), so the
+state held at any time is that of the γ active layers plus the always-trained parts (embeddings,
+final norm, lm_head) — it does not grow with the number of layers ever sampled.
+
+The updater is built over every parameter that may ever train, frozen or not, so a layer frozen
+at construction still trains when it is sampled later (LMFlow #726). Sampler state (generator,
+active layers, counts) goes into checkpoints, so a resume mid-interval trains the same layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from lowmem_tune.errors import UserError
+from lowmem_tune.modeling import decoder_layers
+from lowmem_tune.optim.updater import StandardUpdater, Updater, tensor_bytes
+from lowmem_tune.strategies.base import Strategy, StrategyContext
+from lowmem_tune.strategies.outliers import (
+    RANDOM_TOKENS_NOTE,
+    OutlierRatios,
+    load_tokenizer,
+    compute_outlier_ratios,
+    random_token_batches,
+    read_calibration_file,
+    sampling_probabilities,
+    text_batches,
+    write_json_atomic,
+)
+
+# --------------------------------------------------------------------------- sampler
+
+
+class LayerSampler:
+    """Draws `sampled` of len(probabilities) layers without replacement from a seeded generator.
+
+    Successive draws: the first layer with probability p_l, the next from the rest renormalized
+    (as numpy's choice(replace=False, p=...) in the OwLore reference). Layers with p_l = 0 are
+    never drawn, so at most (number of p_l > 0) layers are active.
+    """
+
+    def __init__(self, probabilities: list[float], sampled: int, seed: int) -> None:
+        self.probabilities = torch.tensor(probabilities, dtype=torch.float64)
+        if self.probabilities.ndim != 1 or len(self.probabilities) == 0 or self.probabilities.sum() <= 0:
+            raise ValueError(f"need at least one positive layer probability, got {probabilities}")
+        self.sampled = min(sampled, int((self.probabilities > 0).sum()))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.counts = [0] * len(probabilities)
+        self.active: list[int] | None = None
+        self.drawn_at: int | None = None
+        """The step of the latest draw; a second call for the same step does not redraw."""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.probabilities)
+
+    def draw(self, step: int) -> list[int]:
+        picked = torch.multinomial(self.probabilities, self.sampled, replacement=False, generator=self.generator)
+        self.active = sorted(int(i) for i in picked)
+        for index in self.active:
+            self.counts[index] += 1
+        self.drawn_at = step
+        return self.active
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.get_state(),
+            "counts": list(self.counts),
+            "active": None if self.active is None else list(self.active),
+            "drawn_at": self.drawn_at,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.counts = list(state["counts"])
+        self.active = None if state["active"] is None else list(state["active"])
+        self.drawn_at = state["drawn_at"]
+
+
+# --------------------------------------------------------------------------- updater with release
+
+
+@dataclass
+class ParkedState:
+    """One parameter's optimizer state moved to the CPU while its layer is out of the sample."""
+
+    state: dict[str, Any]
+    devices: dict[str, str]
+    """Where each tensor lived (torch keeps AdamW's `step` counter on the CPU)."""
+
+
+class ReleasableUpdater(StandardUpdater):
+    """A torch / bitsandbytes optimizer over every parameter that may ever train, whose
+    per-parameter state can be released when a layer leaves the sample.
+
+    Both optimizers create state lazily on a parameter's first gradient and skip parameters
+    without one, so frozen layers cost nothing until they are sampled. Offloaded state is parked
+    on the CPU and moved back when the parameter has a gradient again.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter],
+                 max_grad_norm: float | None) -> None:
+        super().__init__(optimizer, [], max_grad_norm)
+        self.params = list(params)  # frozen ones included: they may be sampled later
+        self._parked: dict[nn.Parameter, ParkedState] = {}
+
+    def release(self, params: Iterable[nn.Parameter], offload: bool = False) -> None:
+        for param in params:
+            param.grad = None
+            state = self.optimizer.state.pop(param, None)
+            if offload and state:
+                self._parked[param] = ParkedState(
+                    {k: v.to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in state.items()},
+                    {k: str(v.device) for k, v in state.items() if torch.is_tensor(v)},
+                )
+
+    def step(self) -> float:
+        for param in self.params:
+            if param.grad is not None and param in self._parked:
+                parked = self._parked.pop(param)
+                self.optimizer.state[param] = {k: v.to(parked.devices[k]) if k in parked.devices else v
+                                               for k, v in parked.state.items()}
+        return super().step()
+
+    def state_bytes(self) -> int:
+        """Bytes of live optimizer state; parked state is counted by offloaded_bytes."""
+        return tensor_bytes(dict(self.optimizer.state))
+
+    def offloaded_bytes(self) -> int:
+        return sum(tensor_bytes(parked.state) for parked in self._parked.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        index = {param: i for i, param in enumerate(self.params)}
+        parked = {index[p]: {"state": s.state, "devices": s.devices} for p, s in self._parked.items()}
+        return {"optimizer": self.optimizer.state_dict(), "parked": parked}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._parked = {self.params[int(i)]: ParkedState(entry["state"], entry["devices"])
+                        for i, entry in state["parked"].items()}
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def always_trained_modules(model: nn.Module) -> list[nn.Module]:
+    """Embeddings, final norm and lm_head: trained full-rank whenever train_embeddings is on."""
+    modules = [model.get_input_embeddings(), getattr(model.model, "norm", None), model.get_output_embeddings()]
+    return [m for m in modules if m is not None]
+
+
+def unique_parameters(modules: Iterable[nn.Module], exclude: Iterable[nn.Parameter] = ()) -> list[nn.Parameter]:
+    seen = {id(p) for p in exclude}
+    params = []
+    for module in modules:
+        for param in module.parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                params.append(param)
+    return params
+
+
+@dataclass
+class LayerChoice:
+    """What the sampler draws from, and why."""
+
+    probabilities: list[float]
+    ratios: OutlierRatios | None = None
+    note: str = ""
+
+
+class LayerSamplingStrategy(Strategy):
+    """Shared machinery of LISA and OwLore; subclasses say how layers are weighted."""
+
+    def layer_choice(self, model: nn.Module, ctx: StrategyContext) -> LayerChoice:
+        raise NotImplementedError
+
+    def prepare_model(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
+        layers = decoder_layers(model)
+        if self.cfg.interval <= 0 or self.cfg.sampled_layers <= 0:
+            raise UserError("strategy.sampled_layers and strategy.interval must be at least 1")
+        model.requires_grad_(False)
+        self.always_trained = unique_parameters(always_trained_modules(model)) if self.cfg.train_embeddings else []
+        for param in self.always_trained:
+            param.requires_grad_(True)
+        self.layer_params = [unique_parameters([layer], exclude=self.always_trained) for layer in layers]
+        self.choice = self.layer_choice(model, ctx)
+        if self.choice.note:
+            ctx.info(self.choice.note)
+        self.sampler = LayerSampler(self.choice.probabilities, self.cfg.sampled_layers, self.profile.train.seed)
+        if self.sampler.sampled < self.cfg.sampled_layers:
+            ctx.info(f"{self.name}: only {self.sampler.sampled} layers can be sampled at a time "
+                     f"(strategy.sampled_layers is {self.cfg.sampled_layers})")
+        self.applied: list[int] = []
+        self.run_dir = ctx.run_dir
+        return model
+
+    def candidate_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that may train during the run, active now or not."""
+        return self.always_trained + [p for params in self.layer_params for p in params]
+
+    def build_updater(self, model: nn.Module, ctx: StrategyContext) -> Updater:
+        t = self.profile.train
+        params = self.candidate_parameters()
+        if self.cfg.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                                          weight_decay=t.weight_decay, foreach=not ctx.fake)
+        elif self.cfg.optimizer == "adamw8bit":
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.AdamW8bit(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                                            weight_decay=t.weight_decay)
+        else:
+            raise UserError(f"strategy.optimizer: {self.cfg.optimizer!r} inside sampled layers is not available "
+                            "yet in this build (use adamw or adamw8bit)")
+        return ReleasableUpdater(optimizer, params, t.max_grad_norm)
+
+    def on_step_start(self, step: int, model: nn.Module, updater: Updater) -> None:
+        due = step % self.cfg.interval == 0 and self.sampler.drawn_at != step
+        if due or self.sampler.active is None:
+            self.sampler.draw(step)
+        if self.sampler.active != self.applied:
+            self._apply(self.sampler.active, updater)
+
+    def _apply(self, active: list[int], updater: Updater) -> None:
+        leaving = [i for i in self.applied if i not in active]
+        for index in leaving:
+            params = self.layer_params[index]
+            for param in params:
+                param.requires_grad_(False)
+            updater.release(params, offload=self.cfg.inactive_state == "offload")
+        for index in active:
+            for param in self.layer_params[index]:
+                param.requires_grad_(True)
+        self.applied = list(active)
+        self.write_summary()
+
+    def step_metrics(self) -> dict[str, Any]:
+        return {"active_layers": list(self.applied)}
+
+    def describe(self) -> dict[str, Any]:
+        ratios = self.choice.ratios
+        layers = [
+            {
+                "layer": i,
+                "outlier_ratio": None if ratios is None else ratios.ratios[i],
+                "probability": p,
+                "times_sampled": self.sampler.counts[i],
+            }
+            for i, p in enumerate(self.choice.probabilities)
+        ]
+        info: dict[str, Any] = {
+            "name": self.name,
+            "sampled_layers": self.sampler.sampled,
+            "interval": self.cfg.interval,
+            "optimizer": self.cfg.optimizer,
+            "inactive_state": self.cfg.inactive_state,
+            "train_embeddings": self.cfg.train_embeddings,
+            "active_layers": list(self.applied),
+            "layers": layers,
+        }
+        if ratios is not None:
+            info.update(outlier_threshold=ratios.threshold, temperature=self.cfg.temperature,
+                        calibration=ratios.calibration, calibration_tokens=ratios.tokens)
+        if self.choice.note:
+            info["note"] = self.choice.note
+        return info
+
+    def write_summary(self) -> None:
+        """OUTPUT/strategy.json: per-layer ratios, probabilities and sample counts so far."""
+        if self.run_dir is not None:
+            write_json_atomic(Path(self.run_dir) / "strategy.json", self.describe())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+    def save_final(self, model: nn.Module, out_dir: Path) -> None:
+        self.write_summary()
+        super().save_final(model, out_dir)
+
+
+class LISA(LayerSamplingStrategy):
+    """Layerwise Importance Sampled AdamW (Pan et al. 2024): layers sampled uniformly."""
+
+    name = "lisa"
+
+    def layer_choice(self, model: nn.Module, ctx: StrategyContext) -> LayerChoice:
+        count = len(decoder_layers(model))
+        return LayerChoice([1.0 / count] * count)
+
+
+class OwLore(LayerSamplingStrategy):
+    """Outlier-weighted layer sampling (Li et al. 2024): p_l ∝ D_l^(1/temperature)."""
+
+    name = "owlore"
+
+    def layer_choice(self, model: nn.Module, ctx: StrategyContext) -> LayerChoice:
+        count = len(decoder_layers(model))
+        if ctx.fake:
+            return LayerChoice([1.0 / count] * count, note="owlore: no real values under --verify; sampling uniformly")
+        batches, source = self.calibration(model, ctx)
+        ratios, hit = compute_outlier_ratios(model, batches, self.cfg.outlier_threshold, source,
+                                             ctx.model_id, ctx.cache_dir)
+        probabilities, uniform = sampling_probabilities(ratios.ratios, self.cfg.temperature)
+        notes = []
+        if hit:
+            notes.append("owlore: outlier ratios read from the cache")
+        if uniform:
+            notes.append(f"owlore: no layer has a Wanda score above {ratios.threshold:g} x its mean "
+                         "(random weights?); sampling layers uniformly, as LISA")
+        return LayerChoice(probabilities, ratios, "; ".join(notes))
+
+    def calibration(self, model: nn.Module, ctx: StrategyContext) -> tuple[list[torch.Tensor], str]:
+        """calibration_file if set, else the run's training data, else random ids (documented)."""
+        n, length = self.cfg.calibration_samples, self.cfg.calibration_seq_len
+        if self.cfg.calibration_file is not None:
+            from lowmem_tune.catalog import resolve_model
+
+            resolved = resolve_model(self.profile.model.name)
+            tokenizer = load_tokenizer(resolved.pretrained_path, self.profile.model.tokenizer)
+            if tokenizer is None:
+                raise UserError("strategy.calibration_file needs a tokenizer: set model.tokenizer")
+            text = read_calibration_file(self.cfg.calibration_file)
+            return text_batches(text, tokenizer, n, length), str(self.cfg.calibration_file)
+        if ctx.calibration_batches is not None:
+            return list(ctx.calibration_batches(n, length)), f"{n} sequences of the training data"
+        return random_token_batches(model.config.vocab_size, n, length), RANDOM_TOKENS_NOTE
