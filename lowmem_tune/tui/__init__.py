@@ -1,13 +1,65 @@
-"""Live dashboard."""
+"""Live terminal dashboard (Textual) for `lowmem-tune run`, and `lowmem-tune monitor RUN_DIR`.
 
-from lowmem_tune.errors import UserError
+Public API:
+- `run_with_dashboard(profile, resume) -> exit code`: trains in a worker thread behind the dashboard.
+- `monitor_command(run_dir)`: the same dashboard fed by RUN_DIR/events.jsonl.
+- `DashboardApp(feed, control=None, ...)`, with feeds `QueueFeed` (an EventSink) and `RunDirFeed`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from lowmem_tune import hardware
+from lowmem_tune.profile import Profile
+from lowmem_tune.tui.app import DashboardApp
+from lowmem_tune.tui.feeds import QueueFeed, RunDirFeed
+from lowmem_tune.tui.live import LiveRun
+from lowmem_tune.tui.state import RunState
 
 
-def run_with_dashboard(profile, resume: bool) -> int:
-    from lowmem_tune.train import run_headless
-
-    return run_headless(profile, resume=resume)
+def _gpu_stats_reader() -> Callable[[int], Any | None] | None:
+    return getattr(hardware, "read_gpu_stats", None)
 
 
-def monitor_command(run_dir) -> None:
-    raise UserError("`monitor` is not available yet in this build")
+def run_with_dashboard(profile: Profile, resume: bool) -> int:
+    run = LiveRun(profile, resume)
+    app = DashboardApp(run.feed, control=run.control, gpu_stats=_gpu_stats_reader(),
+                       gpu_index=profile.hardware.gpu_index)
+    run.start()
+    try:
+        app.run()
+    finally:
+        exit_code = run.finish()
+    _print_summary(app.state)
+    return exit_code
+
+
+def monitor_command(run_dir: Path) -> None:
+    app = DashboardApp(RunDirFeed.open(run_dir), gpu_stats=_gpu_stats_reader())
+    app.run()
+
+
+def _print_summary(state: RunState) -> None:
+    """The dashboard's alternate screen is gone once it closes: leave the outcome in the terminal."""
+    finished = state.finished
+    if finished is None:
+        return
+    console = Console(stderr=True)
+    loss = state.train_loss.last
+    parts = [f"run {finished.status} at step {finished.step}"]
+    if loss is not None:
+        parts.append(f"train loss {loss:.4f}")
+    if state.eval_loss.last is not None:
+        parts.append(f"eval loss {state.eval_loss.last:.4f}")
+    if finished.final_dir:
+        parts.append(f"model saved to {finished.final_dir}")
+    if state.last_checkpoint is not None:
+        parts.append(f"last checkpoint {state.last_checkpoint.path}")
+    console.print("lowmem-tune: " + " · ".join(parts))
+
+
+__all__ = ["DashboardApp", "QueueFeed", "RunDirFeed", "monitor_command", "run_with_dashboard"]

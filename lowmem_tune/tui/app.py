@@ -1,0 +1,172 @@
+"""The dashboard app: polls a feed at a bounded rate, folds events into a `RunState`, redraws.
+
+Training never waits on the UI: the live feed's `emit` only enqueues, and this app drains the
+queue from a timer, so however fast steps come the screen redraws at most `REFRESH_HZ` times a
+second. Keys go back to training through `RunControl` flags that the loop polls between steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Static
+
+from lowmem_tune.train.control import RunControl
+from lowmem_tune.tui.feeds import Feed
+from lowmem_tune.tui.state import RunState
+from lowmem_tune.tui.widgets import (
+    EventLog,
+    HeaderBar,
+    LossPanel,
+    MemoryPanel,
+    ProgressPanel,
+    StrategyPanel,
+    ThroughputPanel,
+    log_line,
+)
+
+REFRESH_HZ = 5
+GPU_POLL_S = 1.0
+
+HELP_LIVE = """\
+[b]q[/b] / [b]ctrl+c[/b]  stop gracefully: save a checkpoint at the next step, then exit
+                (resume later with `lowmem-tune run PROFILE --resume`)
+[b]s[/b]           save a checkpoint now and keep training
+[b]?[/b]           this help (any key closes it)
+
+The run directory keeps everything shown here: watch it from another terminal with
+`lowmem-tune monitor RUN_DIR`."""
+
+HELP_MONITOR = """\
+[b]q[/b]   close the monitor (the run, if live, goes on)
+[b]?[/b]   this help (any key closes it)
+
+Monitoring replays RUN_DIR/events.jsonl and follows it while the run writes it."""
+
+
+class HelpScreen(ModalScreen[None]):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def compose(self) -> ComposeResult:
+        yield Static(self.text, id="help-text")
+
+    def on_key(self) -> None:
+        self.dismiss()
+
+
+class DashboardApp(App[None]):
+    CSS_PATH = "dashboard.tcss"
+    TITLE = "lowmem-tune"
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS = [
+        Binding("q", "stop", "Stop"),
+        Binding("ctrl+c", "stop", "Stop", show=False, priority=True),
+        Binding("s", "checkpoint", "Checkpoint now"),
+        Binding("question_mark", "help", "Help"),
+    ]
+
+    def __init__(self, feed: Feed, control: RunControl | None = None,
+                 gpu_stats: Callable[[int], Any | None] | None = None, gpu_index: int | None = None,
+                 exit_on_finish: bool = False) -> None:
+        """`control` is None when monitoring (keys cannot reach that run). `gpu_stats(index)` is
+        polled while a CUDA run is live, for `gpu_index` (default: the index in
+        the run's device, cuda:N). `exit_on_finish` closes the app when the run finishes;
+        otherwise it stays up showing the final state until `q`."""
+        super().__init__()
+        self.feed = feed
+        self.control = control
+        self.gpu_stats = gpu_stats
+        self.gpu_index = gpu_index
+        self.exit_on_finish = exit_on_finish
+        self.state = RunState()
+        self.gpu: Any | None = None
+        self.stopping = False
+
+    def compose(self) -> ComposeResult:
+        yield HeaderBar(id="header")
+        with Horizontal(id="body"):
+            with Vertical(id="left"):
+                yield LossPanel(self.state, id="loss")
+                yield StrategyPanel(id="strategy")
+            with Vertical(id="right"):
+                yield ProgressPanel(id="progress")
+                yield ThroughputPanel(id="throughput")
+                yield MemoryPanel(id="memory")
+                yield EventLog(id="events", max_lines=1000, wrap=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        titles = {"loss": "Loss  [cyan]train[/] [magenta]eval[/]", "strategy": "Strategy", "events": "Events",
+                  "progress": "Progress", "throughput": "Tokens / s", "memory": "Memory"}
+        for panel_id, title in titles.items():
+            self.query_one(f"#{panel_id}").border_title = title
+        self.begin_capture_print(self.query_one(EventLog))
+        self._redraw()
+        self.set_interval(1 / REFRESH_HZ, self.pull_events)
+        if self.gpu_stats is not None:
+            self.set_interval(GPU_POLL_S, self.poll_gpu)
+
+    @property
+    def status(self) -> str:
+        if self.stopping and self.state.finished is None:
+            return "stopping"
+        return self.state.status
+
+    def pull_events(self) -> None:
+        events = self.feed.drain()
+        log = self.query_one(EventLog)
+        for event in events:
+            self.state.apply(event)
+            line = log_line(event)
+            if line is not None:
+                log.write(line)
+        if events:
+            self._redraw()
+        if self.state.finished is not None and (self.stopping or self.exit_on_finish):
+            self.exit()
+        elif self.feed.closed and self.state.finished is None:
+            self.exit()  # the training thread ended without finishing: its error is raised after the app
+
+    def poll_gpu(self) -> None:
+        started = self.state.started
+        if started is None or not started.device.startswith("cuda") or self.state.finished is not None:
+            return
+        index = self.gpu_index if self.gpu_index is not None else int(started.device.partition(":")[2] or 0)
+        self.gpu = self.gpu_stats(index)
+        self.query_one(MemoryPanel).show(self.state, self.gpu)
+
+    def _redraw(self) -> None:
+        self.query_one(HeaderBar).show(self.state, self.status)
+        self.query_one(LossPanel).show(self.state)
+        self.query_one(ProgressPanel).show(self.state)
+        self.query_one(ThroughputPanel).show(self.state)
+        self.query_one(MemoryPanel).show(self.state, self.gpu)
+        self.query_one(StrategyPanel).show(self.state)
+
+    def action_stop(self) -> None:
+        if self.control is None or self.state.finished is not None or self.feed.closed:
+            self.exit()
+            return
+        if not self.stopping:
+            self.control.request_stop()
+            self.stopping = True
+            self.notify("Stopping: checkpoint at the next step boundary, then exit.")
+            self._redraw()
+        else:
+            self.notify("Already stopping: waiting for the checkpoint…")
+
+    def action_checkpoint(self) -> None:
+        if self.control is None:
+            self.notify("Monitoring: checkpoints can only be requested from the terminal running the run.")
+            return
+        self.control.request_checkpoint()
+        self.notify("Checkpoint requested: saved at the next step boundary.")
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(HELP_LIVE if self.control is not None else HELP_MONITOR))

@@ -1,0 +1,254 @@
+"""The dashboard's panels. Each one redraws itself from a `RunState` in `show(state)`; none of
+them sees events or talks to the training thread."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from rich.text import Text
+from textual import events
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widget import Widget
+from textual.widgets import ProgressBar, RichLog, Sparkline, Static
+
+from lowmem_tune.events import (
+    CheckpointSaved,
+    EvalLoss,
+    EvalResult,
+    Event,
+    Info,
+    RunFinished,
+    RunStarted,
+    RunWarning,
+)
+from lowmem_tune.tui.chart import block_strip, format_value, render_line_chart
+from lowmem_tune.tui.state import RunState
+
+GIB = 1024**3
+STATUS_STYLES = {"starting": "yellow", "running": "green", "stopping": "yellow", "completed": "bold green",
+                 "stopped": "yellow", "failed": "bold red"}
+
+
+def format_bytes(n: float | None) -> str:
+    return "—" if n is None else f"{n / GIB:.2f} GiB"
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def format_rate(rate: float | None) -> str:
+    return "—" if rate is None else f"{rate:,.0f}"
+
+
+def meter(fraction: float, width: int, mark: float | None = None) -> Text:
+    """A bar `width` cells wide, filled to `fraction`, with an optional marker (the plan) at `mark`."""
+    filled = round(min(max(fraction, 0.0), 1.0) * width)
+    style = "red" if fraction > 0.95 else "green"
+    cells = [("█", style) if i < filled else ("░", "dim") for i in range(width)]
+    if mark is not None and 0 <= mark <= 1:
+        cells[min(int(mark * width), width - 1)] = ("┃", "bold yellow")
+    return Text.assemble(*cells)
+
+
+class HeaderBar(Static):
+    def show(self, state: RunState, status: str) -> None:
+        text = Text.assemble(("lowmem-tune", "bold"), "  ")
+        started = state.started
+        if started is not None:
+            device = started.device + (f" ({started.gpu_name})" if started.gpu_name else "")
+            text.append(f"{started.model} · {started.strategy} · {device} · {started.run_dir}  ")
+        text.append(f" {status} ", style=f"reverse {STATUS_STYLES.get(status, '')}")
+        self.update(text)
+
+
+class LossChart(Widget):
+    """Train loss as a line, eval loss as dots; sized to the widget."""
+
+    def __init__(self, state: RunState, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.state = state
+
+    def render(self) -> Text:
+        return render_line_chart(self.state.train_loss.points, self.state.eval_loss.points,
+                                 self.size.width, self.size.height)
+
+
+class LossPanel(Vertical):
+    def __init__(self, state: RunState, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.state = state
+
+    def compose(self) -> ComposeResult:
+        yield LossChart(self.state, id="loss-chart")
+        yield Static(id="loss-summary")
+
+    def show(self, state: RunState) -> None:
+        self.query_one(LossChart).refresh()
+        m = state.metrics
+        parts = [("train ", "cyan"), (_value(state.train_loss.last), "bold")]
+        if state.train_loss.minimum is not None:
+            parts.append(f" (min {format_value(state.train_loss.minimum)})")
+        if state.eval_loss.points:
+            step, value = state.eval_loss.points[-1]
+            parts += ["   ", ("eval ", "magenta"), (_value(value), "bold"), f" @ step {step:g}"]
+        if m.get("lr") is not None:
+            parts.append(f"   lr {m['lr']:.2e}")
+        if m.get("grad_norm") is not None:
+            parts.append(f"   grad norm {_value(m['grad_norm'])}")
+        self.query_one("#loss-summary", Static).update(Text.assemble(*parts))
+
+
+def _value(value: float | None) -> str:
+    return "—" if value is None else format_value(float(value))
+
+
+class ProgressPanel(Vertical):
+    def compose(self) -> ComposeResult:
+        yield Static(id="progress-steps")
+        yield ProgressBar(show_eta=False, id="progress-bar")
+        yield Static(id="progress-times")
+
+    def show(self, state: RunState) -> None:
+        m = state.metrics
+        total = m.get("total_steps") or (state.started.total_steps if state.started else None)
+        step = m.get("step", state.started.start_step if state.started else 0)
+        line = Text.assemble("step ", (f"{step}", "bold"), f" / {total or '—'}")
+        if m.get("epoch") is not None:
+            line.append(f"   epoch {m['epoch']:.2f}")
+        self.query_one("#progress-steps", Static).update(line)
+        self.query_one(ProgressBar).update(total=total, progress=step)
+        eta = None if state.finished else m.get("eta_s")
+        self.query_one("#progress-times", Static).update(
+            f"elapsed {format_duration(m.get('elapsed_s'))}   ETA {format_duration(eta)}")
+
+
+class ThroughputPanel(Vertical):
+    def compose(self) -> ComposeResult:
+        yield Sparkline([], summary_function=lambda values: sum(values) / len(values), id="throughput-spark")
+        yield Static(id="throughput-text")
+
+    def show(self, state: RunState) -> None:
+        self.query_one(Sparkline).data = list(state.tokens_per_s)
+        now = state.tokens_per_s[-1] if state.tokens_per_s else None
+        self.query_one("#throughput-text", Static).update(Text.assemble(
+            (format_rate(now), "bold"), " tok/s now   ", (format_rate(state.mean_tokens_per_s), "bold"), " mean"))
+
+
+class MemoryPanel(Static):
+    """GPU memory from NVML (what nvidia-smi shows), torch's allocated and peak, or the process
+    RSS on CPU, against the plan's predicted peak."""
+
+    def show(self, state: RunState, gpu: Any | None) -> None:
+        m, started = state.metrics, state.started
+        planned = started.planned_peak_bytes if started else None
+        lines: list[Text] = []
+        if gpu is not None:
+            used, total = gpu.memory_used, gpu.memory_total
+            lines.append(Text.assemble("GPU   ", meter(used / total, 20, planned / total if planned else None),
+                                       f" {used / GIB:.1f} / {total / GIB:.1f} GiB"))
+            extras = [f"{gpu.temperature} °C" if gpu.temperature is not None else None,
+                      f"{gpu.utilization} % util" if gpu.utilization is not None else None,
+                      f"{gpu.power_watts:.0f} W" if gpu.power_watts is not None else None]
+            if any(extras):
+                lines.append(Text("      " + " · ".join(e for e in extras if e), style="dim"))
+        elif started is not None and started.gpu_total_bytes and m.get("cuda_peak") is not None:
+            total = started.gpu_total_bytes
+            lines.append(Text.assemble("GPU   ", meter(m["cuda_peak"] / total, 20, planned / total if planned else None),
+                                       f" of {total / GIB:.1f} GiB (torch peak)"))
+        if m.get("cuda_allocated") is not None:
+            lines.append(Text(f"torch {format_bytes(m['cuda_allocated'])} allocated · peak {format_bytes(m.get('cuda_peak'))}"))
+        if m.get("rss") is not None:
+            lines.append(Text(f"RSS   {format_bytes(m['rss'])} (process, CPU)"))
+        if planned:
+            measured = m.get("cuda_peak") or m.get("rss")
+            share = f" · measured peak is {measured / planned:.0%} of it" if measured else ""
+            lines.append(Text.assemble(("plan  ", "yellow"), f"{format_bytes(planned)} predicted peak{share}"))
+        self.update(Text("\n").join(lines) if lines else Text("waiting for the first step…", style="dim"))
+
+
+class StrategyPanel(Static):
+    """The method's live state. Reads `RunStarted.strategy_info` (the strategy's describe()) and
+    the strategy fields of each metrics line: `active_layers` (LISA, OwLore), `next_refresh` (GaLore,
+    Fira), `layer_probabilities` in describe() (OwLore)."""
+
+    def show(self, state: RunState) -> None:
+        if state.started is None:
+            self.update(Text("waiting for the run to start…", style="dim"))
+            return
+        info, m = state.started.strategy_info, state.metrics
+        lines = [Text.assemble((str(info.get("name", state.started.strategy)), "bold"), "  ",
+                               ("  ".join(f"{k} {_scalar(v)}" for k, v in info.items()
+                                          if k != "name" and not isinstance(v, (list, dict))), "dim"))]
+        if m.get("next_refresh") is not None and m.get("step") is not None:
+            lines.append(Text(f"next subspace refresh at step {m['next_refresh']} "
+                              f"(in {m['next_refresh'] - m['step']} steps)"))
+        num_layers = state.started.num_layers
+        active = m.get("active_layers")
+        if active is not None and num_layers:
+            lit = set(active)
+            strip = Text("layers ")
+            for index in range(num_layers):
+                strip.append("█" if index in lit else "░", style="bold green" if index in lit else "dim")
+            strip.append(f"  active: {', '.join(str(i) for i in sorted(lit))}")
+            lines.append(strip)
+        probabilities = info.get("layer_probabilities")
+        if probabilities:
+            lines.append(Text.assemble("p      ", (block_strip(probabilities), "yellow"),
+                                       f"  sampling probability (max {max(probabilities):.3f})"))
+        self.update(Text("\n").join(lines))
+
+
+def _scalar(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def log_line(event: Event) -> Text | None:
+    """The event log's line for an event, or None for per-step metrics."""
+    stamp = time.strftime("%H:%M:%S ", time.localtime(event.time))
+    if isinstance(event, RunStarted):
+        body = Text(f"started {event.model} with {event.strategy} on {event.device}, "
+                    f"steps {event.start_step}→{event.total_steps}")
+    elif isinstance(event, EvalLoss):
+        body = Text.assemble(("eval loss ", "magenta"), f"{format_value(event.eval_loss)} at step {event.step}")
+    elif isinstance(event, CheckpointSaved):
+        body = Text(f"checkpoint step {event.step} saved in {event.seconds:.1f}s: {event.path}", style="green")
+    elif isinstance(event, EvalResult):
+        scores = ", ".join(f"{task} {_score(result)}" for task, result in event.results.items())
+        body = Text(f"{event.stage} eval: {scores}", style="bold")
+    elif isinstance(event, RunWarning):
+        body = Text(f"warning: {event.message}", style="yellow")
+    elif isinstance(event, Info):
+        body = Text(event.message, style="dim")
+    elif isinstance(event, RunFinished):
+        where = f" → {event.final_dir}" if event.final_dir else ""
+        body = Text(f"{event.status} at step {event.step}{where} {event.message}".rstrip(),
+                    style=STATUS_STYLES.get(event.status, ""))
+    else:
+        return None
+    return Text.assemble((stamp, "dim"), body)
+
+
+def _score(result: Any) -> str:
+    """A task's headline number: its first numeric metric (evaluation writes e.g. {"acc": 0.71})."""
+    if isinstance(result, dict):
+        for name, value in result.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return f"{name} {value:.4g}"
+    return _scalar(result)
+
+
+class EventLog(RichLog):
+    """Events, plus whatever the run prints (captured by the app so it cannot tear the screen)."""
+
+    def on_print(self, event: events.Print) -> None:
+        text = event.text.split("\r")[-1].rstrip()
+        if text:
+            self.write(Text(text, style="dim"))

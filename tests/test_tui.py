@@ -1,0 +1,202 @@
+"""The dashboard driven through Textual's Pilot with scripted event streams and a recorded run dir."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from lowmem_tune.errors import UserError
+from lowmem_tune.events import (
+    CheckpointSaved,
+    EvalLoss,
+    EvalResult,
+    Info,
+    RunFinished,
+    RunStarted,
+    StepMetrics,
+    event_to_json,
+)
+from lowmem_tune.train.control import RunControl
+from lowmem_tune.tui import DashboardApp, QueueFeed, RunDirFeed, monitor_command
+from lowmem_tune.tui.widgets import LossChart, MemoryPanel, ProgressPanel, StrategyPanel
+
+NUM_LAYERS = 8
+TOTAL_STEPS = 20
+GIB = 1024**3
+
+
+def started() -> RunStarted:
+    return RunStarted(run_dir="runs/test", model="tiny-llama", strategy="owlore", device="cpu", gpu_name=None,
+                      total_steps=TOTAL_STEPS, start_step=0, num_layers=NUM_LAYERS, planned_peak_bytes=2 * GIB,
+                      strategy_info={"name": "owlore", "sampled_layers": 2, "interval": 5,
+                                     "layer_probabilities": [0.05, 0.3, 0.1, 0.1, 0.05, 0.2, 0.1, 0.1]})
+
+
+def step(n: int, active: list[int]) -> StepMetrics:
+    return StepMetrics({"step": n, "total_steps": TOTAL_STEPS, "epoch": n / 40, "loss": 3.0 - 0.1 * n,
+                        "lr": 1e-4, "grad_norm": 0.5, "tokens": 512 * n, "tokens_per_s": 1000.0 + 10 * n,
+                        "elapsed_s": 2.0 * n, "eta_s": 2.0 * (TOTAL_STEPS - n), "rss": GIB + n * 1024**2,
+                        "active_layers": active})
+
+
+def text_of(widget) -> str:
+    return str(widget.render()) if isinstance(widget, LossChart) else str(widget.content)
+
+
+async def wait_for(pilot, condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "dashboard did not update in time"
+        await pilot.pause(0.05)
+
+
+def test_dashboard_renders_a_scripted_stream():
+    feed = QueueFeed()
+
+    async def scenario() -> None:
+        app = DashboardApp(feed, control=RunControl())
+        async with app.run_test(size=(160, 48)) as pilot:
+            feed.emit(started())
+            for n in range(1, 6):
+                feed.emit(step(n, active=[1, 5]))
+            await wait_for(pilot, lambda: app.state.metrics.get("step") == 5)
+            chart_before = text_of(app.query_one(LossChart))
+            progress = text_of(app.query_one("#progress-steps"))
+            strategy = text_of(app.query_one(StrategyPanel))
+            assert "step 5 / 20" in progress
+            assert "elapsed 0:00:10" in text_of(app.query_one("#progress-times"))
+            assert "ETA 0:00:30" in text_of(app.query_one("#progress-times"))
+            assert any(0x2800 < ord(c) <= 0x28FF for c in chart_before), "no braille curve drawn"
+            assert "3.000" not in chart_before  # the y range is taken from the data: 2.5 .. 2.9
+            assert "2.900" in chart_before and "2.500" in chart_before
+            # the layer strip: one cell per decoder layer, layers 1 and 5 lit
+            strip = next(line for line in strategy.splitlines() if line.startswith("layers "))
+            assert strip.split()[1] == "░█░░░█░░"
+            assert "sampling probability (max 0.300)" in strategy
+            memory = text_of(app.query_one(MemoryPanel))
+            assert "RSS   1.00 GiB" in memory
+            assert "2.00 GiB predicted peak · measured peak is 50% of it" in memory
+
+            feed.emit(step(6, active=[0, 3]))
+            feed.emit(EvalLoss(step=6, eval_loss=2.2))
+            feed.emit(CheckpointSaved(step=6, path="runs/test/checkpoint-6", seconds=0.4))
+            await wait_for(pilot, lambda: app.state.metrics.get("step") == 6)
+            assert "step 6 / 20" in text_of(app.query_one("#progress-steps"))
+            strategy = text_of(app.query_one(StrategyPanel))
+            assert next(line for line in strategy.splitlines() if line.startswith("layers ")).split()[1] == "█░░█░░░░"
+            chart_after = text_of(app.query_one(LossChart))
+            assert chart_after != chart_before
+            assert "2.200" in chart_after  # the eval point extends the y range
+            assert "eval 2.200 @ step 6" in text_of(app.query_one("#loss-summary"))
+            log_text = "\n".join(str(line.text) for line in app.query_one("#events").lines)
+            assert "checkpoint step 6 saved" in log_text and "eval loss 2.200 at step 6" in log_text
+
+    asyncio.run(scenario())
+
+
+def test_q_requests_a_graceful_stop_and_exits_when_the_run_finishes():
+    feed, control = QueueFeed(), RunControl()
+
+    async def scenario() -> None:
+        app = DashboardApp(feed, control=control)
+        async with app.run_test(size=(120, 40)) as pilot:
+            feed.emit(started())
+            feed.emit(step(1, active=[2, 3]))
+            await wait_for(pilot, lambda: app.state.started is not None)
+            await pilot.press("s")
+            assert control.take_checkpoint_request()
+            await pilot.press("q")
+            assert control.stop_requested and not control.abort_requested
+            assert app.is_running and app.status == "stopping"
+            # the training loop checkpoints and finishes; only then does the dashboard close
+            feed.emit(CheckpointSaved(step=2, path="runs/test/checkpoint-2", seconds=0.2))
+            feed.emit(RunFinished(status="stopped", step=2))
+            await wait_for(pilot, lambda: not app.is_running)
+        assert app.state.finished.status == "stopped"
+        assert app.state.last_checkpoint.step == 2
+
+    asyncio.run(scenario())
+
+
+def test_completed_run_stays_on_screen_until_q():
+    feed = QueueFeed()
+
+    async def scenario() -> None:
+        app = DashboardApp(feed, control=RunControl())
+        async with app.run_test(size=(120, 40)) as pilot:
+            feed.emit(started())
+            feed.emit(step(TOTAL_STEPS, active=[0, 1]))
+            feed.emit(EvalResult(stage="final", results={"boolq": {"acc": 0.625}}))
+            feed.emit(RunFinished(status="completed", step=TOTAL_STEPS, final_dir="runs/test/final"))
+            feed.close()
+            await wait_for(pilot, lambda: app.state.finished is not None)
+            await pilot.pause(0.3)
+            assert app.is_running and "completed" in text_of(app.query_one("#header"))
+            log_text = "\n".join(str(line.text) for line in app.query_one("#events").lines)
+            assert "final eval: boolq acc 0.625" in log_text
+            await pilot.press("q")
+            await wait_for(pilot, lambda: not app.is_running)
+
+    asyncio.run(scenario())
+
+
+def test_dashboard_closes_when_the_training_thread_dies_without_finishing():
+    feed = QueueFeed()
+
+    async def scenario() -> None:
+        app = DashboardApp(feed, control=RunControl())
+        async with app.run_test() as pilot:
+            feed.emit(started())
+            feed.close()
+            await wait_for(pilot, lambda: not app.is_running)
+
+    asyncio.run(scenario())
+
+
+def write_run_dir(run_dir, events) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "events.jsonl").open("a") as handle:
+        for event in events:
+            handle.write(event_to_json(event) + "\n")
+
+
+def test_monitor_replays_a_recorded_run_and_follows_new_lines(tmp_path):
+    run_dir = tmp_path / "run"
+    write_run_dir(run_dir, [started(), Info("loaded tiny-llama")] + [step(n, active=[n % NUM_LAYERS]) for n in range(1, 11)]
+                  + [EvalLoss(step=10, eval_loss=2.1)])
+
+    async def scenario() -> None:
+        app = DashboardApp(RunDirFeed.open(run_dir))
+        async with app.run_test(size=(160, 48)) as pilot:
+            await wait_for(pilot, lambda: app.state.metrics.get("step") == 10)
+            assert len(app.state.train_loss.points) == 10
+            assert "step 10 / 20" in text_of(app.query_one("#progress-steps"))
+            assert "eval 2.100 @ step 10" in text_of(app.query_one("#loss-summary"))
+            # the run goes on in another process: half a line first, then the rest
+            line = event_to_json(step(11, active=[3]))
+            with (run_dir / "events.jsonl").open("a") as handle:
+                handle.write(line[:20])
+            await pilot.pause(0.3)
+            assert app.state.metrics["step"] == 10
+            write_run_dir(run_dir, [])
+            with (run_dir / "events.jsonl").open("a") as handle:
+                handle.write(line[20:] + "\n")
+                handle.write(event_to_json(RunFinished(status="completed", step=11)) + "\n")
+            await wait_for(pilot, lambda: app.state.finished is not None)
+            assert app.state.metrics["step"] == 11
+            assert "completed" in text_of(app.query_one("#header"))
+            await pilot.press("s")  # monitoring cannot ask another process for a checkpoint
+            await pilot.press("q")
+            await wait_for(pilot, lambda: not app.is_running)
+
+    asyncio.run(scenario())
+
+
+def test_monitor_refuses_a_missing_or_empty_run_dir(tmp_path):
+    with pytest.raises(UserError, match="run directory not found"):
+        monitor_command(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no events"):
+        monitor_command(tmp_path / "empty")
