@@ -133,7 +133,7 @@ def inspect() -> None:
               help="Plain text for calibration (default: generated synthetic-boolq text).")
 @click.option("--samples", default=32, show_default=True, help="Calibration sequences.")
 @click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration sequence.")
-@click.option("--threshold", default=5.0, show_default=True, help="M: a weight is an outlier above M x the layer mean.")
+@click.option("--threshold", default=13.0, show_default=True, help="M: a weight is an outlier above M x the layer mean.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 def outliers(model: str, calibration_file: Path | None, samples: int, seq_len: int, threshold: float,
              device: str) -> None:

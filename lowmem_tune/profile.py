@@ -60,7 +60,8 @@ class StrategySection:
     # Layer sampling (LISA, OwLore)
     sampled_layers: int = 2
     interval: int = 20
-    outlier_threshold: float = 5.0
+    outlier_threshold: float = 13.0
+    """M: OwLore's published LLaMA-2-7B ratios use 13 (see strategies/outliers.py for why)."""
     temperature: float = 1.0
     calibration_samples: int = 32
     calibration_seq_len: int = 256
