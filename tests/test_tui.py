@@ -31,7 +31,8 @@ def started() -> RunStarted:
     return RunStarted(run_dir="runs/test", model="tiny-llama", strategy="owlore", device="cpu", gpu_name=None,
                       total_steps=TOTAL_STEPS, start_step=0, num_layers=NUM_LAYERS, planned_peak_bytes=2 * GIB,
                       strategy_info={"name": "owlore", "sampled_layers": 2, "interval": 5,
-                                     "layer_probabilities": [0.05, 0.3, 0.1, 0.1, 0.05, 0.2, 0.1, 0.1]})
+                                     "layers": [{"layer": i, "probability": p} for i, p in
+                                                enumerate([0.05, 0.3, 0.1, 0.1, 0.05, 0.2, 0.1, 0.1])]})
 
 
 def step(n: int, active: list[int]) -> StepMetrics:
@@ -128,14 +129,14 @@ def test_completed_run_stays_on_screen_until_q():
         async with app.run_test(size=(120, 40)) as pilot:
             feed.emit(started())
             feed.emit(step(TOTAL_STEPS, active=[0, 1]))
-            feed.emit(EvalResult(stage="final", results={"boolq": {"acc": 0.625}}))
+            feed.emit(EvalResult(stage="final", results={"tasks": {"boolq": {"acc": 0.625, "n": 8}}}))
             feed.emit(RunFinished(status="completed", step=TOTAL_STEPS, final_dir="runs/test/final"))
             feed.close()
             await wait_for(pilot, lambda: app.state.finished is not None)
             await pilot.pause(0.3)
             assert app.is_running and "completed" in text_of(app.query_one("#header"))
             log_text = "\n".join(str(line.text) for line in app.query_one("#events").lines)
-            assert "final eval: boolq acc 0.625" in log_text
+            assert "final eval: boolq acc=0.625 (n=8)" in log_text
             await pilot.press("q")
             await wait_for(pilot, lambda: not app.is_running)
 

@@ -9,11 +9,10 @@ Public API:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
 
 from rich.console import Console
 
-from lowmem_tune import hardware
+from lowmem_tune.hardware import read_gpu_stats
 from lowmem_tune.profile import Profile
 from lowmem_tune.tui.app import DashboardApp
 from lowmem_tune.tui.feeds import QueueFeed, RunDirFeed
@@ -21,13 +20,9 @@ from lowmem_tune.tui.live import LiveRun
 from lowmem_tune.tui.state import RunState
 
 
-def _gpu_stats_reader() -> Callable[[int], Any | None] | None:
-    return getattr(hardware, "read_gpu_stats", None)
-
-
 def run_with_dashboard(profile: Profile, resume: bool) -> int:
     run = LiveRun(profile, resume)
-    app = DashboardApp(run.feed, control=run.control, gpu_stats=_gpu_stats_reader(),
+    app = DashboardApp(run.feed, control=run.control, gpu_stats=read_gpu_stats,
                        gpu_index=profile.hardware.gpu_index)
     run.start()
     try:
@@ -39,7 +34,7 @@ def run_with_dashboard(profile: Profile, resume: bool) -> int:
 
 
 def monitor_command(run_dir: Path) -> None:
-    app = DashboardApp(RunDirFeed.open(run_dir), gpu_stats=_gpu_stats_reader())
+    app = DashboardApp(RunDirFeed.open(run_dir), gpu_stats=read_gpu_stats)
     app.run()
 
 

@@ -7,7 +7,7 @@ second. Keys go back to training through `RunControl` flags that the loop polls 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -15,6 +15,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
 
+from lowmem_tune.hardware import GpuStats
 from lowmem_tune.train.control import RunControl
 from lowmem_tune.tui.feeds import Feed
 from lowmem_tune.tui.state import RunState
@@ -72,7 +73,7 @@ class DashboardApp(App[None]):
     ]
 
     def __init__(self, feed: Feed, control: RunControl | None = None,
-                 gpu_stats: Callable[[int], Any | None] | None = None, gpu_index: int | None = None,
+                 gpu_stats: Callable[[int], GpuStats | None] | None = None, gpu_index: int | None = None,
                  exit_on_finish: bool = False) -> None:
         """`control` is None when monitoring (keys cannot reach that run). `gpu_stats(index)` is
         polled while a CUDA run is live, for `gpu_index` (default: the index in
@@ -85,7 +86,7 @@ class DashboardApp(App[None]):
         self.gpu_index = gpu_index
         self.exit_on_finish = exit_on_finish
         self.state = RunState()
-        self.gpu: Any | None = None
+        self.gpu: GpuStats | None = None
         self.stopping = False
 
     def compose(self) -> ComposeResult:

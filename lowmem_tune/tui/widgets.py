@@ -24,6 +24,8 @@ from lowmem_tune.events import (
     RunStarted,
     RunWarning,
 )
+from lowmem_tune.hardware import GpuStats
+from lowmem_tune.train import format_results
 from lowmem_tune.tui.chart import block_strip, format_value, render_line_chart
 from lowmem_tune.tui.state import RunState
 
@@ -146,17 +148,17 @@ class MemoryPanel(Static):
     """GPU memory from NVML (what nvidia-smi shows), torch's allocated and peak, or the process
     RSS on CPU, against the plan's predicted peak."""
 
-    def show(self, state: RunState, gpu: Any | None) -> None:
+    def show(self, state: RunState, gpu: GpuStats | None) -> None:
         m, started = state.metrics, state.started
         planned = started.planned_peak_bytes if started else None
         lines: list[Text] = []
         if gpu is not None:
-            used, total = gpu.memory_used, gpu.memory_total
+            used, total = gpu.used_bytes, gpu.total_bytes
             lines.append(Text.assemble("GPU   ", meter(used / total, 20, planned / total if planned else None),
                                        f" {used / GIB:.1f} / {total / GIB:.1f} GiB"))
-            extras = [f"{gpu.temperature} °C" if gpu.temperature is not None else None,
-                      f"{gpu.utilization} % util" if gpu.utilization is not None else None,
-                      f"{gpu.power_watts:.0f} W" if gpu.power_watts is not None else None]
+            extras = [f"{gpu.temperature_c} °C" if gpu.temperature_c is not None else None,
+                      f"{gpu.utilization_percent} % util" if gpu.utilization_percent is not None else None,
+                      f"{gpu.power_w:.0f} W" if gpu.power_w is not None else None]
             if any(extras):
                 lines.append(Text("      " + " · ".join(e for e in extras if e), style="dim"))
         elif started is not None and started.gpu_total_bytes and m.get("cuda_peak") is not None:
@@ -177,7 +179,7 @@ class MemoryPanel(Static):
 class StrategyPanel(Static):
     """The method's live state. Reads `RunStarted.strategy_info` (the strategy's describe()) and
     the strategy fields of each metrics line: `active_layers` (LISA, OwLore), `next_refresh` (GaLore,
-    Fira), `layer_probabilities` in describe() (OwLore)."""
+    Fira), and describe()'s `layers` (one dict per decoder layer with its sampling `probability`)."""
 
     def show(self, state: RunState) -> None:
         if state.started is None:
@@ -199,7 +201,7 @@ class StrategyPanel(Static):
                 strip.append("█" if index in lit else "░", style="bold green" if index in lit else "dim")
             strip.append(f"  active: {', '.join(str(i) for i in sorted(lit))}")
             lines.append(strip)
-        probabilities = info.get("layer_probabilities")
+        probabilities = [layer["probability"] for layer in info.get("layers", []) if "probability" in layer]
         if probabilities:
             lines.append(Text.assemble("p      ", (block_strip(probabilities), "yellow"),
                                        f"  sampling probability (max {max(probabilities):.3f})"))
@@ -221,28 +223,17 @@ def log_line(event: Event) -> Text | None:
     elif isinstance(event, CheckpointSaved):
         body = Text(f"checkpoint step {event.step} saved in {event.seconds:.1f}s: {event.path}", style="green")
     elif isinstance(event, EvalResult):
-        scores = ", ".join(f"{task} {_score(result)}" for task, result in event.results.items())
-        body = Text(f"{event.stage} eval: {scores}", style="bold")
+        body = Text(f"{event.stage} eval: {format_results(event.results)}", style="bold")
     elif isinstance(event, RunWarning):
         body = Text(f"warning: {event.message}", style="yellow")
     elif isinstance(event, Info):
         body = Text(event.message, style="dim")
     elif isinstance(event, RunFinished):
-        where = f" → {event.final_dir}" if event.final_dir else ""
-        body = Text(f"{event.status} at step {event.step}{where} {event.message}".rstrip(),
-                    style=STATUS_STYLES.get(event.status, ""))
+        details = "".join(f": {part}" for part in (event.message, event.final_dir and f"model in {event.final_dir}") if part)
+        body = Text(f"run {event.status} at step {event.step}{details}", style=STATUS_STYLES.get(event.status, ""))
     else:
         return None
     return Text.assemble((stamp, "dim"), body)
-
-
-def _score(result: Any) -> str:
-    """A task's headline number: its first numeric metric (evaluation writes e.g. {"acc": 0.71})."""
-    if isinstance(result, dict):
-        for name, value in result.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return f"{name} {value:.4g}"
-    return _scalar(result)
 
 
 class EventLog(RichLog):
