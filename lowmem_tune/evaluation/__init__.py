@@ -1,7 +1,11 @@
-"""Evaluation."""
+"""Evaluation: task cards (evaluate/), log-likelihood and generation scorers, `lowmem-tune eval`.
 
-from lowmem_tune.errors import UserError
+Public API:
+- `evaluate_tasks(model, tokenizer, tasks, ...) -> RESULTS` for a model already loaded;
+- `eval_command(...)` behind `lowmem-tune eval`.
+"""
 
+from lowmem_tune.evaluation.command import eval_command
+from lowmem_tune.evaluation.runner import evaluate_tasks
 
-def eval_command(**kwargs) -> None:
-    raise UserError("`eval` is not available yet in this build")
+__all__ = ["eval_command", "evaluate_tasks"]

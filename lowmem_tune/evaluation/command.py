@@ -1,0 +1,119 @@
+"""`lowmem-tune eval`: load a model and its tokenizer, evaluate, print a table, write JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lowmem_tune.errors import UserError
+
+
+def parse_data_files(specs: tuple[str, ...] | list[str], tasks: list[str]) -> dict[str, str]:
+    """`TASK=PATH` entries, or one bare PATH when a single task is evaluated."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        task, sep, path = spec.partition("=")
+        if not sep:
+            if len(tasks) != 1:
+                raise UserError(f"--data-file {spec}: several tasks are evaluated ({', '.join(tasks)}); write TASK=PATH")
+            task, path = tasks[0], spec
+        if task in out:
+            raise UserError(f"--data-file: task {task} is given twice")
+        out[task] = path
+    return out
+
+
+def results_table(results: dict[str, Any]):
+    """A rich table: one row per task, acc ± stderr, acc_norm where reported, n, scorer."""
+    from rich.table import Table
+
+    def cell(summary: dict[str, Any], metric: str) -> str:
+        if metric not in summary:
+            return "—"
+        err = summary.get(f"{metric}_stderr")
+        return f"{100 * summary[metric]:.2f}" + (f" ± {100 * err:.2f}" if err is not None else "")
+
+    table = Table(title="Evaluation (accuracy, %)")
+    for name in ("task", "acc", "acc_norm", "n", "scorer", "shots"):
+        table.add_column(name, justify="left" if name in ("task", "scorer") else "right")
+    tasks = results["tasks"]
+    for task, summary in tasks.items():
+        proto = results["protocol"]["tasks"][task]
+        table.add_row(task, cell(summary, "acc"), cell(summary, "acc_norm"), str(summary["n"]),
+                      proto["scorer"], str(proto["num_fewshot"]))
+    if len(tasks) > 1:
+        mean_acc = sum(s["acc"] for s in tasks.values()) / len(tasks)
+        table.add_section()
+        table.add_row("mean", f"{100 * mean_acc:.2f}", "", "", "", "")
+    return table
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_tokenizer(resolved):
+    from transformers import AutoTokenizer
+
+    if resolved.pretrained_path is None:
+        raise UserError(f"model {resolved.name!r} is an architecture only: evaluate a trained model directory")
+    try:
+        return AutoTokenizer.from_pretrained(resolved.pretrained_path)
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"could not load a tokenizer from {resolved.pretrained_path!r}: {first}") from None
+
+
+def eval_command(dataset: str, model: str, data_files: tuple[str, ...] = (), limit: int | None = None,
+                 num_fewshot: int | None = None, batch_size: int = 8, output: Path | None = None,
+                 device: str = "auto") -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lowmem_tune.catalog import resolve_model
+    from lowmem_tune.evaluation.cards import expand_tasks, load_card
+    from lowmem_tune.evaluation.runner import evaluate_tasks
+    from lowmem_tune.modeling import load_model, pick_device, resolve_dtype
+
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: give a positive number of rows")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: give a positive batch size")
+    tasks = expand_tasks([dataset])
+    for task in tasks:
+        load_card(task)  # unknown names fail before the model loads
+    files = parse_data_files(data_files, tasks)
+    resolved = resolve_model(model)
+    torch_device = pick_device(device)
+    tokenizer = _load_tokenizer(resolved)
+    loaded = load_model(resolved, "pretrained", resolve_dtype("auto", torch_device), torch_device)
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        bars: dict[str, Any] = {}
+
+        def progress(task: str, done: int, total: int) -> None:
+            if task not in bars:
+                bars[task] = bar.add_task(task, total=total)
+            bar.update(bars[task], completed=done, total=total)
+
+        results = evaluate_tasks(loaded, tokenizer, tasks, limit=limit, num_fewshot=num_fewshot,
+                                 batch_size=batch_size, data_files=files, progress=progress)
+    results["protocol"]["model"] = str(resolved.pretrained_path)
+    Console().print(results_table(results))
+    if output is not None:
+        write_json_atomic(output, results)
+        Console().print(f"results written to {output}")

@@ -1,0 +1,108 @@
+"""Batched log-likelihood of continuations, with lm-evaluation-harness' token boundary.
+
+Boundary (lm-eval 0.4 `_encode_pair`): trailing whitespace of the context moves to the start of
+the continuation; the context is tokenized on its own and the continuation tokens are what the
+tokenization of context + continuation holds after the context's token count. That equals
+tokenizing the two separately and concatenating whenever no token straddles the boundary, and
+stays right for SentencePiece tokenizers, which would add a spurious leading "▁" to a
+continuation tokenized alone. No BOS is added (lm-eval's default, add_bos_token=False); an empty
+context becomes the BOS (else EOS) token. Sequences longer than the model's context are cut from
+the left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+TokenPair = tuple[list[int], list[int]]
+
+_UNSET_MODEL_MAX_LENGTH = 1000000000000000019884624838656  # transformers' "no limit" sentinel
+DEFAULT_MAX_LENGTH = 2048
+
+
+def split_trailing_space(context: str, continuation: str) -> tuple[str, str]:
+    """Move the context's trailing whitespace to the front of the continuation."""
+    stripped = context.rstrip()
+    return stripped, context[len(stripped):] + continuation
+
+
+def _prefix_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to stand for an empty context")
+    return token
+
+
+def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]) -> list[TokenPair]:
+    """Token ids of (context, continuation) pairs, tokenized in two batched calls."""
+    moved = [split_trailing_space(ctx, cont) for ctx, cont in pairs]
+    contexts = [ctx for ctx, _ in moved]
+    context_ids = tokenizer(contexts, add_special_tokens=False)["input_ids"]
+    whole_ids = tokenizer([ctx + cont for ctx, cont in moved], add_special_tokens=False)["input_ids"]
+    out: list[TokenPair] = []
+    for (ctx, cont), ctx_ids, whole in zip(moved, context_ids, whole_ids):
+        if not ctx:
+            out.append(([_prefix_token(tokenizer)], tokenizer(cont, add_special_tokens=False)["input_ids"]))
+        else:
+            out.append((list(ctx_ids), list(whole[len(ctx_ids):])))
+    return out
+
+
+def model_max_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The context length lm-eval uses: the model config's, else the tokenizer's, else 2048."""
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(model.config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    if tokenizer.model_max_length and tokenizer.model_max_length != _UNSET_MODEL_MAX_LENGTH:
+        return int(tokenizer.model_max_length)
+    return DEFAULT_MAX_LENGTH
+
+
+class LoglikelihoodScorer:
+    """Sum of log p(continuation tokens | context) for many pairs, a batch at a time.
+
+    Sequences are sorted longest first (so a batch pads little) and right-padded: under causal
+    attention, padding after a sequence cannot change its logits. Only the continuation positions
+    reach the LM head (`logits_to_keep` as a mask), and their log-softmax runs in float32.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 8,
+                 max_length: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = max(1, batch_size)
+        self.max_length = max_length or model_max_length(model, tokenizer)
+
+    @torch.inference_mode()
+    def score(self, pairs: Sequence[TokenPair], progress: Callable[[int], None] | None = None) -> list[float]:
+        device = next(self.model.parameters()).device
+        # lm-eval: keep the last max_length + 1 tokens, feed all but the last.
+        inputs = [(ctx + cont)[-(self.max_length + 1):][:-1] for ctx, cont in pairs]
+        targets = [cont[-len(inp):] if len(cont) > len(inp) else cont for (_, cont), inp in zip(pairs, inputs)]
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        results = [0.0] * len(pairs)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            width = max(len(inputs[i]) for i in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            keep = torch.zeros((len(batch), width), dtype=torch.bool)
+            for row, i in enumerate(batch):
+                n, m = len(inputs[i]), len(targets[i])
+                ids[row, :n] = torch.tensor(inputs[i])
+                keep[row, n - m:n] = True  # the positions whose next token is a continuation token
+            logits = self.model(input_ids=ids.to(device), logits_to_keep=keep.to(device)).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (kept positions, vocab), row-major
+            flat_targets = torch.tensor([t for i in batch for t in targets[i]], device=device)
+            token_lls = logprobs.gather(1, flat_targets[:, None]).squeeze(1)
+            segment = torch.repeat_interleave(torch.tensor([len(targets[i]) for i in batch], device=device))
+            sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(
+                0, segment, token_lls.double())
+            for i, total in zip(batch, sums.tolist()):
+                results[i] = total
+            if progress is not None:
+                progress(len(batch))
+        return results

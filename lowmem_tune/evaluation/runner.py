@@ -1,0 +1,182 @@
+"""Evaluate a loaded model on tasks: the Python API the CLI and the training loop call.
+
+RESULTS = {"tasks": {TASK: {"acc", "acc_stderr", "n", ...}}, "protocol": {...}}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lowmem_tune.errors import UserError
+from lowmem_tune.evaluation.cards import TaskCard, expand_tasks, load_card
+from lowmem_tune.evaluation.data import load_fewshot_rows, load_task_rows
+from lowmem_tune.evaluation.generation import GreedyGenerator, answer_is_correct, extract_answer
+from lowmem_tune.evaluation.loglikelihood import LoglikelihoodScorer, encode_pairs, model_max_length
+from lowmem_tune.evaluation.prompts import FEWSHOT_SEED, ChoiceQuestion, FewshotSampler, OpenQuestion, QuestionBuilder
+
+Progress = Callable[[str, int, int], None]
+
+PROTOCOLS = {
+    "loglikelihood": (
+        "lm-evaluation-harness 0.4 multiple choice: score = sum of log p(choice tokens | context); "
+        "acc = argmax score, acc_norm = argmax score / len(choice in characters); the context's trailing "
+        "space moves to the continuation; no BOS; cut from the left at the model's context length"
+    ),
+    "generation": (
+        "greedy decoding until a stop string; the answer is the card's pattern matched as whole words; "
+        "an unparseable output counts as wrong and stays in the denominator"
+    ),
+}
+
+
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and its standard error (sample standard deviation / sqrt(n)), as lm-eval reports it.
+
+    The standard error needs two values; with fewer it is None.
+    """
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def argmax(values: Sequence[float]) -> int:
+    """Index of the largest value; the first one on ties (as numpy.argmax)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+@dataclass
+class TaskScores:
+    """Per-row outcomes of one task: 0/1 per metric, and what the model chose or answered."""
+
+    task: str
+    per_row: dict[str, list[float]]
+    predictions: list[Any]
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for metric, values in self.per_row.items():
+            out[metric], out[f"{metric}_stderr"] = mean_and_stderr(values)
+        out["n"] = len(self.predictions)
+        out.update(self.counts)
+        return out
+
+
+def score_choice_questions(questions: Sequence[ChoiceQuestion], scorer: LoglikelihoodScorer, metrics: Sequence[str],
+                           task: str = "", progress: Progress | None = None) -> TaskScores:
+    pairs = [(ctx, cont) for q in questions for ctx, cont in zip(q.contexts, q.continuations)]
+    done = 0
+
+    def advance(k: int) -> None:
+        nonlocal done
+        done += k
+        if progress is not None:
+            progress(task, done, len(pairs))
+
+    scores = iter(scorer.score(encode_pairs(scorer.tokenizer, pairs), advance))
+    per_row: dict[str, list[float]] = {m: [] for m in metrics}
+    predictions = []
+    for q in questions:
+        lls = [next(scores) for _ in q.choices]
+        pred = argmax(lls)
+        predictions.append(pred)
+        if "acc" in per_row:
+            per_row["acc"].append(float(pred == q.gold))
+        if "acc_norm" in per_row:
+            # An empty choice would divide by zero; lm-eval never ships one.
+            norm = [ll / (len(c) or 1) for ll, c in zip(lls, q.choices)]
+            per_row["acc_norm"].append(float(argmax(norm) == q.gold))
+    return TaskScores(task, per_row, predictions)
+
+
+def score_open_questions(questions: Sequence[OpenQuestion], generator: GreedyGenerator, card: TaskCard,
+                         progress: Progress | None = None) -> TaskScores:
+    assert card.answer is not None
+    done = 0
+
+    def advance(k: int) -> None:
+        nonlocal done
+        done += k
+        if progress is not None:
+            progress(card.name, done, len(questions))
+
+    outputs = generator.generate([q.context for q in questions], card.max_new_tokens, card.stop, advance)
+    answers = [extract_answer(text, card.answer) for text in outputs]
+    correct = [float(answer_is_correct(a, q.gold, card.answer.compare)) for a, q in zip(answers, questions)]
+    unparsed = sum(a is None for a in answers)
+    return TaskScores(card.name, {"acc": correct}, answers, {"unparsed": unparsed})
+
+
+def run_task(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, card: TaskCard, *,
+             limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
+             data_file: str | None = None, progress: Progress | None = None) -> tuple[TaskScores, dict[str, Any]]:
+    """Scores of one task and the protocol that produced them."""
+    rows, data_desc = load_task_rows(card, data_file)
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise UserError(f"task {card.name}: no rows to evaluate in {data_desc}")
+    shots = card.num_fewshot if num_fewshot is None else num_fewshot
+    pool, pool_desc = load_fewshot_rows(card, data_file) if shots > 0 else (None, "none")
+    sampler = FewshotSampler(rows, pool, seed=FEWSHOT_SEED)
+    questions = QuestionBuilder(card).build(rows, sampler, shots)
+    if card.scorer == "generation":
+        scores = score_open_questions(questions, GreedyGenerator(model, tokenizer, batch_size), card, progress)
+    else:
+        scorer = LoglikelihoodScorer(model, tokenizer, batch_size)
+        scores = score_choice_questions(questions, scorer, card.metrics, card.name, progress)
+    protocol = {
+        "scorer": card.scorer,
+        "metrics": list(scores.per_row),
+        "num_fewshot": shots,
+        "fewshot_seed": FEWSHOT_SEED,
+        "fewshot_source": pool_desc,
+        "data": data_desc,
+        "card": card.path.name if card.path else card.name,
+    }
+    return scores, protocol
+
+
+def evaluate_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: list[str], *,
+                   limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
+                   data_files: dict[str, str] | None = None, progress: Progress | None = None) -> dict:
+    """Evaluate `model` (already on its device, in its dtype) on tasks and suites; RESULTS dict.
+
+    The model is put in eval mode for the duration and given back in the mode it came in.
+    """
+    names = expand_tasks(tasks)
+    data_files = dict(data_files or {})
+    stray = sorted(set(data_files) - set(names))
+    if stray:
+        raise UserError(f"--data-file names task(s) {', '.join(stray)} that are not being evaluated ({', '.join(names)})")
+    cards = [load_card(name) for name in names]
+    param = next(model.parameters())
+    results: dict[str, Any] = {"tasks": {}, "protocol": {
+        "scorers": {c.scorer: PROTOCOLS[c.scorer] for c in cards},
+        "batch_size": batch_size,
+        "limit": limit,
+        "device": str(param.device),
+        "dtype": str(param.dtype).removeprefix("torch."),
+        "max_length": model_max_length(model, tokenizer),
+        "tasks": {},
+    }}
+    was_training = model.training
+    model.eval()
+    try:
+        for card in cards:
+            scores, protocol = run_task(model, tokenizer, card, limit=limit, num_fewshot=num_fewshot,
+                                        batch_size=batch_size, data_file=data_files.get(card.name),
+                                        progress=progress)
+            results["tasks"][card.name] = scores.summary()
+            results["protocol"]["tasks"][card.name] = protocol
+    finally:
+        model.train(was_training)
+    return results
