@@ -18,6 +18,7 @@ from lowmem_tune.strategies.base import StrategyContext
 from lowmem_tune.strategies.layer_sampling import LayerSampler
 
 NUM_LAYERS = 6
+INSIDE = {"adamw": {"optimizer": "adamw"}, "galore": {"optimizer": "galore", "rank": 4, "update_proj_gap": 5}}
 
 
 def tiny_llama(seed: int = 0, layers: int = NUM_LAYERS) -> LlamaForCausalLM:
@@ -138,12 +139,16 @@ def _adamw_bytes(params) -> int:
     return sum(2 * p.numel() * 4 + 4 for p in params)
 
 
-def test_optimizer_state_after_ten_resamplings_equals_after_one():
-    model, strat, updater = setup()
+@pytest.mark.parametrize("inside", INSIDE)
+def test_optimizer_state_after_ten_resamplings_equals_after_one(inside):
+    model, strat, updater = setup(**INSIDE[inside])
     train_step(0, model, strat, updater)
     after_one = updater.state_bytes()
     trained = [p for p in model.parameters() if p.requires_grad]
-    assert after_one == _adamw_bytes(trained)
+    if inside == "adamw":
+        assert after_one == _adamw_bytes(trained)
+    else:  # GaLore moments are rank-sized: less than AdamW's for the same parameters, but not zero
+        assert 0 < after_one < _adamw_bytes(trained)
     ever_active = set(strat.applied)
     for step in range(1, 11):
         train_step(step, model, strat, updater)
@@ -154,10 +159,11 @@ def test_optimizer_state_after_ten_resamplings_equals_after_one():
     assert sum(strat.sampler.counts) == 11 * 2
 
 
-def test_layers_frozen_at_construction_train_when_sampled_and_rest_when_not():
+@pytest.mark.parametrize("inside", INSIDE)
+def test_layers_frozen_at_construction_train_when_sampled_and_rest_when_not(inside):
     """LMFlow #726: a layer frozen when the optimizer was built must still train once sampled.
     Weight decay is on, so an inactive layer touched by the optimizer would change too."""
-    model, strat, updater = setup(interval=2)
+    model, strat, updater = setup(interval=2, **INSIDE[inside])
     layers = decoder_layers(model)
     changed = set()
     for step in range(12):
@@ -188,6 +194,44 @@ def test_offload_parks_state_on_cpu_and_restores_it_on_return():
     assert updater.offloaded_bytes() > 0
     live_layers = {i for i in range(NUM_LAYERS) if any(p in updater.optimizer.state for p in strat.layer_params[i])}
     assert live_layers == set(strat.applied)
+
+
+def test_galore_offload_keeps_device_state_bounded_and_refreshes_returning_projectors():
+    """With T far beyond the run, the only refreshes are the first one and one per return."""
+    knobs = {**INSIDE["galore"], "update_proj_gap": 1000}
+    model, strat, updater = setup(inactive_state="offload", sampled_layers=2, **knobs)
+    train_step(0, model, strat, updater)
+    after_one = updater.state_bytes()
+    weights = [layer.self_attn.q_proj.weight for layer in decoder_layers(model)]
+    refreshes_at_leave = {}
+    returns = 0
+    for step in range(1, 14):
+        previous = set(strat.applied)
+        train_step(step, model, strat, updater)
+        assert updater.state_bytes() == after_one
+        for index in previous - set(strat.applied):
+            refreshes_at_leave[index] = updater.optimizer.state[weights[index]]["projector"].refreshes
+        for index in set(strat.applied) - previous:
+            projector = updater.optimizer.state[weights[index]]["projector"]
+            expected = refreshes_at_leave.get(index, 0) + 1
+            returns += index in refreshes_at_leave
+            assert projector.refreshes == expected and not projector.stale
+    assert updater.optimizer.state_bytes(offloaded=True) > 0
+    assert returns > 0
+
+
+def test_galore_layerwise_hooks_fire_for_layers_frozen_at_construction():
+    """Every candidate is hooked even though all decoder layers were frozen when the updater was
+    built: an active matrix's full gradient is absorbed into its low-rank accumulator in backward."""
+    model, strat, updater = setup(interval=100, **INSIDE["galore"])
+    train_step(0, model, strat, updater)  # first step: projectors computed from full gradients
+    strat.on_step_start(1, model, updater)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    for index in strat.applied:
+        weight = decoder_layers(model)[index].mlp.up_proj.weight
+        assert weight.grad is None and "grad_acc" in updater.optimizer.state[weight]
+    updater.step()
 
 
 def test_drop_restarts_state_when_a_layer_returns():
@@ -221,11 +265,12 @@ def _checkpoint(model, strat, updater) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.parametrize("inside", INSIDE)
 @pytest.mark.parametrize("inactive_state", ["drop", "offload"])
-def test_resume_mid_interval_restores_active_layers_and_trajectory(inactive_state):
+def test_resume_mid_interval_restores_active_layers_and_trajectory(inactive_state, inside):
     """Uninterrupted 9 steps versus 5 steps + checkpoint + a fresh process's worth of objects + 4 steps.
     K = 3, so step 5 is in the middle of an interval."""
-    knobs = dict(interval=3, sampled_layers=2, inactive_state=inactive_state)
+    knobs = dict(interval=3, sampled_layers=2, inactive_state=inactive_state, **INSIDE[inside])
     model, strat, updater = setup(seed=1, **knobs)
     reference_active = []
     for step in range(9):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lowmem_tune.errors import UserError
-from lowmem_tune.modeling import decoder_layers
+from lowmem_tune.modeling import decoder_layers, layer_linears
 from lowmem_tune.optim.updater import StandardUpdater, Updater, tensor_bytes
 from lowmem_tune.strategies.base import Strategy, StrategyContext
 from lowmem_tune.strategies.outliers import (
@@ -219,9 +219,37 @@ class LayerSamplingStrategy(Strategy):
             optimizer = bnb.optim.AdamW8bit(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                                             weight_decay=t.weight_decay)
         else:
-            raise UserError(f"strategy.optimizer: {self.cfg.optimizer!r} inside sampled layers is not available "
-                            "yet in this build (use adamw or adamw8bit)")
+            return self.build_galore_updater(model, ctx)
         return ReleasableUpdater(optimizer, params, t.max_grad_norm)
+
+    def build_galore_updater(self, model: nn.Module, ctx: StrategyContext) -> Updater:
+        """GaLore on the 2-D projections of every decoder layer, plain (8-bit) AdamW on the rest.
+
+        The layerwise engine hooks every candidate parameter, and torch refuses hooks on tensors
+        that do not require grad, so candidates are switched on while it is built and set back
+        after: the frozen state is the strategy's to choose, not the optimizer's."""
+        from lowmem_tune.optim.galore_adamw import GaLoreAdamW
+        from lowmem_tune.optim.layerwise import GaLoreUpdater
+
+        t, cfg = self.profile.train, self.cfg
+        names = {p: name for name, p in model.named_parameters()}
+        matrices = [linear.weight for layer in decoder_layers(model) for linear in layer_linears(layer).values()]
+        matrix_ids = {id(p) for p in matrices}
+        others = [p for p in self.candidate_parameters() if id(p) not in matrix_ids]
+        galore_group = {"params": matrices, "rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap,
+                        "scale": cfg.scale, "proj_type": cfg.proj_type, "svd": cfg.svd}
+        groups = [galore_group] + ([{"params": others}] if others else [])
+        optimizer = GaLoreAdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
+                                bits=cfg.bits, moments=cfg.moments, param_names=names)
+        candidates = self.candidate_parameters()
+        frozen = [p for p in candidates if not p.requires_grad]
+        for param in frozen:
+            param.requires_grad_(True)
+        try:
+            return GaLoreUpdater(optimizer, t.max_grad_norm, layerwise=cfg.layerwise)
+        finally:
+            for param in frozen:
+                param.requires_grad_(False)
 
     def on_step_start(self, step: int, model: nn.Module, updater: Updater) -> None:
         due = step % self.cfg.interval == 0 and self.sampler.drawn_at != step
