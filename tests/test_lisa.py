@@ -223,14 +223,18 @@ def test_galore_offload_keeps_device_state_bounded_and_refreshes_returning_proje
 def test_galore_layerwise_hooks_fire_for_layers_frozen_at_construction():
     """Every candidate is hooked even though all decoder layers were frozen when the updater was
     built: an active matrix's full gradient is absorbed into its low-rank accumulator in backward."""
-    model, strat, updater = setup(interval=100, **INSIDE["galore"])
+    model, strat, updater = setup(interval=100, **{**INSIDE["galore"], "update_proj_gap": 1000})
     train_step(0, model, strat, updater)  # first step: projectors computed from full gradients
     strat.on_step_start(1, model, updater)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     model(input_ids=ids, labels=ids).loss.backward()
+    absorbed = 0
     for index in strat.applied:
-        weight = decoder_layers(model)[index].mlp.up_proj.weight
-        assert weight.grad is None and "grad_acc" in updater.optimizer.state[weight]
+        for weight in (p for p in strat.layer_params[index] if p.ndim == 2):
+            assert not updater.optimizer.state[weight]["projector"].due(1)
+            assert weight.grad is None and "grad_acc" in updater.optimizer.state[weight]
+            absorbed += 1
+    assert absorbed == 2 * 7
     updater.step()
 
 

@@ -180,6 +180,8 @@ class LayerChoice:
 class LayerSamplingStrategy(Strategy):
     """Shared machinery of LISA and OwLore; subclasses say how layers are weighted."""
 
+    galore_updater: Any = None
+
     def layer_choice(self, model: nn.Module, ctx: StrategyContext) -> LayerChoice:
         raise NotImplementedError
 
@@ -240,13 +242,14 @@ class LayerSamplingStrategy(Strategy):
                         "scale": cfg.scale, "proj_type": cfg.proj_type, "svd": cfg.svd}
         groups = [galore_group] + ([{"params": others}] if others else [])
         optimizer = GaLoreAdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
-                                bits=cfg.bits, moments=cfg.moments, param_names=names)
+                                bits=cfg.bits, moments=cfg.moments, stagger=True, param_names=names)
         candidates = self.candidate_parameters()
         frozen = [p for p in candidates if not p.requires_grad]
         for param in frozen:
             param.requires_grad_(True)
         try:
-            return GaLoreUpdater(optimizer, t.max_grad_norm, layerwise=cfg.layerwise)
+            self.galore_updater = GaLoreUpdater(optimizer, t.max_grad_norm, layerwise=cfg.layerwise)
+            return self.galore_updater
         finally:
             for param in frozen:
                 param.requires_grad_(False)
@@ -272,7 +275,10 @@ class LayerSamplingStrategy(Strategy):
         self.write_summary()
 
     def step_metrics(self) -> dict[str, Any]:
-        return {"active_layers": list(self.applied)}
+        metrics: dict[str, Any] = {"active_layers": list(self.applied)}
+        if self.galore_updater is not None:
+            metrics.update(self.galore_updater.metrics())
+        return metrics
 
     def describe(self) -> dict[str, Any]:
         ratios = self.choice.ratios
