@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jinja2 import StrictUndefined, TemplateError
+from jinja2 import StrictUndefined, TemplateError, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lowmem_tune.errors import UserError
@@ -102,9 +102,13 @@ class DocFormatter:
         except TemplateError as err:
             raise UserError(f"task card {card.name} ({card.path}): bad template or expression: {err}") from None
 
-    def _run(self, what: str, fn, doc: dict[str, Any]):
+    def _run(self, what: str, fn, doc: dict[str, Any], convert=lambda value: value):
+        # StrictUndefined raises only when a missing field is used, so convert inside the guard.
         try:
-            return fn(**doc)
+            value = fn(**doc)
+            if isinstance(value, Undefined):
+                value._fail_with_undefined_error()
+            return convert(value)
         except (TemplateError, ValueError, TypeError, KeyError, IndexError) as err:
             raise UserError(
                 f"task {self.card.name}: could not evaluate its {what} on a row with fields "
@@ -117,14 +121,17 @@ class DocFormatter:
     def choices(self, doc: dict[str, Any]) -> list[str]:
         if self._choices is None:
             return list(self.card.choices or [])
-        return [str(c) for c in self._run("choices", self._choices, doc)]
+        return self._run("choices", self._choices, doc, lambda value: [str(c) for c in value])
 
-    def target(self, doc: dict[str, Any]):
-        return self._run("target", self._target, doc)
+    def gold_text(self, doc: dict[str, Any]) -> str:
+        return self._run("target", self._target, doc, str)
+
+    def gold_index(self, doc: dict[str, Any]) -> int:
+        return self._run("target", self._target, doc, int)
 
     def continuation(self, doc: dict[str, Any]) -> str:
         assert self._continuation is not None
-        return str(self._run("continuation", self._continuation, doc))
+        return self._run("continuation", self._continuation, doc, str)
 
 
 def _tasks_dir() -> Path:

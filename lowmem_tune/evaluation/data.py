@@ -61,14 +61,14 @@ def load_task_rows(card: TaskCard, data_file: str | Path | None) -> tuple[list[d
 
 
 def load_fewshot_rows(card: TaskCard, data_file: str | Path | None) -> tuple[list[dict[str, Any]] | None, str]:
-    """The pool few-shot examples are drawn from, or None when it is the evaluated rows themselves.
+    """The pool few-shot examples are drawn from, or None when it is the evaluated split itself.
 
-    With a local file the pool is that file (each row's own copy excluded, as lm-evaluation-harness
-    does when the few-shot split is the evaluated split).
+    With a local file the pool is that whole file (each row's own copy excluded, as
+    lm-evaluation-harness does when the few-shot split is the evaluated split).
     """
     source = card.source
     if data_file is not None or source.fewshot_split is None:
-        return None, "the evaluated rows (each row's own copy excluded)"
+        return None, "the evaluated split (each row's own copy excluded)"
     if source.synthetic:
         return _generated(source, source.fewshot_split, source.fewshot_n), f"generated {source.synthetic}:{source.fewshot_split}"
     return _hub_rows(card, source.fewshot_split), f"{source.hub}:{source.fewshot_split}"

@@ -38,21 +38,22 @@ class OpenQuestion:
 class FewshotSampler:
     """Draws few-shot examples for rows in order from one seeded generator.
 
-    `pool=None` means the pool is the evaluated rows; then n+1 are drawn and the row itself is
-    dropped, so it never answers its own question.
+    When the pool is the evaluated split itself (`pool_is_eval_split`; the evaluated rows are then
+    its first rows), n+1 are drawn and the row itself is dropped, so it never answers its own
+    question — lm-evaluation-harness' rule.
     """
 
-    def __init__(self, rows: list[dict[str, Any]], pool: list[dict[str, Any]] | None, seed: int = FEWSHOT_SEED):
-        self._pool = rows if pool is None else pool
-        self._pool_is_rows = pool is None
+    def __init__(self, pool: list[dict[str, Any]], pool_is_eval_split: bool, seed: int = FEWSHOT_SEED):
+        self._pool = pool
+        self._pool_is_eval_split = pool_is_eval_split
         self._rng = random.Random(seed)
 
     def examples(self, row_index: int, n: int) -> list[dict[str, Any]]:
         if n <= 0:
             return []
-        draw = min(n + 1 if self._pool_is_rows else n, len(self._pool))
+        draw = min(n + 1 if self._pool_is_eval_split else n, len(self._pool))
         picked = self._rng.sample(range(len(self._pool)), draw)
-        if self._pool_is_rows:
+        if self._pool_is_eval_split:
             picked = [i for i in picked if i != row_index]
         return [self._pool[i] for i in picked[:n]]
 
@@ -65,17 +66,16 @@ class QuestionBuilder:
         self.fmt = DocFormatter(card)
 
     def _gold_index(self, row: dict[str, Any], n_choices: int) -> int:
-        gold = self.fmt.target(row)
-        index = int(gold)
+        index = self.fmt.gold_index(row)
         if not 0 <= index < n_choices:
-            raise UserError(f"task {self.card.name}: gold index {gold!r} is outside the {n_choices} choices of a row")
+            raise UserError(f"task {self.card.name}: gold index {index} is outside the {n_choices} choices of a row")
         return index
 
     def _example(self, row: dict[str, Any]) -> str:
         """A solved example for the few-shot context."""
         card = self.card
         if card.scorer == "generation":
-            return self.fmt.text(row) + card.target_delimiter + str(self.fmt.target(row))
+            return self.fmt.text(row) + card.target_delimiter + self.fmt.gold_text(row)
         choices = self.fmt.choices(row)
         gold = self._gold_index(row, len(choices))
         if card.choices_complete_context:
@@ -100,7 +100,7 @@ class QuestionBuilder:
         return ChoiceQuestion([context] * len(choices), [card.target_delimiter + c for c in choices], choices, gold)
 
     def open_question(self, row: dict[str, Any], examples: list[dict[str, Any]]) -> OpenQuestion:
-        return OpenQuestion(self._prefix(examples) + self.fmt.text(row), str(self.fmt.target(row)))
+        return OpenQuestion(self._prefix(examples) + self.fmt.text(row), self.fmt.gold_text(row))
 
     def build(self, rows: list[dict[str, Any]], sampler: FewshotSampler, num_fewshot: int):
         make = self.open_question if self.card.scorer == "generation" else self.choice_question

@@ -119,14 +119,13 @@ def run_task(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, card: T
              limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
              data_file: str | None = None, progress: Progress | None = None) -> tuple[TaskScores, dict[str, Any]]:
     """Scores of one task and the protocol that produced them."""
-    rows, data_desc = load_task_rows(card, data_file)
-    if limit is not None:
-        rows = rows[:limit]
+    split_rows, data_desc = load_task_rows(card, data_file)
+    rows = split_rows[:limit] if limit is not None else split_rows
     if not rows:
         raise UserError(f"task {card.name}: no rows to evaluate in {data_desc}")
     shots = card.num_fewshot if num_fewshot is None else num_fewshot
     pool, pool_desc = load_fewshot_rows(card, data_file) if shots > 0 else (None, "none")
-    sampler = FewshotSampler(rows, pool, seed=FEWSHOT_SEED)
+    sampler = FewshotSampler(split_rows if pool is None else pool, pool_is_eval_split=pool is None)
     questions = QuestionBuilder(card).build(rows, sampler, shots)
     if card.scorer == "generation":
         scores = score_open_questions(questions, GreedyGenerator(model, tokenizer, batch_size), card, progress)

@@ -1,0 +1,112 @@
+"""Shared pieces for the evaluation tests: a locally trained tokenizer and tiny Llama models.
+
+Nothing here is downloaded: the tokenizer is a BPE trained with `tokenizers` on our fixture text,
+the models are the catalog's `tiny-llama` architecture with random weights, saved to tmp dirs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from lowmem_tune.catalog import CATALOG
+from lowmem_tune.data.synthetic import generate_synthetic_boolq
+
+FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+COMMONSENSE = ["boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+WELORE = ["commonsense_qa", "strategyqa", "svamp", "coin_flip"]
+
+
+def fixture_path(task: str) -> Path:
+    return FIXTURES / f"{task}.jsonl"
+
+
+def fixture_rows(task: str) -> list[dict]:
+    return [json.loads(line) for line in fixture_path(task).read_text().splitlines() if line.strip()]
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _corpus() -> list[str]:
+    lines = [s for task in COMMONSENSE + WELORE for row in fixture_rows(task) for s in _strings(row)]
+    lines += [f"{r['passage']}\nQuestion: {r['question']}?\nAnswer: {'yes' if r['answer'] else 'no'}"
+              for r in generate_synthetic_boolq("validation", 50)]
+    lines += ["Below is a question that describes a task. Write a response that appropriately completes "
+              "the request.\n\n### \nQuestion: Answer Choices: (A) (B) (C) (D) (E)\n\n\n### Response:\n"
+              "The answer is yes. The answer is no. Among A through E, the answer is B. "
+              "The answer (arabic numerals) is 8. Q: A:"] * 20
+    return lines
+
+
+def train_tokenizer() -> PreTrainedTokenizerFast:
+    """A ~500-token BPE whose words carry their leading space as "▁", like Llama's tokenizer."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def tiny_model(vocab_size: int, seed: int = 0):
+    config = CATALOG["tiny-llama"].build_config()
+    config.vocab_size = vocab_size
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def favour_token(model, token_id: int, strength: float = 10.0):
+    """Make `model` predict `token_id` after every token, whatever the context.
+
+    The decoder layers add nothing (o_proj and down_proj are zero) and every embedding is the
+    same vector of ones, so the final hidden state is all ones everywhere; the LM head then gives
+    `token_id` a logit of strength * hidden_size and every other token exactly 0. So every other
+    token has the same log-probability c < -600, and a continuation of k such tokens scores k*c.
+    """
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.fill_(1.0)
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[token_id] = strength
+    return model
+
+
+def single_token(tokenizer, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1, f"{text!r} is {len(ids)} tokens in the test tokenizer"
+    return ids[0]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def random_model(tokenizer):
+    return tiny_model(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer, random_model):
+    path = tmp_path_factory.mktemp("tiny-eval-model")
+    random_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

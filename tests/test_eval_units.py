@@ -1,0 +1,209 @@
+"""Evaluation building blocks: token boundary, truncation, metrics, extraction, cards, data loading."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+from test_eval_support import fixture_path, fixture_rows, model_dir, random_model, tokenizer  # noqa: F401
+
+from lowmem_tune.errors import UserError
+from lowmem_tune.evaluation.cards import AnswerPattern, available_suites, available_tasks, expand_tasks, load_card
+from lowmem_tune.evaluation.data import load_local_rows, load_task_rows
+from lowmem_tune.evaluation.generation import answer_is_correct, cut_at_stop, extract_answer
+from lowmem_tune.evaluation.loglikelihood import LoglikelihoodScorer, encode_pairs, split_trailing_space
+from lowmem_tune.evaluation.prompts import ChoiceQuestion
+from lowmem_tune.evaluation.runner import argmax, mean_and_stderr, score_choice_questions
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+# --- token boundary -------------------------------------------------------------------------------
+
+def test_trailing_space_moves_to_the_continuation():
+    assert split_trailing_space("Answer: ", "yes") == ("Answer:", " yes")
+    assert split_trailing_space("Answer:\n ", "yes") == ("Answer:", "\n yes")
+    assert split_trailing_space("Answer:", " yes") == ("Answer:", " yes")
+
+
+def test_context_and_continuation_are_tokenized_separately_and_concatenated(tokenizer):
+    (ctx, cont), = encode_pairs(tokenizer, [("Question: is it cold?\nAnswer:", " yes")])
+    assert ctx == ids(tokenizer, "Question: is it cold?\nAnswer:")
+    assert cont == ids(tokenizer, " yes") and len(cont) == 1
+    # A trailing space on the context gives exactly the same tokens.
+    assert encode_pairs(tokenizer, [("Question: is it cold?\nAnswer: ", "yes")]) == [(ctx, cont)]
+    # Nothing straddles the boundary with this tokenizer, so the pieces concatenate to the whole.
+    assert ctx + cont == ids(tokenizer, "Question: is it cold?\nAnswer: yes")
+
+
+def test_multi_token_choice_keeps_all_its_tokens(tokenizer):
+    choice = " pour water slowly around the base of the plant."
+    (ctx, cont), = encode_pairs(tokenizer, [("Home and Garden: If it feels dry", choice)])
+    assert len(cont) > 3
+    assert cont == ids(tokenizer, choice)
+    assert tokenizer.decode(cont) == choice
+
+
+def test_continuation_is_what_follows_the_context_tokens_when_tokens_straddle():
+    # SentencePiece-style: "▁" is prepended to every string, so " yes" tokenized alone would carry a
+    # spurious extra "▁"; lm-eval 0.4 takes the continuation from the whole string instead.
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = [("<unk>", 0.0), ("▁", -3.0), ("▁Answer:", -1.0), ("▁yes", -1.0), ("▁no", -1.0)]
+    raw = Tokenizer(models.Unigram(pieces, unk_id=0))
+    raw.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+    assert ids(tok, " yes") == [1, 3]  # alone, " yes" gains a spurious "▁" token
+    assert encode_pairs(tok, [("Answer: ", "yes")]) == [([2], [3])]
+    assert encode_pairs(tok, [("Answer:", " no")]) == [([2], [4])]
+
+
+def test_empty_context_scores_after_the_bos_token(tokenizer):
+    assert encode_pairs(tokenizer, [("", " yes")]) == [([tokenizer.bos_token_id], ids(tokenizer, " yes"))]
+
+
+def _direct_loglikelihood(model, tokens: list[int], n_cont: int) -> float:
+    logprobs = model(torch.tensor([tokens[:-1]])).logits[0].double().log_softmax(-1)
+    return sum(logprobs[len(tokens) - 1 - n_cont + j, tokens[len(tokens) - n_cont + j]].item() for j in range(n_cont))
+
+
+def test_long_sequences_are_cut_from_the_left(tokenizer, random_model):
+    context = " ".join(["the river runs for three hundred miles"] * 6)
+    (ctx, cont), = encode_pairs(tokenizer, [(context, " past the old bridge")])
+    max_length = 16
+    assert len(ctx) + len(cont) > max_length + 1 and len(cont) < max_length
+    got = LoglikelihoodScorer(random_model, tokenizer, max_length=max_length).score([(ctx, cont)])[0]
+    kept = (ctx + cont)[-(max_length + 1):]
+    assert got == pytest.approx(_direct_loglikelihood(random_model, kept, len(cont)), abs=1e-4)
+
+
+def test_batching_and_padding_do_not_change_scores(tokenizer, random_model):
+    pairs = encode_pairs(tokenizer, [("Q: Sam forgot his lunch.\nA:", c) for c in
+                                     (" grateful", " angry and very tired of it", " sleepy")] +
+                         [("The lake freezes solid each winter.", " yes")])
+    one = LoglikelihoodScorer(random_model, tokenizer, batch_size=1).score(pairs)
+    four = LoglikelihoodScorer(random_model, tokenizer, batch_size=4).score(pairs)
+    direct = [_direct_loglikelihood(random_model, c + t, len(t)) for c, t in pairs]
+    assert one == pytest.approx(direct, abs=1e-4)
+    assert four == pytest.approx(direct, abs=1e-4)
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+class _FixedScores:
+    """Stands in for the model: returns given log-likelihoods, to test the metric arithmetic."""
+
+    def __init__(self, tokenizer, lls):
+        self.tokenizer, self._lls = tokenizer, lls
+
+    def score(self, pairs, progress=None):
+        assert len(pairs) == len(self._lls)
+        return list(self._lls)
+
+
+def test_acc_norm_divides_by_choice_length_in_characters(tokenizer):
+    # "a": -2.0 in total but -2.0 per character; "bbbbbb": -3.0 in total, -0.5 per character.
+    question = ChoiceQuestion(["Q:"] * 2, [" a", " bbbbbb"], ["a", "bbbbbb"], gold=1)
+    scores = score_choice_questions([question], _FixedScores(tokenizer, [-2.0, -3.0]), ["acc", "acc_norm"])
+    assert scores.predictions == [0]
+    assert scores.per_row == {"acc": [0.0], "acc_norm": [1.0]}
+
+
+def test_ties_go_to_the_first_choice():
+    assert argmax([-1.0, -1.0, -2.0]) == 0
+    assert argmax([-3.0, -1.0, -1.0]) == 1
+
+
+def test_stderr_is_sample_std_over_sqrt_n():
+    values = [1.0, 0.0, 1.0, 1.0, 0.0]
+    mean, err = mean_and_stderr(values)
+    assert mean == pytest.approx(0.6)
+    assert err == pytest.approx(statistics.stdev(values) / math.sqrt(len(values)))
+    assert mean_and_stderr([1.0]) == (1.0, None)
+
+
+# --- extraction ----------------------------------------------------------------------------------
+
+YES_NO = AnswerPattern(r"\b(yes|no)\b", ignore_case=True)
+
+
+def test_yes_no_matches_whole_words_only():
+    assert extract_answer("not sure, nothing to say", YES_NO) is None  # "no" inside "not"/"nothing"
+    assert extract_answer("yesterday it rained", YES_NO) is None
+    assert extract_answer("No, it is not.", YES_NO) == "No"
+    assert answer_is_correct(extract_answer("No, it is not.", YES_NO), "no", "text")
+    assert extract_answer("it is not, so yes", YES_NO) == "yes"
+
+
+def test_unparseable_is_wrong():
+    assert not answer_is_correct(None, "no", "text")
+    assert not answer_is_correct(None, "8.0", "number")
+
+
+def test_shipped_patterns():
+    letters = load_card("commonsense_qa").answer
+    assert extract_answer("(B) refrigerator", letters) == "B"
+    assert extract_answer("a bookshelf", letters) is None  # lower-case "a" is not the letter A
+    number = load_card("svamp").answer
+    assert extract_answer("1,234 apples, not 5", number) == "1,234"
+    assert answer_is_correct(extract_answer("-3.5.", number), "-3.5", "number")
+    assert answer_is_correct(extract_answer("8", number), "8.0", "number")
+    assert extract_answer("version2 of it", number) is None
+    assert extract_answer("no", load_card("coin_flip").answer) == "no"
+
+
+def test_output_is_cut_at_the_first_stop_string():
+    assert cut_at_stop("yes.\nQuestion: next", ["\n", "Question:"]) == "yes."
+    assert cut_at_stop("yes", ["\n"]) == "yes"
+
+
+# --- cards and data ------------------------------------------------------------------------------
+
+def test_every_shipped_card_loads_and_suites_expand():
+    tasks = available_tasks()
+    for name in tasks:
+        load_card(name)
+    assert {"commonsense", "welore"} <= set(available_suites())
+    assert expand_tasks(["commonsense"]) == ["boolq", "piqa", "social_iqa", "hellaswag", "winogrande",
+                                             "arc_easy", "arc_challenge", "openbookqa"]
+    assert set(expand_tasks(["welore"])) == {"commonsense_qa", "strategyqa", "svamp", "coin_flip"}
+    assert set(expand_tasks(["commonsense", "welore"])) <= set(tasks)
+    card = load_card("arc_easy")
+    assert (card.source.hub, card.source.config, card.source.split) == ("allenai/ai2_arc", "ARC-Easy", "test")
+
+
+def test_unknown_task_names_the_known_ones():
+    with pytest.raises(UserError, match="boolq"):
+        load_card("boolqq")
+
+
+def test_offline_without_cache_names_the_hub_id_and_data_file():
+    with pytest.raises(UserError) as err:
+        load_task_rows(load_card("boolq"), None)
+    message = str(err.value)
+    assert "aps/super_glue" in message and "--data-file boolq=" in message and "\n" not in message
+
+
+def test_local_jsonl_json_and_parquet_read_the_same_rows(tmp_path):
+    from datasets import Dataset
+
+    rows = fixture_rows("arc_easy")
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "arc.parquet"))
+    Dataset.from_list(rows).to_json(str(tmp_path / "arc.json"))
+    assert load_local_rows(fixture_path("arc_easy")) == rows
+    assert load_local_rows(tmp_path / "arc.parquet") == rows
+    assert load_local_rows(tmp_path / "arc.json") == rows
+    with pytest.raises(UserError, match=".csv"):
+        load_local_rows(tmp_path / "arc.csv")
+
+
+def test_a_row_in_the_wrong_schema_is_a_user_error(tmp_path):
+    from lowmem_tune.evaluation.prompts import QuestionBuilder
+
+    with pytest.raises(UserError, match="piqa.*schema"):
+        QuestionBuilder(load_card("piqa")).choice_question({"question": "x", "label": 0}, [])
