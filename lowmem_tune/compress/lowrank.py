@@ -1,0 +1,102 @@
+"""`LowRankLinear` and the model surgery around it: factorize chosen projections, merge them back.
+
+A low-rank component (LRC) W ≈ L·R keeps the top-k singular directions of W split evenly between
+the two factors: L = U_k·√S_k (out×k) and R = √S_k·V_kᵀ (k×in). Splitting √S into both factors
+keeps their scales equal, which is what makes plain AdamW on the factors well behaved.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class LowRankLinear(nn.Module):
+    """y = x·Rᵀ·Lᵀ + b: a linear layer of rank `rank`, stored as two factors."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.left = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
+        self.right = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, svd_device: torch.device | None = None) -> "LowRankLinear":
+        """The best rank-`rank` approximation of `linear` (truncated SVD in float32)."""
+        weight = linear.weight
+        work = weight.detach().to(device=svd_device or weight.device, dtype=torch.float32)
+        u, s, vh = torch.linalg.svd(work, full_matrices=False)
+        root = s[:rank].sqrt()
+        module = cls(linear.in_features, linear.out_features, rank, linear.bias is not None,
+                     dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            module.left.copy_((u[:, :rank] * root).to(weight.device))
+            module.right.copy_((root[:, None] * vh[:rank]).to(weight.device))
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.right), self.left, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        """L·R computed in float32, returned in the factors' dtype."""
+        return (self.left.float() @ self.right.float()).to(self.left.dtype)
+
+    def to_linear(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           dtype=self.left.dtype, device=self.left.device)
+        with torch.no_grad():
+            linear.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
+               f"bias={self.bias is not None}"
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at dotted path `name` inside `model`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def factorize(model: nn.Module, ranks: dict[str, int], svd_device: torch.device | None = None,
+              progress: bool = False) -> None:
+    """Replace each named nn.Linear by its rank-k truncated SVD, in place."""
+    from rich.progress import track
+
+    items = list(ranks.items())
+    for name, rank in track(items, description="Factorizing", disable=not progress, transient=True):
+        linear = model.get_submodule(name)
+        replace_module(model, name, LowRankLinear.from_linear(linear, rank, svd_device))
+
+
+def install_empty(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Replace each named nn.Linear by an uninitialized LowRankLinear of that rank (shapes only:
+    for loading saved factors, or for planning under a fake/meta tensor mode)."""
+    for name, rank in ranks.items():
+        linear = model.get_submodule(name)
+        weight = linear.weight
+        replace_module(model, name, LowRankLinear(linear.in_features, linear.out_features, rank,
+                                                  linear.bias is not None, dtype=weight.dtype, device=weight.device))
+
+
+def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
+
+
+def merge_lowrank(model: nn.Module) -> int:
+    """Multiply every LowRankLinear back into a dense nn.Linear, in place. Returns how many."""
+    merged = lowrank_modules(model)
+    for name, module in merged.items():
+        replace_module(model, name, module.to_linear())
+    return len(merged)

@@ -1,0 +1,75 @@
+"""Singular values of the decoder matrices: float32 SVD (GPU when there is one), cached on disk.
+
+The cache file is keyed by the weights themselves (a SHA-256 over every decoder matrix's bytes,
+names, shapes and dtypes), so a second run on the same model is a file read, and a changed model
+can never pick up stale spectra. Hashing reads the weights once; it is far cheaper than the SVDs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowmem_tune.compress.ranks import decoder_matrices
+
+SPECTRA_DIR = "welore-spectra"
+
+
+def _matrix_digest(name: str, weight: torch.Tensor) -> bytes:
+    data = weight.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    digest = hashlib.sha256(f"{name}|{tuple(weight.shape)}|{weight.dtype}".encode())
+    digest.update(memoryview(data))  # hashlib releases the GIL here, so threads hash in parallel
+    return digest.digest()
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A content hash of the decoder matrices (what the spectra depend on)."""
+    linears = decoder_matrices(model)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda item: _matrix_digest(item[0], item[1].weight), linears.items()))
+    return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def singular_values(model: nn.Module, cache_dir: Path, device: torch.device | None = None,
+                    progress: bool = True) -> dict[str, torch.Tensor]:
+    """Descending float32 singular values of every decoder matrix, by module name (on the CPU)."""
+    path = Path(cache_dir) / SPECTRA_DIR / f"{weights_fingerprint(model)}.safetensors"
+    if path.is_file():
+        return load_file(str(path))
+    spectra = compute_singular_values(model, device, progress)
+    _save_atomic(spectra, path)
+    return spectra
+
+
+def compute_singular_values(model: nn.Module, device: torch.device | None = None,
+                            progress: bool = True) -> dict[str, torch.Tensor]:
+    from rich.console import Console
+    from rich.progress import track
+
+    linears = decoder_matrices(model)
+    svd_device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    spectra = {}
+    for name, linear in track(list(linears.items()), description="SVD of decoder matrices",
+                              disable=not progress, console=Console(stderr=True), transient=True):
+        work = linear.weight.detach().to(device=svd_device, dtype=torch.float32)
+        spectra[name] = torch.linalg.svdvals(work).cpu()
+    return spectra
+
+
+def _save_atomic(spectra: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in spectra.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

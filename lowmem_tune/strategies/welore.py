@@ -1,0 +1,163 @@
+"""WeLore: compress the model non-uniformly, then train only its low-rank components (LRC-only).
+
+The model is compressed at run start (spectra cached, so a resumed run rebuilds the very same
+architecture) or loaded from a directory `lowmem-tune compress` wrote. Trainable: the LRC factors
+and, with `strategy.train_norms`, the RMSNorm weights. Embeddings, lm_head and the dense N-LRC
+matrices are frozen. Under `plan --verify` (fake tensors) no SVD runs: the ranks come from
+`assumed_ranks`, the architecture-only estimate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lowmem_tune.catalog import resolve_model
+from lowmem_tune.compress import (
+    RankPlan,
+    assumed_ranks,
+    compress_model,
+    compressed_ranks,
+    install_empty,
+    load_compressed,
+    lowrank_modules,
+    plan_from_ranks,
+    record_plan,
+    save_compressed,
+)
+from lowmem_tune.compress.storage import trainable_summary, write_json
+from lowmem_tune.errors import UserError
+from lowmem_tune.optim.updater import Updater
+from lowmem_tune.strategies.adamw import AdamW8bit, FullAdamW
+from lowmem_tune.strategies.base import Strategy, StrategyContext
+
+_SAME_ARCHITECTURE = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith("RMSNorm")
+
+
+class WeLore(Strategy):
+    name = "welore"
+
+    def __init__(self, profile) -> None:
+        super().__init__(profile)
+        self.plan: RankPlan | None = None
+        self.counts: tuple[int, int] = (0, 0)
+
+    # ------------------------------------------------------------------ model
+
+    def prepare_model(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
+        model = self._compressed(model, ctx)
+        model.requires_grad_(False)
+        for module in lowrank_modules(model).values():
+            module.requires_grad_(True)
+        if self.cfg.train_norms:
+            for module in model.modules():
+                if is_norm(module):
+                    module.requires_grad_(True)
+        self.counts = trainable_summary(model)
+        summary = self.describe()
+        ctx.info(
+            f"WeLore: ERR {summary['rank_reduction_achieved']:.3f} (target {self.cfg.rank_reduction}), "
+            f"{summary['lrc']} LRC trainable, {summary['n_lrc']} N-LRC frozen; "
+            f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} parameters train"
+        )
+        if ctx.run_dir is not None and not ctx.fake:
+            Path(ctx.run_dir).mkdir(parents=True, exist_ok=True)
+            write_json(Path(ctx.run_dir) / "strategy.json", {**summary, "matrices": self.plan.to_dict()["matrices"]})
+        return model
+
+    def _compressed(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
+        """The model with its LRCs factorized, and self.plan describing them."""
+        if lowrank_modules(model):  # model.name is a compressed directory: load_model did the work
+            self.plan = plan_from_ranks(model, compressed_ranks(model.config), model.config.welore)
+            return model
+        if self.cfg.compressed_model:
+            return self._load_directory(model, ctx)
+        recorded = compressed_ranks(model.config)
+        if recorded is not None:  # planning a compressed directory from its config alone
+            install_empty(model, recorded)
+            self.plan = plan_from_ranks(model, recorded, model.config.welore)
+            return model
+        if ctx.fake:
+            self.plan = assumed_ranks(model.config, self.cfg.rank_reduction, self.cfg.min_ratio)
+            install_empty(model, self.plan.lrc_ranks)
+            record_plan(model, self.plan)
+            return model
+        if self.profile.model.init == "random":
+            ctx.info("WeLore on randomly initialized weights: the spectra are flat, so the ranks carry no structure")
+        ctx.info("WeLore: singular values of the decoder matrices (cached after the first run)")
+        self.plan = compress_model(model, self.cfg.rank_reduction, self.cfg.min_ratio, ctx.cache_dir,
+                                   svd_device=ctx.device, progress=False)
+        return model
+
+    def _load_directory(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
+        path = Path(self.cfg.compressed_model).expanduser()
+        resolved = resolve_model(str(path))
+        recorded = compressed_ranks(resolved.config)
+        if resolved.local_dir is None or recorded is None:
+            raise UserError(
+                f"strategy.compressed_model: {path} is not a directory written by `lowmem-tune compress` "
+                "(no `welore` ranks in its config.json)"
+            )
+        for key in _SAME_ARCHITECTURE:
+            if getattr(resolved.config, key, None) != getattr(model.config, key, None):
+                raise UserError(
+                    f"strategy.compressed_model: {path} has {key}={getattr(resolved.config, key, None)} but "
+                    f"model.name gives {getattr(model.config, key, None)}; point model.name at the model it was "
+                    "compressed from (or at the compressed directory itself)"
+                )
+        if ctx.fake:
+            install_empty(model, recorded)
+            self.plan = plan_from_ranks(model, recorded, resolved.config.welore)
+            return model
+        model.to("meta")  # the dense weights are replaced: free them before loading the compressed ones
+        compressed = load_compressed(path, ctx.dtype, ctx.device, self.profile.model.attn_implementation)
+        self.plan = plan_from_ranks(compressed, recorded, compressed.config.welore)
+        return compressed
+
+    # ------------------------------------------------------------------ training
+
+    def build_updater(self, model: nn.Module, ctx: StrategyContext) -> Updater:
+        choice = self.cfg.optimizer
+        if choice == "adamw":
+            return FullAdamW(self.profile).build_updater(model, ctx)
+        if choice == "adamw8bit":
+            return AdamW8bit(self.profile).build_updater(model, ctx)
+        raise UserError(
+            f"strategy.optimizer: {choice!r} for the WeLore factors is not available in this build "
+            "(use adamw or adamw8bit)"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        if self.plan is None:
+            return {"name": self.name, "optimizer": self.cfg.optimizer}
+        trainable, total = self.counts
+        return {
+            "name": self.name,
+            "optimizer": self.cfg.optimizer,
+            **self.plan.summary(),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "train_norms": self.cfg.train_norms,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lrc_ranks": dict(self.plan.lrc_ranks) if self.plan else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = {str(k): int(v) for k, v in state.get("lrc_ranks", {}).items()}
+        if self.plan is not None and saved != self.plan.lrc_ranks:
+            raise UserError(
+                "--resume: the checkpoint was trained with different WeLore ranks than this run chose "
+                "(the model, strategy.rank_reduction or strategy.min_ratio changed); start a new output.dir"
+            )
+
+    def save_final(self, model: nn.Module, out_dir: Path) -> None:
+        """The compressed (factorized) model: `run`/`eval` load it; `lowmem-tune merge` makes it dense."""
+        save_compressed(model, self.plan, out_dir)
+
