@@ -122,6 +122,16 @@ def compress(model: str, rank_reduction: float, min_ratio: float, output: Path, 
                      merge=merge, device=device)
 
 
+@main.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True)
+def merge(model: str, output: Path) -> None:
+    """Turn a WeLore-compressed model (from `compress` or a welore run's final/) into a dense one."""
+    from lowmem_tune.compress import merge_command
+
+    merge_command(model=model, output=output)
+
+
 @main.group(cls=_Group)
 def inspect() -> None:
     """Look inside a model: outlier ratios per layer."""

@@ -62,6 +62,10 @@ def load_model(
         raise UserError(
             f"model {resolved.name!r} has no weights to load (it is an architecture only): set model.init: random"
         )
+    if resolved.local_dir is not None and getattr(resolved.config, "welore", None):
+        from lowmem_tune.compress import load_compressed  # compress imports this module
+
+        return load_compressed(resolved.local_dir, dtype, device, attn_implementation)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as err:

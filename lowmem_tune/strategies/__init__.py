@@ -8,10 +8,12 @@ from lowmem_tune.strategies.adamw import AdamW8bit, FullAdamW
 from lowmem_tune.strategies.base import Strategy, StrategyContext, trainable_parameters
 from lowmem_tune.strategies.galore import Fira, GaLore
 from lowmem_tune.strategies.layer_sampling import LISA, OwLore
+from lowmem_tune.strategies.welore import WeLore
 
 _REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (FullAdamW, AdamW8bit)}
 _REGISTRY.update({cls.name: cls for cls in (LISA, OwLore)})
 _REGISTRY.update({cls.name: cls for cls in (GaLore, Fira)})
+_REGISTRY[WeLore.name] = WeLore
 
 
 def build_strategy(profile: Profile) -> Strategy:
