@@ -19,7 +19,10 @@ from lowmem_tune.events import (
     event_to_json,
 )
 from lowmem_tune.train.control import RunControl
-from lowmem_tune.tui import DashboardApp, QueueFeed, RunDirFeed, monitor_command
+from lowmem_tune.tui import DashboardApp, MonitorApp, QueueFeed, RunDirFeed, monitor_command
+from lowmem_tune.profile import Profile
+from lowmem_tune.tui.live import LiveRun
+from lowmem_tune.tui.state import Series
 from lowmem_tune.tui.widgets import LossChart, MemoryPanel, ProgressPanel, StrategyPanel
 
 NUM_LAYERS = 8
@@ -44,6 +47,15 @@ def step(n: int, active: list[int]) -> StepMetrics:
 
 def text_of(widget) -> str:
     return str(widget.render()) if isinstance(widget, LossChart) else str(widget.content)
+
+
+def log_text(app) -> str:
+    """The event log's text without whitespace, so that wrapping at the panel's width does not matter."""
+    return "".join("".join(str(line.text) for line in app.query_one("#events").lines).split())
+
+
+def squeeze(text: str) -> str:
+    return "".join(text.split())
 
 
 async def wait_for(pilot, condition, timeout: float = 5.0) -> None:
@@ -91,8 +103,8 @@ def test_dashboard_renders_a_scripted_stream():
             assert chart_after != chart_before
             assert "2.200" in chart_after  # the eval point extends the y range
             assert "eval 2.200 @ step 6" in text_of(app.query_one("#loss-summary"))
-            log_text = "\n".join(str(line.text) for line in app.query_one("#events").lines)
-            assert "checkpoint step 6 saved" in log_text and "eval loss 2.200 at step 6" in log_text
+            assert squeeze("checkpoint step 6 saved") in log_text(app)
+            assert squeeze("eval loss 2.200 at step 6") in log_text(app)
 
     asyncio.run(scenario())
 
@@ -135,8 +147,7 @@ def test_completed_run_stays_on_screen_until_q():
             await wait_for(pilot, lambda: app.state.finished is not None)
             await pilot.pause(0.3)
             assert app.is_running and "completed" in text_of(app.query_one("#header"))
-            log_text = "\n".join(str(line.text) for line in app.query_one("#events").lines)
-            assert "final eval: boolq acc=0.625 (n=8)" in log_text
+            assert squeeze("final eval: boolq acc=0.625 (n=8)") in log_text(app)
             await pilot.press("q")
             await wait_for(pilot, lambda: not app.is_running)
 
@@ -169,7 +180,7 @@ def test_monitor_replays_a_recorded_run_and_follows_new_lines(tmp_path):
                   + [EvalLoss(step=10, eval_loss=2.1)])
 
     async def scenario() -> None:
-        app = DashboardApp(RunDirFeed.open(run_dir))
+        app = MonitorApp(RunDirFeed.open(run_dir))
         async with app.run_test(size=(160, 48)) as pilot:
             await wait_for(pilot, lambda: app.state.metrics.get("step") == 10)
             assert len(app.state.train_loss.points) == 10
@@ -188,7 +199,7 @@ def test_monitor_replays_a_recorded_run_and_follows_new_lines(tmp_path):
             await wait_for(pilot, lambda: app.state.finished is not None)
             assert app.state.metrics["step"] == 11
             assert "completed" in text_of(app.query_one("#header"))
-            await pilot.press("s")  # monitoring cannot ask another process for a checkpoint
+            assert sorted(key for key, active in app.active_bindings.items() if active.binding.show) == ["q", "question_mark"]
             await pilot.press("q")
             await wait_for(pilot, lambda: not app.is_running)
 
@@ -201,3 +212,43 @@ def test_monitor_refuses_a_missing_or_empty_run_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no events"):
         monitor_command(tmp_path / "empty")
+
+
+def test_series_keeps_a_bounded_history_and_forgets_steps_a_resume_repeats():
+    series = Series(max_points=8)
+    for n in range(1, 21):
+        series.add(n, float(n))
+    assert len(series.points) <= 8
+    steps = [step for step, _ in series.points]
+    assert steps == sorted(steps) and steps[0] <= 5 and series.points[-1] == (20, 20.0)  # still spans the run
+    # a merged point is the mean of its neighbours: with value == step here, it stays on the diagonal
+    assert all(value == pytest.approx(step) for step, value in series.points)
+    series.drop_after(10)
+    assert max(step for step, _ in series.points) <= 10
+
+
+def test_run_dir_feed_reports_an_unreadable_line_and_goes_on(tmp_path):
+    write_run_dir(tmp_path, [started()])
+    with (tmp_path / "events.jsonl").open("a") as handle:
+        handle.write("{not json\n")
+    write_run_dir(tmp_path, [step(1, active=[0])])
+    events = RunDirFeed.open(tmp_path).drain()
+    assert [type(e).__name__ for e in events] == ["RunStarted", "RunWarning", "StepMetrics"]
+    assert "line 2 unreadable" in events[1].message
+
+
+def test_live_run_hands_the_training_error_to_the_main_thread(monkeypatch):
+    import lowmem_tune.train
+
+    def failing_run(profile, resume, sink, control):
+        sink.emit(Info("loading"))
+        raise UserError("model.name: 'nope' is not in the catalog")
+
+    monkeypatch.setattr(lowmem_tune.train, "run_training", failing_run)
+    run = LiveRun(Profile(), resume=False)
+    run.start()
+    with pytest.raises(UserError, match="not in the catalog"):
+        run.finish()
+    assert run.feed.closed is False  # the Info is still queued for the dashboard
+    assert [e.message for e in run.feed.drain()] == ["loading"]
+    assert run.feed.closed

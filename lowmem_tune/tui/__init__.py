@@ -3,7 +3,8 @@
 Public API:
 - `run_with_dashboard(profile, resume) -> exit code`: trains in a worker thread behind the dashboard.
 - `monitor_command(run_dir)`: the same dashboard fed by RUN_DIR/events.jsonl.
-- `DashboardApp(feed, control=None, ...)`, with feeds `QueueFeed` (an EventSink) and `RunDirFeed`.
+- `DashboardApp(feed, control, ...)` / `MonitorApp(feed)`, with feeds `QueueFeed` (an EventSink)
+  and `RunDirFeed`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from rich.console import Console
 
 from lowmem_tune.hardware import read_gpu_stats
 from lowmem_tune.profile import Profile
-from lowmem_tune.tui.app import DashboardApp
+from lowmem_tune.tui.app import DashboardApp, MonitorApp
 from lowmem_tune.tui.feeds import QueueFeed, RunDirFeed
 from lowmem_tune.tui.live import LiveRun
 from lowmem_tune.tui.state import RunState
@@ -34,7 +35,7 @@ def run_with_dashboard(profile: Profile, resume: bool) -> int:
 
 
 def monitor_command(run_dir: Path) -> None:
-    app = DashboardApp(RunDirFeed.open(run_dir), gpu_stats=read_gpu_stats)
+    app = MonitorApp(RunDirFeed.open(run_dir), gpu_stats=read_gpu_stats)
     app.run()
 
 
@@ -57,4 +58,4 @@ def _print_summary(state: RunState) -> None:
     console.print("lowmem-tune: " + " · ".join(parts))
 
 
-__all__ = ["DashboardApp", "QueueFeed", "RunDirFeed", "monitor_command", "run_with_dashboard"]
+__all__ = ["DashboardApp", "MonitorApp", "QueueFeed", "RunDirFeed", "monitor_command", "run_with_dashboard"]

@@ -33,22 +33,6 @@ from lowmem_tune.tui.widgets import (
 REFRESH_HZ = 5
 GPU_POLL_S = 1.0
 
-HELP_LIVE = """\
-[b]q[/b] / [b]ctrl+c[/b]  stop gracefully: save a checkpoint at the next step, then exit
-                (resume later with `lowmem-tune run PROFILE --resume`)
-[b]s[/b]           save a checkpoint now and keep training
-[b]?[/b]           this help (any key closes it)
-
-The run directory keeps everything shown here: watch it from another terminal with
-`lowmem-tune monitor RUN_DIR`."""
-
-HELP_MONITOR = """\
-[b]q[/b]   close the monitor (the run, if live, goes on)
-[b]?[/b]   this help (any key closes it)
-
-Monitoring replays RUN_DIR/events.jsonl and follows it while the run writes it."""
-
-
 class HelpScreen(ModalScreen[None]):
     def __init__(self, text: str) -> None:
         super().__init__()
@@ -62,6 +46,8 @@ class HelpScreen(ModalScreen[None]):
 
 
 class DashboardApp(App[None]):
+    """The dashboard of a run in this process: keys reach the training loop through `control`."""
+
     CSS_PATH = "dashboard.tcss"
     TITLE = "lowmem-tune"
     ENABLE_COMMAND_PALETTE = False
@@ -71,8 +57,16 @@ class DashboardApp(App[None]):
         Binding("s", "checkpoint", "Checkpoint now"),
         Binding("question_mark", "help", "Help"),
     ]
+    HELP = """\
+[b]q[/b] / [b]ctrl+c[/b]  stop gracefully: save a checkpoint at the next step, then exit
+                (resume later with `lowmem-tune run PROFILE --resume`)
+[b]s[/b]           save a checkpoint now and keep training
+[b]?[/b]           this help (any key closes it)
 
-    def __init__(self, feed: Feed, control: RunControl | None = None,
+The run directory keeps everything shown here: watch it from another terminal with
+`lowmem-tune monitor RUN_DIR`."""
+
+    def __init__(self, feed: Feed, control: RunControl | None,
                  gpu_stats: Callable[[int], GpuStats | None] | None = None, gpu_index: int | None = None,
                  exit_on_finish: bool = False) -> None:
         """`control` is None when monitoring (keys cannot reach that run). `gpu_stats(index)` is
@@ -99,7 +93,7 @@ class DashboardApp(App[None]):
                 yield ProgressPanel(id="progress")
                 yield ThroughputPanel(id="throughput")
                 yield MemoryPanel(id="memory")
-                yield EventLog(id="events", max_lines=1000, wrap=True)
+                yield EventLog(id="events", max_lines=1000, wrap=True, min_width=20)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -151,7 +145,7 @@ class DashboardApp(App[None]):
         self.query_one(StrategyPanel).show(self.state)
 
     def action_stop(self) -> None:
-        if self.control is None or self.state.finished is not None or self.feed.closed:
+        if self.state.finished is not None or self.feed.closed:
             self.exit()
             return
         if not self.stopping:
@@ -163,11 +157,26 @@ class DashboardApp(App[None]):
             self.notify("Already stopping: waiting for the checkpoint…")
 
     def action_checkpoint(self) -> None:
-        if self.control is None:
-            self.notify("Monitoring: checkpoints can only be requested from the terminal running the run.")
-            return
         self.control.request_checkpoint()
         self.notify("Checkpoint requested: saved at the next step boundary.")
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(HELP_LIVE if self.control is not None else HELP_MONITOR))
+        self.push_screen(HelpScreen(self.HELP))
+
+
+class MonitorApp(DashboardApp, inherit_bindings=False):
+    """The dashboard of a run directory: read-only, `q` just closes it."""
+
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+        Binding("question_mark", "help", "Help"),
+    ]
+    HELP = """\
+[b]q[/b]   close the monitor (a live run goes on in its own terminal)
+[b]?[/b]   this help (any key closes it)
+
+Monitoring replays RUN_DIR/events.jsonl, then follows it while the run appends to it."""
+
+    def __init__(self, feed: Feed, gpu_stats: Callable[[int], GpuStats | None] | None = None) -> None:
+        super().__init__(feed, control=None, gpu_stats=gpu_stats)
