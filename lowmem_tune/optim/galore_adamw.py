@@ -480,4 +480,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
 
 def _sq_norm(t: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(t, dtype=torch.float32).square()
+    """Squared norm, accumulated in at least float32 (no full-size upcast copy of a bf16 gradient)."""
+    wide = torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else None
+    return torch.linalg.vector_norm(t, dtype=wide).float().square()
