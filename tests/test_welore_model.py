@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
+
 import torch
 from click.testing import CliRunner
 from torch import nn
@@ -206,3 +208,21 @@ def test_fake_tensor_planning_uses_assumed_ranks_without_svd(monkeypatch):
     assert {n: m.rank for n, m in lowrank_modules(model).items()} == expected.lrc_ranks
     assert strategy.describe()["source"] == "assumed"
     assert not decoder_matrices(model).keys() & expected.lrc_ranks.keys()
+
+
+@pytest.mark.parametrize("optimizer", ["galore"])
+def test_other_optimizers_update_only_the_trainable_set(tmp_path, optimizer):
+    profile = welore_profile(tmp_path, optimizer=optimizer, rank=8, update_proj_gap=2)
+    strategy = build_strategy(profile)
+    ctx = StrategyContext(device=CPU, dtype=torch.float32, cache_dir=tmp_path / "cache")
+    model = strategy.prepare_model(tiny_llama(), ctx)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    updater = strategy.build_updater(model, ctx)
+    for step in range(2):
+        ids = token_batch(step)
+        model(ids, labels=ids).loss.backward()
+        updater.set_lr(1e-2)
+        updater.step()
+    updater.close()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n, p in model.named_parameters() if p.requires_grad}

@@ -31,7 +31,7 @@ from lowmem_tune.compress.storage import trainable_summary, write_json
 from lowmem_tune.errors import UserError
 from lowmem_tune.optim.updater import Updater
 from lowmem_tune.strategies.adamw import AdamW8bit, FullAdamW
-from lowmem_tune.strategies.base import Strategy, StrategyContext
+from lowmem_tune.strategies.base import Strategy, StrategyContext, trainable_parameters
 
 _SAME_ARCHITECTURE = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
 
@@ -47,6 +47,7 @@ class WeLore(Strategy):
         super().__init__(profile)
         self.plan: RankPlan | None = None
         self.counts: tuple[int, int] = (0, 0)
+        self.galore = None
 
     # ------------------------------------------------------------------ model
 
@@ -128,10 +129,28 @@ class WeLore(Strategy):
             return FullAdamW(self.profile).build_updater(model, ctx)
         if choice == "adamw8bit":
             return AdamW8bit(self.profile).build_updater(model, ctx)
-        raise UserError(
-            f"strategy.optimizer: {choice!r} for the WeLore factors is not available in this build "
-            "(use adamw or adamw8bit)"
+        return self._galore_updater(model)
+
+    def _galore_updater(self, model: nn.Module) -> Updater:
+        """GaLore on the 2-D factors (the projector rank is capped at each factor's k), AdamW on norms."""
+        from lowmem_tune.optim.galore_adamw import GaLoreAdamW
+        from lowmem_tune.optim.layerwise import GaLoreUpdater
+
+        t, s = self.profile.train, self.cfg
+        factors = [p for m in lowrank_modules(model).values() for p in (m.left, m.right) if p.requires_grad]
+        chosen = {id(p) for p in factors}
+        others = [p for p in trainable_parameters(model) if id(p) not in chosen]
+        groups = [{"params": factors, "rank": s.rank, "update_proj_gap": s.update_proj_gap, "scale": s.scale,
+                   "proj_type": s.proj_type, "svd": s.svd}] + ([{"params": others}] if others else [])
+        optimizer = GaLoreAdamW(
+            groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay, bits=s.bits,
+            moments=s.moments, stagger=True, param_names={p: name for name, p in model.named_parameters()},
         )
+        self.galore = GaLoreUpdater(optimizer, t.max_grad_norm, layerwise=s.layerwise)
+        return self.galore
+
+    def step_metrics(self) -> dict[str, Any]:
+        return self.galore.metrics() if self.galore is not None else {}
 
     def describe(self) -> dict[str, Any]:
         if self.plan is None:
@@ -144,6 +163,8 @@ class WeLore(Strategy):
             "trainable_parameters": trainable,
             "total_parameters": total,
             "train_norms": self.cfg.train_norms,
+            **({"galore_rank": self.cfg.rank, "update_proj_gap": self.cfg.update_proj_gap}
+               if self.cfg.optimizer == "galore" else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
