@@ -70,13 +70,17 @@ def run(profile: Path, overrides: tuple[str, ...], resume: bool, headless: bool)
     from lowmem_tune.profile import load_profile
 
     loaded = load_profile(profile, overrides)
-    if headless or not sys.stdout.isatty():
-        from lowmem_tune.train import run_headless
+    try:
+        if headless or not sys.stdout.isatty():
+            from lowmem_tune.train import run_headless
 
-        sys.exit(run_headless(loaded, resume=resume))
-    from lowmem_tune.tui import run_with_dashboard
+            sys.exit(run_headless(loaded, resume=resume))
+        from lowmem_tune.tui import run_with_dashboard
 
-    sys.exit(run_with_dashboard(loaded, resume=resume))
+        sys.exit(run_with_dashboard(loaded, resume=resume))
+    except KeyboardInterrupt:
+        click.echo("aborted; checkpoints already written are intact (continue with --resume)", err=True)
+        sys.exit(130)
 
 
 @main.command()

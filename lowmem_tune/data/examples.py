@@ -1,0 +1,137 @@
+"""Training examples: records from the generator, a local file or the hub, rendered as prompt and
+response text by a template.
+
+Formats (detected from the record fields unless `data.format` says):
+- instruction: instruction / input / output (LLM-Adapters' commonsense_170k, Alpaca);
+- boolq: question / passage / answer (bool);
+- strategyqa: question / answer (bool), no passage;
+- text: a `text` field, trained on entirely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lowmem_tune.data.synthetic import generate_synthetic_boolq
+from lowmem_tune.errors import UserError
+from lowmem_tune.profile import DataSection
+
+SYNTHETIC = "synthetic-boolq"
+
+# Evaluation task names usable as training sets: hub id, config, format.
+HUB_TASKS: dict[str, tuple[str, str | None, str]] = {
+    "boolq": ("aps/super_glue", "boolq", "boolq"),
+    "strategyqa": ("ChilleD/StrategyQA", None, "strategyqa"),
+}
+
+# The prompts match the evaluation prompts (lm-evaluation-harness for BoolQ), so what the model is
+# trained to continue is exactly what it is scored on.
+TEMPLATES: dict[str, tuple[str, str]] = {
+    "boolq": ("{passage}\nQuestion: {question}?\nAnswer:", " {answer}"),
+    "strategyqa": ("Question: {question}\nAnswer:", " {answer}"),
+    "instruction": (
+        "Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "{output}",
+    ),
+    "text": ("", "{text}"),
+}
+
+_FORMAT_FIELDS = {
+    "instruction": {"instruction", "output"},
+    "boolq": {"question", "passage", "answer"},
+    "strategyqa": {"question", "answer"},
+    "text": {"text"},
+}
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str
+
+
+def load_records(section: DataSection) -> tuple[list[dict[str, Any]], str | None]:
+    """The raw records and the format they are known to have (None: detect it)."""
+    name = section.dataset
+    if name == SYNTHETIC:
+        if section.split not in ("train", "validation"):
+            raise UserError(f"data.split: synthetic-boolq has splits train and validation, not {section.split!r}")
+        return generate_synthetic_boolq(section.split, section.num_examples, seed=0), "boolq"
+    path = Path(name).expanduser()
+    if path.suffix in _FILE_BUILDERS or path.exists():
+        if not path.is_file():
+            raise UserError(f"data.dataset: file not found: {path}")
+        builder = _FILE_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise UserError(f"data.dataset: {path}: unsupported file type (use .json, .jsonl, .parquet, .csv or .txt)")
+        return _load_dataset(builder, None, "train", data_files=str(path)), "text" if builder == "text" else None
+    if name in HUB_TASKS:
+        hub_id, config, fmt = HUB_TASKS[name]
+        return _load_dataset(hub_id, config, section.split), fmt
+    if "/" in name:
+        return _load_dataset(name, section.config_name, section.split), None
+    known = ", ".join([SYNTHETIC, *HUB_TASKS])
+    raise UserError(f"data.dataset: {name!r} is not a local file, a hub id (owner/name) or a known task ({known})")
+
+
+def _load_dataset(path: str, config: str | None, split: str, data_files: str | None = None) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(path, config, split=split, data_files=data_files)
+    except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        where = data_files or path
+        hint = "" if data_files else " (offline and not cached? download it first, or pass a local file)"
+        raise UserError(f"data.dataset: could not load {where!r} split {split!r}: {first}{hint}") from None
+    return [dict(row) for row in ds]
+
+
+def detect_format(records: list[dict[str, Any]], declared: str) -> str:
+    if declared != "auto":
+        return declared
+    if not records:
+        raise UserError("data.dataset: the dataset has no records")
+    fields = set(records[0])
+    for fmt in ("instruction", "boolq", "strategyqa", "text"):
+        if _FORMAT_FIELDS[fmt] <= fields:
+            return fmt
+    raise UserError(
+        f"data.format: cannot tell the format from the fields {sorted(fields)}; set data.format "
+        "(instruction, boolq, strategyqa, text) and data.prompt_template"
+    )
+
+
+def _render(template: str, record: dict[str, Any], where: str) -> str:
+    values = {k: ("yes" if v else "no") if isinstance(v, bool) else ("" if v is None else v) for k, v in record.items()}
+    try:
+        return template.format_map(values)
+    except KeyError as err:
+        raise UserError(f"{where}: the template uses {{{err.args[0]}}} but records have {sorted(record)}") from None
+
+
+def to_examples(records: list[dict[str, Any]], section: DataSection, known_format: str | None = None) -> list[Example]:
+    fmt = detect_format(records, section.format if section.format != "auto" else (known_format or "auto"))
+    prompt_t, response_t = TEMPLATES[fmt]
+    prompt_t = section.prompt_template if section.prompt_template is not None else prompt_t
+    response_t = section.response_template if section.response_template is not None else response_t
+    missing = _FORMAT_FIELDS[fmt] - set(records[0]) if records else set()
+    if missing and section.prompt_template is None:
+        raise UserError(f"data.format: {fmt} records need the fields {sorted(missing)}")
+    return [
+        Example(_render(prompt_t, r, "data.prompt_template"), _render(response_t, r, "data.response_template"))
+        for r in records
+    ]
+
+
+def load_examples(section: DataSection) -> list[Example]:
+    """Records of the configured dataset rendered as examples, limited to `data.limit`."""
+    records, known = load_records(section)
+    if section.limit is not None:
+        records = records[: section.limit]
+    return to_examples(records, section, known)

@@ -1,0 +1,109 @@
+"""Checkpoints: OUTPUT/checkpoints/step-N/ with the model (safetensors) and the trainer state.
+
+A checkpoint is written under a temporary name and renamed into place, so a crash or `kill -9`
+mid-write leaves the previous checkpoints intact; leftovers of an interrupted write are ignored and
+cleaned up. The trainer state (`trainer_state.pt`) holds only tensors, numbers and containers, so it
+loads with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    path: Path
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[CheckpointInfo]:
+    """Complete checkpoints, oldest first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = []
+    for entry in checkpoints_dir.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and (entry / STATE_FILE).is_file() and (entry / MODEL_FILE).is_file():
+            found.append(CheckpointInfo(int(match.group(1)), entry))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> CheckpointInfo | None:
+    found = list_checkpoints(checkpoints_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(checkpoints_dir: Path, step: int, model: nn.Module, state: dict[str, Any],
+                    keep: int) -> Path:
+    """Write step-N atomically, then drop all but the newest `keep` checkpoints."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / f"step-{step}"
+    tmp = checkpoints_dir / f".tmp-step-{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(model, str(tmp / MODEL_FILE))
+    torch.save(state, tmp / STATE_FILE)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. stop right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(checkpoints_dir)
+    for old in list_checkpoints(checkpoints_dir)[:-keep]:
+        shutil.rmtree(old.path, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(info: CheckpointInfo, model: nn.Module, device: torch.device) -> dict[str, Any]:
+    """Load weights into `model` in place and return the trainer state."""
+    missing, unexpected = load_model(model, str(info.path / MODEL_FILE), strict=False, device=str(device))
+    if unexpected or missing:
+        raise RuntimeError(
+            f"checkpoint {info.path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return torch.load(info.path / STATE_FILE, map_location=device, weights_only=True)
+
+
+def remove_partial_writes(checkpoints_dir: Path) -> None:
+    if checkpoints_dir.is_dir():
+        for entry in checkpoints_dir.glob(".tmp-step-*"):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    for file in path.iterdir() if path.is_dir() else []:
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
