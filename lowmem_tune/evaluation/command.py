@@ -91,6 +91,9 @@ def eval_command(dataset: str, model: str, data_files: tuple[str, ...] = (), lim
         raise UserError(f"--limit {limit}: give a positive number of rows")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: give a positive batch size")
+    import datasets
+
+    datasets.disable_progress_bars()  # its per-file bars would tear through ours
     tasks = expand_tasks([dataset])
     for task in tasks:
         load_card(task)  # unknown names fail before the model loads

@@ -1,0 +1,295 @@
+"""Every task on its fixture with a tiny model, against an independent per-row reimplementation of
+lm-evaluation-harness' (and WeLore's prompt) protocol; models whose answers are known; the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+from test_eval_support import (  # noqa: F401
+    COMMONSENSE,
+    WELORE,
+    favour_token,
+    fixture_path,
+    fixture_rows,
+    model_dir,
+    random_model,
+    single_token,
+    tiny_model,
+    tokenizer,
+)
+
+from lowmem_tune.cli import main
+from lowmem_tune.data.synthetic import generate_synthetic_boolq
+from lowmem_tune.evaluation import evaluate_tasks
+from lowmem_tune.evaluation.cards import load_card
+from lowmem_tune.evaluation.runner import run_task
+
+# --- the reference: lm-evaluation-harness 0.4, written out per row, no batching -----------------
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def reference_requests(task: str, row: dict) -> tuple[list[tuple[str, str]], list[str], int]:
+    """(context, continuation) per choice, the choice texts, the gold index — from lm-eval's task yamls."""
+    if task == "boolq":
+        ctx = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
+        choices, gold = ["no", "yes"], row["label"]
+    elif task == "piqa":
+        ctx, choices, gold = f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]], row["label"]
+    elif task == "social_iqa":
+        ctx = f"Q: {row['context']} {row['question']}\nA:"
+        choices, gold = [row["answerA"], row["answerB"], row["answerC"]], int(row["label"]) - 1
+    elif task == "hellaswag":
+        ctx = _hellaswag_clean(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
+        choices, gold = [_hellaswag_clean(e) for e in row["endings"]], int(row["label"])
+    elif task == "winogrande":
+        blank = row["sentence"].index("_")
+        cont = " " + row["sentence"][blank + 1:].strip()
+        contexts = [row["sentence"][:blank] + row["option1"], row["sentence"][:blank] + row["option2"]]
+        return [(c, cont) for c in contexts], contexts, int(row["answer"]) - 1
+    elif task in ("arc_easy", "arc_challenge"):
+        ctx = f"Question: {row['question']}\nAnswer:"
+        choices, gold = row["choices"]["text"], row["choices"]["label"].index(row["answerKey"])
+    elif task == "openbookqa":
+        ctx = row["question_stem"]
+        choices, gold = row["choices"]["text"], row["choices"]["label"].index(row["answerKey"].lstrip())
+    else:
+        raise AssertionError(task)
+    return [(ctx, " " + c) for c in choices], choices, gold
+
+
+def reference_loglikelihood(model, tok, context: str, continuation: str) -> float:
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+    whole = tok.encode(context + continuation, add_special_tokens=False)
+    ctx = tok.encode(context, add_special_tokens=False)
+    cont = whole[len(ctx):]
+    seq = (ctx + cont)[-(model.config.max_position_embeddings + 1):]
+    with torch.no_grad():
+        logprobs = model(torch.tensor([seq[:-1]])).logits[0].double().log_softmax(-1)
+    first = len(seq) - 1 - len(cont)
+    return sum(logprobs[first + j, cont[j]].item() for j in range(len(cont)))
+
+
+def first_argmax(values):
+    best = 0
+    for i, v in enumerate(values):
+        if v > values[best]:
+            best = i
+    return best
+
+
+def reference_choice_task(model, tok, task: str, rows: list[dict], prefixes: list[str] | None = None):
+    preds, acc, acc_norm = [], [], []
+    for i, row in enumerate(rows):
+        pairs, choices, gold = reference_requests(task, row)
+        prefix = prefixes[i] if prefixes else ""
+        lls = [reference_loglikelihood(model, tok, prefix + ctx, cont) for ctx, cont in pairs]
+        preds.append(first_argmax(lls))
+        acc.append(float(preds[-1] == gold))
+        acc_norm.append(float(first_argmax([ll / len(c) for ll, c in zip(lls, choices)]) == gold))
+    return preds, sum(acc) / len(acc), sum(acc_norm) / len(acc_norm)
+
+
+@pytest.mark.parametrize("task", COMMONSENSE)
+def test_loglikelihood_task_matches_the_reference(task, random_model, tokenizer):
+    rows = fixture_rows(task)
+    scores, protocol = run_task(random_model, tokenizer, load_card(task), data_file=str(fixture_path(task)),
+                                batch_size=3)
+    preds, acc, acc_norm = reference_choice_task(random_model, tokenizer, task, rows)
+    summary = scores.summary()
+    assert scores.predictions == preds
+    assert summary["acc"] == acc and summary["n"] == len(rows)
+    if "acc_norm" in load_card(task).metrics:
+        assert summary["acc_norm"] == acc_norm
+    assert protocol["scorer"] == "loglikelihood" and protocol["num_fewshot"] == 0
+
+
+def test_fewshot_context_matches_lm_eval_sampling(random_model, tokenizer):
+    rows = fixture_rows("boolq")
+    rng = random.Random(1234)  # lm-eval's default fewshot seed; pool = the evaluated split
+    prefixes = []
+    for row in rows[:4]:  # --limit 4: the pool is still the whole split
+        shots = [x for x in rng.sample(rows, 3) if x != row][:2]
+        prefixes.append("".join(f"{x['passage']}\nQuestion: {x['question']}?\nAnswer: {['no', 'yes'][x['label']]}\n\n"
+                                for x in shots))
+    preds, acc, _ = reference_choice_task(random_model, tokenizer, "boolq", rows[:4], prefixes)
+    scores, protocol = run_task(random_model, tokenizer, load_card("boolq"), data_file=str(fixture_path("boolq")),
+                                num_fewshot=2, limit=4)
+    assert scores.predictions == preds and scores.summary()["acc"] == acc
+    assert protocol["num_fewshot"] == 2 and protocol["fewshot_seed"] == 1234
+
+
+# --- generation reference: WeLore's prompt, greedy decoding one row at a time --------------------
+
+BLURB = "Below is a question that describes a task. Write a response that appropriately completes the request."
+
+
+def reference_generation_prompt(task: str, row: dict) -> tuple[str, str]:
+    if task == "strategyqa":
+        question, trigger, gold = row["question"].strip(), "The answer is", "yes" if row["answer"] else "no"
+    elif task == "coin_flip":
+        question, trigger, gold = row["inputs"].removeprefix("Q: ").strip(), "The answer is", row["targets"]
+    elif task == "svamp":
+        question = row["Body"].strip() + " " + row["Question"].strip()
+        trigger, gold = "The answer (arabic numerals) is", str(row["Answer"])
+    elif task == "commonsense_qa":
+        labels, texts = row["choices"]["label"], row["choices"]["text"]
+        question = row["question"].strip() + " Answer Choices:" + "".join(f" ({l}) {t}" for l, t in zip(labels, texts))
+        trigger, gold = "Among A through E, the answer is", row["answerKey"]
+    else:
+        raise AssertionError(task)
+    return f"{BLURB}\n\n### \nQuestion: {question}\n\n\n### Response:\n{trigger} ", gold
+
+
+def reference_greedy(model, tok, prompt: str, max_new_tokens: int = 16) -> str:
+    ids = tok.encode(prompt, add_special_tokens=False)[-(model.config.max_position_embeddings - max_new_tokens):]
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if token == tok.eos_token_id:
+                break
+            new.append(token)
+            if "\n" in tok.decode(new, skip_special_tokens=True):
+                break
+    return tok.decode(new, skip_special_tokens=True).split("\n")[0]
+
+
+def reference_correct(task: str, output: str, gold: str) -> bool:
+    if task == "svamp":
+        found = re.findall(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?!\w)", output)
+        return bool(found) and abs(float(found[0].replace(",", "")) - float(gold)) < 1e-6
+    if task == "commonsense_qa":
+        found = re.findall(r"\b[A-E]\b", output)
+        return bool(found) and found[0] == gold
+    found = re.findall(r"\b(?:yes|no)\b", output, flags=re.IGNORECASE)
+    return bool(found) and found[0].lower() == gold
+
+
+@pytest.mark.parametrize("task", WELORE)
+def test_generation_task_matches_the_reference(task, random_model, tokenizer):
+    rows = fixture_rows(task)
+    card = load_card(task)
+    scores, protocol = run_task(random_model, tokenizer, card, data_file=str(fixture_path(task)), batch_size=3)
+    correct = []
+    for row in rows:
+        prompt, gold = reference_generation_prompt(task, row)
+        correct.append(float(reference_correct(task, reference_greedy(random_model, tokenizer, prompt), gold)))
+    assert scores.per_row["acc"] == correct
+    assert scores.summary()["n"] == len(rows)  # unparseable rows stay in the denominator
+    assert protocol["scorer"] == "generation"
+
+
+# --- models whose answers are known ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def favour(tokenizer):
+    """A fresh tiny model that always predicts the single token of `text`."""
+    def build(text: str):
+        return favour_token(tiny_model(len(tokenizer), seed=1), single_token(tokenizer, text))
+    return build
+
+
+@pytest.mark.parametrize("word, label", [(" yes", 1), (" no", 0)])
+def test_boolq_model_that_always_says_one_word(word, label, favour, tokenizer):
+    rows = fixture_rows("boolq")
+    scores, _ = run_task(favour(word), tokenizer, load_card("boolq"), data_file=str(fixture_path("boolq")))
+    assert scores.predictions == [label] * len(rows)
+    assert scores.summary()["acc"] == sum(r["label"] == label for r in rows) / len(rows)
+
+
+def test_synthetic_boolq_with_a_model_that_always_says_yes(favour, tokenizer):
+    model = favour(" yes")
+    model.train()
+    results = evaluate_tasks(model, tokenizer, ["synthetic-boolq"], batch_size=16)
+    rows = generate_synthetic_boolq("validation", 200, seed=0)
+    assert results["tasks"]["synthetic-boolq"]["acc"] == sum(bool(r["answer"]) for r in rows) / 200
+    assert results["tasks"]["synthetic-boolq"]["n"] == 200
+    assert model.training  # given back in the mode it came in
+
+
+@pytest.mark.parametrize("task", ["piqa", "hellaswag", "arc_easy", "openbookqa"])
+def test_acc_and_acc_norm_with_equal_token_probabilities(task, favour, tokenizer):
+    # Every token but " yes" has the same log-probability c < 0, so a choice of k tokens scores k*c:
+    # acc picks the choice with the fewest tokens, acc_norm the fewest tokens per character.
+    yes = single_token(tokenizer, " yes")
+    expected_acc, expected_norm = [], []
+    for row in fixture_rows(task):
+        _, choices, gold = reference_requests(task, row)
+        counts = [len(tokenizer.encode(" " + c, add_special_tokens=False)) for c in choices]
+        assert all(yes not in tokenizer.encode(" " + c, add_special_tokens=False) for c in choices)
+        expected_acc.append(float(first_argmax([-k for k in counts]) == gold))
+        expected_norm.append(float(first_argmax([-k / len(c) for k, c in zip(counts, choices)]) == gold))
+    scores, _ = run_task(favour(" yes"), tokenizer, load_card(task), data_file=str(fixture_path(task)))
+    assert scores.per_row["acc"] == expected_acc
+    assert scores.per_row["acc_norm"] == expected_norm
+
+
+@pytest.mark.parametrize("task, word, gold_of", [
+    ("coin_flip", " yes", lambda r: r["targets"] == "yes"),
+    ("coin_flip", " no", lambda r: r["targets"] == "no"),
+    ("strategyqa", " yes", lambda r: r["answer"]),
+    ("commonsense_qa", " B", lambda r: r["answerKey"] == "B"),
+    ("svamp", " 8", lambda r: r["Answer"] == 8.0),
+])
+def test_generation_model_that_always_says_one_word(task, word, gold_of, favour, tokenizer):
+    rows = fixture_rows(task)
+    scores, _ = run_task(favour(word), tokenizer, load_card(task), data_file=str(fixture_path(task)))
+    assert scores.per_row["acc"] == [float(bool(gold_of(r))) for r in rows]
+    assert scores.summary()["unparsed"] == 0
+
+
+def test_unparseable_answers_count_as_wrong(favour, tokenizer):
+    rows = fixture_rows("svamp")
+    scores, _ = run_task(favour(" yes"), tokenizer, load_card("svamp"), data_file=str(fixture_path("svamp")))
+    summary = scores.summary()
+    assert summary["acc"] == 0.0 and summary["n"] == len(rows) and summary["unparsed"] == len(rows)
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+def test_cli_commonsense_suite_on_fixtures(model_dir, tmp_path, random_model, tokenizer):
+    out = tmp_path / "results.json"
+    args = ["eval", "--dataset", "commonsense", "--model", str(model_dir), "--device", "cpu",
+            "--batch-size", "4", "--output", str(out)]
+    for task in COMMONSENSE:
+        args += ["--data-file", f"{task}={fixture_path(task)}"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    for task in COMMONSENSE + ["mean", "acc_norm"]:
+        assert task in result.output
+    results = json.loads(out.read_text())
+    assert list(results["tasks"]) == COMMONSENSE
+    expected = evaluate_tasks(random_model, tokenizer, ["commonsense"], batch_size=4,
+                              data_files={t: str(fixture_path(t)) for t in COMMONSENSE})
+    assert results["tasks"] == expected["tasks"]
+    for task in COMMONSENSE:
+        summary = results["tasks"][task]
+        assert summary["n"] == len(fixture_rows(task)) and 0.0 <= summary["acc"] <= 1.0
+        assert "acc_stderr" in summary
+        assert results["protocol"]["tasks"][task]["data"] == str(fixture_path(task))
+    assert "lm-evaluation-harness" in results["protocol"]["scorers"]["loglikelihood"]
+
+
+def test_cli_offline_hub_dataset_is_a_one_line_error(model_dir):
+    result = CliRunner().invoke(main, ["eval", "--dataset", "piqa", "--model", str(model_dir), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "baber/piqa" in result.output and "--data-file piqa=" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_bare_data_file_needs_a_task_name_for_suites(model_dir):
+    result = CliRunner().invoke(main, ["eval", "--dataset", "welore", "--model", str(model_dir),
+                                       "--data-file", str(fixture_path("svamp"))])
+    assert result.exit_code == 2 and "TASK=PATH" in result.output
