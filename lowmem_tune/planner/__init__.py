@@ -1,7 +1,127 @@
-"""Memory planner."""
+"""Memory planner: `lowmem-tune plan` — what fits this GPU, with which strategy and knobs.
+
+The analytic path (architecture summary, estimate, search) does not import torch, so a plan for a
+catalog model answers in well under two seconds; `--verify` imports torch and runs the chosen
+strategy on fake tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
 
 from lowmem_tune.errors import UserError
+from lowmem_tune.hardware import format_bytes, reserve_bytes, resolve_gpu, usable_bytes
+from lowmem_tune.planner.architecture import Architecture, resolve_architecture
+from lowmem_tune.planner.estimate import COMPONENTS
+from lowmem_tune.planner.search import Candidate, build_profile, search
 
 
-def plan_command(**kwargs) -> None:
-    raise UserError("`plan` is not available yet in this build")
+def plan_command(model: str, gpu: str, gpu_index: int, margin: float, strategy: str | None, seq_len: int,
+                 micro_batch_size: int | None, prefer: str, verify: bool, as_json: bool,
+                 output: Path | None) -> None:
+    if seq_len <= 0:
+        raise UserError(f"--seq-len {seq_len}: must be at least 1")
+    if micro_batch_size is not None and micro_batch_size <= 0:
+        raise UserError(f"--micro-batch-size {micro_batch_size}: must be at least 1")
+    target = resolve_gpu(gpu, gpu_index)
+    usable = usable_bytes(target.total_bytes, margin, target.used_by_others_bytes)
+    arch = resolve_architecture(model)
+    candidates, chosen = search(arch, target, usable, seq_len, micro_batch_size, prefer, strategy)
+    report = {
+        "model": {"name": arch.name, "params": arch.params, "layers": arch.num_layers,
+                  "hidden_size": arch.hidden_size, "vocab_size": arch.vocab_size},
+        "gpu": {"name": target.name, "total_bytes": target.total_bytes, "usable_bytes": usable,
+                "reserve_bytes": reserve_bytes(target.total_bytes), "margin": margin, "source": target.source},
+        "workload": _workload(chosen or candidates[0]),
+        "candidates": [_candidate_json(c) for c in candidates],
+        "chosen": None if chosen is None else _candidate_json(chosen),
+    }
+    profile = None
+    if chosen is not None:
+        profile = build_profile(model, chosen, gpu, margin, seq_len)
+    if verify:
+        if chosen is None:
+            raise UserError("nothing fits, so there is no plan to verify (try --gpu with more memory or --seq-len lower)")
+        from lowmem_tune.planner.verify import verify_profile
+
+        result = verify_profile(profile)
+        report["verify"] = {**result.to_dict(), "analytic_bytes": chosen.estimate.total,
+                            "relative_error": round(chosen.estimate.total / result.peak_bytes - 1, 4)}
+    if output is not None:
+        if profile is None:
+            raise UserError(f"-o {output}: nothing fits, so no profile was written")
+        _write_atomic(output, profile.to_yaml())
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_tables(report, arch, candidates, chosen, output)
+
+
+def _workload(c: Candidate) -> dict[str, Any]:
+    w = c.workload
+    return {"seq_len": w.seq_len, "micro_batch_size": w.micro_batch_size,
+            "gradient_accumulation": w.gradient_accumulation,
+            "gradient_checkpointing": w.gradient_checkpointing, "dtype": w.dtype}
+
+
+def _candidate_json(c: Candidate) -> dict[str, Any]:
+    return {"strategy": c.strategy, "settings": c.settings(), "fits": c.fits, "why": c.why,
+            "peak_at": c.estimate.phase, "notes": c.estimate.notes, "memory": c.estimate.memory}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+_SHORT = {"weights": "weights", "gradients": "grads", "optimizer": "optim", "projectors": "proj",
+          "activations": "acts", "logits": "logits", "overhead": "other"}
+
+
+def _print_tables(report: dict[str, Any], arch: Architecture, candidates: list[Candidate],
+                  chosen: Candidate | None, output: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    g = report["gpu"]
+    console.print(
+        f"[bold]{arch.name}[/]: {arch.params:,} parameters, {arch.num_layers} layers, hidden {arch.hidden_size}, "
+        f"vocab {arch.vocab_size}\n[bold]GPU[/] {g['name']} ({g['source']}): {format_bytes(g['total_bytes'])} total, "
+        f"{format_bytes(g['usable_bytes'])} usable after {format_bytes(g['reserve_bytes'])} CUDA reserve "
+        f"(context, cuBLAS workspace, allocator slack) and a {g['margin']:.0%} margin"
+    )
+    table = Table(title=f"Peak memory per strategy (GiB), seq len {report['workload']['seq_len']}")
+    table.add_column("strategy")
+    for name in COMPONENTS:
+        table.add_column(_SHORT.get(name, name), justify="right")
+    table.add_column("total", justify="right")
+    table.add_column("fits")
+    for c in candidates:
+        mark = "[green]yes[/]" if c.fits else "[red]no[/]"
+        style = "bold" if c is chosen else None
+        table.add_row(c.strategy, *(f"{c.estimate.memory[k] / 1024**3:.2f}" for k in COMPONENTS),
+                      f"{c.estimate.total / 1024**3:.2f}", mark, style=style)
+    console.print(table)
+    for c in candidates:
+        notes = f" ({'; '.join(c.estimate.notes)})" if c.estimate.notes else ""
+        settings = ", ".join(f"{k}={v}" for k, v in c.settings().items())
+        console.print(f"  [bold]{c.strategy}[/] [{settings}]: {c.why}{notes}", highlight=False)
+    if chosen is None:
+        console.print("[red]Nothing fits.[/] Lower --seq-len, or plan for a larger GPU.")
+        return
+    console.print(f"[bold green]Chosen:[/] {chosen.strategy} — " + ", ".join(f"{k}={v}" for k, v in chosen.settings().items()))
+    if "verify" in report:
+        v = report["verify"]
+        console.print(
+            f"[bold]Verified[/] on fake tensors in {v['seconds']:.1f} s: measured peak {format_bytes(v['peak_bytes'])} "
+            f"({v['peak_at']}), analytic {format_bytes(v['analytic_bytes'])} ({v['relative_error']:+.1%}); by category: "
+            + ", ".join(f"{k} {format_bytes(b)}" for k, b in v["by_category"].items())
+        )
+    if output is not None:
+        console.print(f"Profile written to {output} (run it with `lowmem-tune run {output}`)")

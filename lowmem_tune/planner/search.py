@@ -1,0 +1,136 @@
+"""Search strategies and their knobs for the best plan that fits, and turn a plan into a profile."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lowmem_tune.errors import UserError
+from lowmem_tune.hardware import GpuTarget
+from lowmem_tune.planner.architecture import Architecture
+from lowmem_tune.planner.estimate import Estimate, Settings, Workload, estimate
+
+if TYPE_CHECKING:
+    from lowmem_tune.profile import Profile
+
+ESTIMATED = ("full", "adamw8bit", "galore", "fira", "lisa", "owlore")
+"""Strategies with an analytic estimate; welore's needs its rank plan (see notes in the report)."""
+
+ORDER = {
+    # full-parameter methods first, then layer sampling
+    "quality": ("full", "adamw8bit", "fira", "galore", "owlore", "lisa"),
+    # fewest trained weights / cheapest steps first
+    "speed": ("full", "adamw8bit", "lisa", "owlore", "galore", "fira"),
+    "memory": ESTIMATED,  # re-sorted by total below
+}
+MICRO_BATCHES = (16, 8, 4, 2, 1)
+TARGET_SEQUENCES_PER_STEP = 16
+RANKS = {"quality": (256, 128), "speed": (128,), "memory": (128,)}
+SAMPLED_LAYERS = {"quality": (4, 2), "speed": (2, 1), "memory": (1,)}
+
+
+@dataclass
+class Candidate:
+    estimate: Estimate
+    workload: Workload
+    fits: bool
+    why: str
+
+    @property
+    def strategy(self) -> str:
+        return self.estimate.strategy
+
+    def settings(self) -> dict[str, Any]:
+        return {**self.estimate.settings, "micro_batch_size": self.workload.micro_batch_size,
+                "gradient_accumulation": self.workload.gradient_accumulation,
+                "activation_checkpointing": self.workload.gradient_checkpointing}
+
+
+def _settings_grid(strategy: str, prefer: str) -> list[Settings]:
+    if strategy in ("full", "adamw8bit"):
+        return [Settings()]
+    if strategy in ("galore", "fira"):
+        return [Settings(rank=r) for r in RANKS[prefer]]
+    return [Settings(sampled_layers=g) for g in SAMPLED_LAYERS[prefer]]
+
+
+def _workloads(seq_len: int, micro_batch: int | None, prefer: str, dtype_bytes: int) -> list[Workload]:
+    sizes = (micro_batch,) if micro_batch else MICRO_BATCHES
+    if prefer == "memory":
+        sizes = tuple(sorted(sizes))
+    grid = []
+    for checkpointing in ((True,) if prefer == "memory" else (False, True)):
+        for mb in sizes:
+            accumulation = max(1, TARGET_SEQUENCES_PER_STEP // mb)
+            grid.append(Workload(seq_len, mb, checkpointing, dtype_bytes, accumulation))
+    # speed: no checkpointing beats a larger micro batch; otherwise the larger micro batch first
+    return grid if prefer != "quality" else sorted(grid, key=lambda w: (-w.micro_batch_size, w.gradient_checkpointing))
+
+
+def best_for(strategy: str, arch: Architecture, usable: int, seq_len: int, micro_batch: int | None,
+             prefer: str, dtype_bytes: int) -> Candidate:
+    """The preferred fitting settings of one strategy, else its smallest configuration."""
+    smallest: tuple[Estimate, Workload] | None = None
+    for settings in _settings_grid(strategy, prefer):
+        for workload in _workloads(seq_len, micro_batch, prefer, dtype_bytes):
+            est = estimate(strategy, arch, settings, workload)
+            if est.total <= usable:
+                return Candidate(est, workload, True, _why_fits(est, usable))
+            if smallest is None or est.total < smallest[0].total:
+                smallest = (est, workload)
+    assert smallest is not None
+    est, workload = smallest
+    return Candidate(est, workload, False, _why_not(est, workload, usable))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.1f} GiB"
+
+
+def _why_fits(est: Estimate, usable: int) -> str:
+    return f"fits: peak {_gib(est.total)} at the {est.phase} of {_gib(usable)} usable"
+
+
+def _why_not(est: Estimate, workload: Workload, usable: int) -> str:
+    parts = {k: v for k, v in est.memory.items() if k != "total"}
+    biggest = sorted(parts, key=parts.get, reverse=True)[:2]
+    return (f"does not fit even at micro batch {workload.micro_batch_size}"
+            f"{' with checkpointing' if workload.gradient_checkpointing else ''}: {_gib(est.total)} > "
+            f"{_gib(usable)} usable ({', '.join(f'{k} {_gib(parts[k])}' for k in biggest)})")
+
+
+def search(arch: Architecture, gpu: GpuTarget, usable: int, seq_len: int, micro_batch: int | None,
+           prefer: str, strategy: str | None) -> tuple[list[Candidate], Candidate | None]:
+    """One candidate per strategy (the pinned one only, with --strategy) and the chosen one."""
+    dtype_bytes = 2 if gpu.bf16 else 4
+    if strategy is not None and strategy not in ESTIMATED:
+        raise UserError(
+            f"--strategy {strategy}: no memory estimate for it yet (estimated: {', '.join(ESTIMATED)})"
+        )
+    names = (strategy,) if strategy else ORDER[prefer]
+    candidates = [best_for(name, arch, usable, seq_len, micro_batch, prefer, dtype_bytes) for name in names]
+    if prefer == "memory":
+        candidates.sort(key=lambda c: c.estimate.total)
+    chosen = next((c for c in candidates if c.fits), None)
+    return candidates, chosen
+
+
+def build_profile(model: str, candidate: Candidate, gpu_spec: str, margin: float, seq_len: int,
+                  output_dir: str | None = None) -> Profile:
+    """A profile `run` accepts, with the chosen strategy, knobs and workload."""
+    from lowmem_tune.profile import profile_from_dict
+
+    s = candidate.estimate.settings
+    w = candidate.workload
+    strategy: dict[str, Any] = {"name": candidate.strategy}
+    strategy.update({k: v for k, v in s.items() if k in ("rank", "bits", "layerwise", "sampled_layers", "optimizer")})
+    raw = {
+        "model": {"name": model, "dtype": w.dtype},
+        "hardware": {"gpu": gpu_spec, "margin": margin},
+        "strategy": strategy,
+        "data": {"max_seq_len": seq_len},
+        "train": {"micro_batch_size": w.micro_batch_size, "gradient_accumulation": w.gradient_accumulation,
+                  "activation_checkpointing": w.gradient_checkpointing},
+        "output": {"dir": output_dir or f"runs/{model.replace('/', '-')}-{candidate.strategy}"},
+    }
+    return profile_from_dict(raw, source="plan")
