@@ -187,8 +187,6 @@ class LayerSamplingStrategy(Strategy):
 
     def prepare_model(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         layers = decoder_layers(model)
-        if self.cfg.interval <= 0 or self.cfg.sampled_layers <= 0:
-            raise UserError("strategy.sampled_layers and strategy.interval must be at least 1")
         model.requires_grad_(False)
         self.always_trained = unique_parameters(always_trained_modules(model)) if self.cfg.train_embeddings else []
         for param in self.always_trained:
@@ -255,11 +253,13 @@ class LayerSamplingStrategy(Strategy):
                 param.requires_grad_(False)
 
     def on_step_start(self, step: int, model: nn.Module, updater: Updater) -> None:
-        due = step % self.cfg.interval == 0 and self.sampler.drawn_at != step
-        if due or self.sampler.active is None:
+        drawing = (step % self.cfg.interval == 0 and self.sampler.drawn_at != step) or self.sampler.active is None
+        if drawing:
             self.sampler.draw(step)
         if self.sampler.active != self.applied:
             self._apply(self.sampler.active, updater)
+        if drawing:
+            self.write_summary()
 
     def _apply(self, active: list[int], updater: Updater) -> None:
         leaving = [i for i in self.applied if i not in active]
@@ -272,7 +272,6 @@ class LayerSamplingStrategy(Strategy):
             for param in self.layer_params[index]:
                 param.requires_grad_(True)
         self.applied = list(active)
-        self.write_summary()
 
     def step_metrics(self) -> dict[str, Any]:
         metrics: dict[str, Any] = {"active_layers": list(self.applied)}
