@@ -247,8 +247,8 @@ def estimate(strategy: str, arch: Architecture, settings: Settings, workload: Wo
     p = _parts(strategy, arch, settings, workload)
     kept_acts, working = activation_bytes(arch, workload, p.trained_from_layer)
     logits = logits_bytes(arch, workload)
-    # checkpointing: the logits' backward finishes before any layer is recomputed
-    act_overhead = max(working - logits, 0) if workload.gradient_checkpointing else working
+    # the logits' backward finishes before any layer's backward (or recompute) starts
+    act_overhead = max(working - logits, 0)
     held = p.dense_grads + p.accumulators
     moments: list[tuple[str, dict[str, int]]] = [
         ("backward", {"gradients": held, "optimizer": p.optimizer, "projectors": p.projectors,

@@ -1,0 +1,107 @@
+"""`lowmem-tune plan`: answers, errors, JSON schema, profiles, and how estimates scale."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from lowmem_tune.cli import main
+from lowmem_tune.planner.architecture import resolve_architecture
+from lowmem_tune.planner.estimate import COMPONENTS, Settings, Workload, estimate
+from lowmem_tune.profile import load_profile
+
+STRATEGIES = ("full", "adamw8bit", "galore", "fira", "lisa", "owlore")
+
+
+def _plan(*args: str):
+    return CliRunner().invoke(main, ["plan", *args])
+
+
+def _one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_gpu_auto_without_gpu_suggests_a_preset(monkeypatch):
+    import pynvml
+
+    def no_driver():
+        raise pynvml.NVMLError_DriverNotLoaded()
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_driver)
+    _one_line_error(_plan("--model", "llama-2-7b", "--gpu", "auto"), "--gpu rtx4090", "--gpu 24GiB")
+
+
+def test_unknown_model_lists_close_matches():
+    _one_line_error(_plan("--model", "llama-2-7c", "--gpu", "rtx4090"), "llama-2-7b")
+
+
+def test_malformed_size():
+    _one_line_error(_plan("--model", "llama-2-7b", "--gpu", "24GX"), "24GX", "24GiB")
+
+
+def test_bad_profile_key_and_value(tmp_path):
+    bad_key = tmp_path / "key.yaml"
+    bad_key.write_text("strategy: {nmae: galore}\n")
+    _one_line_error(CliRunner().invoke(main, ["run", str(bad_key)]), "strategy.nmae", "name")
+    bad_value = tmp_path / "value.yaml"
+    bad_value.write_text("strategy: {name: galroe}\n")
+    _one_line_error(CliRunner().invoke(main, ["run", str(bad_value)]), "strategy.name", "galore")
+
+
+def test_7b_on_a_4090_json_schema_and_verdicts():
+    result = _plan("--model", "llama-2-7b", "--gpu", "rtx4090", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert set(report["model"]) >= {"name", "params", "layers", "hidden_size", "vocab_size"}
+    assert report["model"]["params"] == 6_738_415_616
+    assert set(report["gpu"]) >= {"name", "total_bytes", "usable_bytes", "source"} and report["gpu"]["source"] == "preset"
+    assert set(report["workload"]) >= {"seq_len", "micro_batch_size", "gradient_checkpointing", "dtype"}
+    for candidate in report["candidates"]:
+        assert set(candidate) >= {"strategy", "settings", "fits", "memory"}
+        assert set(candidate["memory"]) == {*COMPONENTS, "total"}
+        assert candidate["memory"]["total"] == sum(candidate["memory"][k] for k in COMPONENTS)
+        assert candidate["fits"] == (candidate["memory"]["total"] <= report["gpu"]["usable_bytes"])
+    by_name = {c["strategy"]: c for c in report["candidates"]}
+    assert by_name["full"]["fits"] is False  # bf16 AdamW: ~4 bytes x 2 per parameter
+    assert report["chosen"]["strategy"] in by_name and report["chosen"]["memory"]["total"] <= report["gpu"]["usable_bytes"]
+    assert "verify" not in report
+
+
+def test_output_profile_is_loadable(tmp_path):
+    out = tmp_path / "plan.yaml"
+    result = _plan("--model", "demo-llama", "--gpu", "16GiB", "--strategy", "galore", "--seq-len", "256", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    profile = load_profile(out)
+    assert profile.strategy.name == "galore" and profile.data.max_seq_len == 256
+    assert profile.hardware.gpu == "16GiB"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_estimates_grow_with_sequence_length_and_batch(strategy, checkpointing):
+    arch = resolve_architecture("llama-2-7b")
+
+    def total(seq_len: int, batch: int) -> int:
+        return estimate(strategy, arch, Settings(), Workload(seq_len, batch, checkpointing)).total
+
+    assert total(256, 1) < total(1024, 1) < total(4096, 1)
+    assert total(512, 1) < total(512, 4) < total(512, 16)
+
+
+def test_checkpointing_and_low_rank_save_memory():
+    arch = resolve_architecture("llama-2-7b")
+    w = Workload(2048, 4, False)
+    no_ckpt = estimate("adamw8bit", arch, Settings(), w)
+    ckpt = estimate("adamw8bit", arch, Settings(), Workload(2048, 4, True))
+    assert ckpt.memory["activations"] < no_ckpt.memory["activations"]
+    full = estimate("full", arch, Settings(), w)
+    assert full.memory["optimizer"] == 2 * full.memory["weights"]  # two bf16 moments per weight
+    galore = estimate("galore", arch, Settings(rank=128), w)
+    assert galore.memory["optimizer"] < no_ckpt.memory["optimizer"] / 10

@@ -1,0 +1,38 @@
+"""The analytic totals agree with the peak measured on fake tensors (small config)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lowmem_tune.planner.architecture import resolve_architecture
+from lowmem_tune.planner.estimate import Settings, Workload, estimate
+from lowmem_tune.planner.verify import verify_profile
+from lowmem_tune.profile import profile_from_dict
+
+
+@pytest.mark.parametrize("strategy, checkpointing", [("full", True), ("adamw8bit", False), ("galore", True)])
+def test_analytic_total_within_5_percent_of_fake_peak(strategy, checkpointing):
+    seq_len, batch = 128, 2
+    profile = profile_from_dict({
+        "model": {"name": "demo-llama", "init": "random", "dtype": "bfloat16"},
+        "strategy": {"name": strategy},
+        "train": {"micro_batch_size": batch, "gradient_accumulation": 2, "activation_checkpointing": checkpointing},
+        "data": {"max_seq_len": seq_len},
+    })
+    measured = verify_profile(profile)
+    analytic = estimate(strategy, resolve_architecture("demo-llama"), Settings(rank=profile.strategy.rank),
+                        Workload(seq_len, batch, checkpointing))
+    assert measured.peak_bytes > 0 and measured.by_category["weights"] > 0
+    assert abs(analytic.total / measured.peak_bytes - 1) < 0.05, (analytic.memory, measured.by_category)
+
+
+def test_unregistered_strategy_says_so():
+    from lowmem_tune.errors import UserError
+    from lowmem_tune.strategies import _REGISTRY
+
+    missing = [name for name in ("welore", "lisa", "owlore", "fira") if name not in _REGISTRY]
+    if not missing:
+        pytest.skip("every strategy is registered in this build")
+    profile = profile_from_dict({"model": {"name": "tiny-llama"}, "strategy": {"name": missing[0]}})
+    with pytest.raises(UserError, match="not available yet"):
+        verify_profile(profile)
