@@ -90,7 +90,7 @@ def test_dashboard_renders_a_scripted_stream():
             assert "sampling probability (max 0.300)" in strategy
             memory = text_of(app.query_one(MemoryPanel))
             assert "RSS   1.00 GiB" in memory
-            assert "2.00 GiB predicted peak · measured peak is 50% of it" in memory
+            assert "plan  2.00 GiB peak · measured 50% of it" in memory
 
             feed.emit(step(6, active=[0, 3]))
             feed.emit(EvalLoss(step=6, eval_loss=2.2))

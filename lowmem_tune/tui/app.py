@@ -1,12 +1,13 @@
 """The dashboard app: polls a feed at a bounded rate, folds events into a `RunState`, redraws.
 
 Training never waits on the UI: the live feed's `emit` only enqueues, and this app drains the
-queue from a timer, so however fast steps come the screen redraws at most `REFRESH_HZ` times a
-second. Keys go back to training through `RunControl` flags that the loop polls between steps.
+queue from a timer, so however fast steps come the panels redraw at most `REFRESH_HZ` times a
+second, and the loss chart (most of the screen) at most `CHART_HZ`. Keys go back to training through `RunControl` flags that the loop polls between steps.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from textual.app import App, ComposeResult
@@ -22,6 +23,7 @@ from lowmem_tune.tui.state import RunState
 from lowmem_tune.tui.widgets import (
     EventLog,
     HeaderBar,
+    LossChart,
     LossPanel,
     MemoryPanel,
     ProgressPanel,
@@ -30,7 +32,8 @@ from lowmem_tune.tui.widgets import (
     log_line,
 )
 
-REFRESH_HZ = 5
+REFRESH_HZ = 4
+CHART_HZ = 1
 GPU_POLL_S = 1.0
 
 class HelpScreen(ModalScreen[None]):
@@ -48,7 +51,7 @@ class HelpScreen(ModalScreen[None]):
 class DashboardApp(App[None]):
     """The dashboard of a run in this process: keys reach the training loop through `control`."""
 
-    CSS_PATH = "dashboard.tcss"
+    CSS_PATH = Path(__file__).with_name("dashboard.tcss")  # absolute, so subclasses elsewhere find it
     TITLE = "lowmem-tune"
     ENABLE_COMMAND_PALETTE = False
     BINDINGS = [
@@ -82,6 +85,7 @@ The run directory keeps everything shown here: watch it from another terminal wi
         self.state = RunState()
         self.gpu: GpuStats | None = None
         self.stopping = False
+        self.chart_stale = False
 
     def compose(self) -> ComposeResult:
         yield HeaderBar(id="header")
@@ -104,6 +108,7 @@ The run directory keeps everything shown here: watch it from another terminal wi
         self.begin_capture_print(self.query_one(EventLog))
         self._redraw()
         self.set_interval(1 / REFRESH_HZ, self.pull_events)
+        self.set_interval(1 / CHART_HZ, self.redraw_chart)
         if self.gpu_stats is not None:
             self.set_interval(GPU_POLL_S, self.poll_gpu)
 
@@ -122,11 +127,17 @@ The run directory keeps everything shown here: watch it from another terminal wi
             if line is not None:
                 log.write(line)
         if events:
+            self.chart_stale = True
             self._redraw()
         if self.state.finished is not None and (self.stopping or self.exit_on_finish):
             self.exit()
         elif self.feed.closed and self.state.finished is None:
             self.exit()  # the training thread ended without finishing: its error is raised after the app
+
+    def redraw_chart(self) -> None:
+        if self.chart_stale:
+            self.chart_stale = False
+            self.query_one(LossChart).refresh()
 
     def poll_gpu(self) -> None:
         started = self.state.started

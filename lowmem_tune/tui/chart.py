@@ -104,15 +104,17 @@ def render_line_chart(
         else:
             label = ""
         text.append(f"{label:>{_LABEL_WIDTH - 1}}┤" if label else " " * (_LABEL_WIDTH - 1) + "│", style="dim")
-        for column in range(plot_width):
-            line_bits, dot_bits = line_canvas.cells[row][column], dot_canvas.cells[row][column]
-            if dot_bits:
-                text.append(chr(0x2800 | dot_bits | line_bits), style=dot_style)
-            elif line_bits:
-                text.append(chr(0x2800 | line_bits), style=line_style)
-            else:
-                text.append(" ")
-        text.append("\n")
+        # One append per run of same-styled cells: far fewer segments for the terminal to draw.
+        run_chars: list[str] = []
+        run_style = ""
+        for line_bits, dot_bits in zip(line_canvas.cells[row], dot_canvas.cells[row]):
+            style = dot_style if dot_bits else line_style if line_bits else ""
+            if style != run_style and run_chars:
+                text.append("".join(run_chars), style=run_style)
+                run_chars = []
+            run_style = style
+            run_chars.append(chr(0x2800 | dot_bits | line_bits) if style else " ")
+        text.append("".join(run_chars) + "\n", style=run_style)
     first, last = f"{x_lo:g}", f"{max(xs):g}"
     gap = max(plot_width - len(first) - len(last), 1)
     text.append(" " * _LABEL_WIDTH + first + " " * gap + last, style="dim")

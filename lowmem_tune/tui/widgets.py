@@ -60,7 +60,19 @@ def meter(fraction: float, width: int, mark: float | None = None) -> Text:
     return Text.assemble(*cells)
 
 
-class HeaderBar(Static):
+class Panel(Static):
+    """A Static that asks for a new layout only when its number of lines changes: re-laying out
+    the whole screen on every refresh would cost more than drawing it."""
+
+    _lines = -1
+
+    def show_text(self, text: Text) -> None:
+        lines = len(text.plain.splitlines())
+        self.update(text, layout=lines != self._lines)
+        self._lines = lines
+
+
+class HeaderBar(Panel):
     def show(self, state: RunState, status: str) -> None:
         text = Text.assemble(("lowmem-tune", "bold"), "  ")
         started = state.started
@@ -68,7 +80,7 @@ class HeaderBar(Static):
             device = started.device + (f" ({started.gpu_name})" if started.gpu_name else "")
             text.append(f"{started.model} · {started.strategy} · {device} · {started.run_dir}  ")
         text.append(f" {status} ", style=f"reverse {STATUS_STYLES.get(status, '')}")
-        self.update(text)
+        self.show_text(text)
 
 
 class LossChart(Widget):
@@ -90,10 +102,9 @@ class LossPanel(Vertical):
 
     def compose(self) -> ComposeResult:
         yield LossChart(self.state, id="loss-chart")
-        yield Static(id="loss-summary")
+        yield Panel(id="loss-summary")
 
     def show(self, state: RunState) -> None:
-        self.query_one(LossChart).refresh()
         m = state.metrics
         parts = [("train ", "cyan"), (_value(state.train_loss.last), "bold")]
         if state.train_loss.minimum is not None:
@@ -105,7 +116,7 @@ class LossPanel(Vertical):
             parts.append(f"   lr {m['lr']:.2e}")
         if m.get("grad_norm") is not None:
             parts.append(f"   grad norm {_value(m['grad_norm'])}")
-        self.query_one("#loss-summary", Static).update(Text.assemble(*parts))
+        self.query_one("#loss-summary", Panel).show_text(Text.assemble(*parts))
 
 
 def _value(value: float | None) -> str:
@@ -114,9 +125,9 @@ def _value(value: float | None) -> str:
 
 class ProgressPanel(Vertical):
     def compose(self) -> ComposeResult:
-        yield Static(id="progress-steps")
+        yield Panel(id="progress-steps")
         yield ProgressBar(show_eta=False, id="progress-bar")
-        yield Static(id="progress-times")
+        yield Panel(id="progress-times")
 
     def show(self, state: RunState) -> None:
         m = state.metrics
@@ -125,26 +136,26 @@ class ProgressPanel(Vertical):
         line = Text.assemble("step ", (f"{step}", "bold"), f" / {total or '—'}")
         if m.get("epoch") is not None:
             line.append(f"   epoch {m['epoch']:.2f}")
-        self.query_one("#progress-steps", Static).update(line)
+        self.query_one("#progress-steps", Panel).show_text(line)
         self.query_one(ProgressBar).update(total=total, progress=step)
         eta = None if state.finished else m.get("eta_s")
-        self.query_one("#progress-times", Static).update(
-            f"elapsed {format_duration(m.get('elapsed_s'))}   ETA {format_duration(eta)}")
+        self.query_one("#progress-times", Panel).show_text(
+            Text(f"elapsed {format_duration(m.get('elapsed_s'))}   ETA {format_duration(eta)}"))
 
 
 class ThroughputPanel(Vertical):
     def compose(self) -> ComposeResult:
         yield Sparkline([], summary_function=lambda values: sum(values) / len(values), id="throughput-spark")
-        yield Static(id="throughput-text")
+        yield Panel(id="throughput-text")
 
     def show(self, state: RunState) -> None:
         self.query_one(Sparkline).data = list(state.tokens_per_s)
         now = state.tokens_per_s[-1] if state.tokens_per_s else None
-        self.query_one("#throughput-text", Static).update(Text.assemble(
+        self.query_one("#throughput-text", Panel).show_text(Text.assemble(
             (format_rate(now), "bold"), " tok/s now   ", (format_rate(state.mean_tokens_per_s), "bold"), " mean"))
 
 
-class MemoryPanel(Static):
+class MemoryPanel(Panel):
     """GPU memory from NVML (what nvidia-smi shows), torch's allocated and peak, or the process
     RSS on CPU, against the plan's predicted peak."""
 
@@ -171,19 +182,19 @@ class MemoryPanel(Static):
             lines.append(Text(f"RSS   {format_bytes(m['rss'])} (process, CPU)"))
         if planned:
             measured = m.get("cuda_peak") or m.get("rss")
-            share = f" · measured peak is {measured / planned:.0%} of it" if measured else ""
-            lines.append(Text.assemble(("plan  ", "yellow"), f"{format_bytes(planned)} predicted peak{share}"))
-        self.update(Text("\n").join(lines) if lines else Text("waiting for the first step…", style="dim"))
+            share = f" · measured {measured / planned:.0%} of it" if measured else ""
+            lines.append(Text.assemble(("plan  ", "yellow"), f"{format_bytes(planned)} peak{share}"))
+        self.show_text(Text("\n").join(lines) if lines else Text("waiting for the first step…", style="dim"))
 
 
-class StrategyPanel(Static):
+class StrategyPanel(Panel):
     """The method's live state. Reads `RunStarted.strategy_info` (the strategy's describe()) and
     the strategy fields of each metrics line: `active_layers` (LISA, OwLore), `next_refresh` (GaLore,
     Fira), and describe()'s `layers` (one dict per decoder layer with its sampling `probability`)."""
 
     def show(self, state: RunState) -> None:
         if state.started is None:
-            self.update(Text("waiting for the run to start…", style="dim"))
+            self.show_text(Text("waiting for the run to start…", style="dim"))
             return
         info, m = state.started.strategy_info, state.metrics
         lines = [Text.assemble((str(info.get("name", state.started.strategy)), "bold"), "  ",
@@ -205,7 +216,7 @@ class StrategyPanel(Static):
         if probabilities:
             lines.append(Text.assemble("p      ", (block_strip(probabilities), "yellow"),
                                        f"  sampling probability (max {max(probabilities):.3f})"))
-        self.update(Text("\n").join(lines))
+        self.show_text(Text("\n").join(lines))
 
 
 def _scalar(value: Any) -> str:
