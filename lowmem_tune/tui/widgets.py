@@ -189,8 +189,9 @@ class MemoryPanel(Panel):
 
 class StrategyPanel(Panel):
     """The method's live state. Reads `RunStarted.strategy_info` (the strategy's describe()) and
-    the strategy fields of each metrics line: `active_layers` (LISA, OwLore), `next_refresh` (GaLore,
-    Fira), and describe()'s `layers` (one dict per decoder layer with its sampling `probability`)."""
+    the strategy fields of each metrics line: `active_layers` (LISA, OwLore), `next_refresh_in` and
+    `projectors_refreshed` (GaLore, Fira), describe()'s `layers` (one dict per decoder layer with its
+    sampling `probability`) and WeLore's `lrc` / `n_lrc` / reduction figures."""
 
     def show(self, state: RunState) -> None:
         if state.started is None:
@@ -200,9 +201,15 @@ class StrategyPanel(Panel):
         lines = [Text.assemble((str(info.get("name", state.started.strategy)), "bold"), "  ",
                                ("  ".join(f"{k} {_scalar(v)}" for k, v in info.items()
                                           if k != "name" and not isinstance(v, (list, dict))), "dim"))]
-        if m.get("next_refresh") is not None and m.get("step") is not None:
-            lines.append(Text(f"next subspace refresh at step {m['next_refresh']} "
-                              f"(in {m['next_refresh'] - m['step']} steps)"))
+        if m.get("next_refresh_in") is not None:
+            refreshed = m.get("projectors_refreshed") or 0
+            lines.append(Text.assemble("next subspace refresh in ", (f"{m['next_refresh_in']}", "bold"), " steps",
+                                       f"   ({refreshed} projectors refreshed last step)" if refreshed else ""))
+        if "lrc" in info:
+            lines.append(Text.assemble(
+                ("LRC ", "bold"), f"{info['lrc']} low-rank matrices · N-LRC {info.get('n_lrc', '—')} · rank reduction ",
+                (f"{info.get('rank_reduction_achieved', 0):.0%}", "bold"),
+                f" · decoder parameters −{info.get('decoder_parameter_reduction', 0):.0%}"))
         num_layers = state.started.num_layers
         active = m.get("active_layers")
         if active is not None and num_layers:
