@@ -25,14 +25,3 @@ def test_analytic_total_within_5_percent_of_fake_peak(strategy, checkpointing):
     assert measured.peak_bytes > 0 and measured.by_category["weights"] > 0
     assert abs(analytic.total / measured.peak_bytes - 1) < 0.05, (analytic.memory, measured.by_category)
 
-
-def test_unregistered_strategy_says_so():
-    from lowmem_tune.errors import UserError
-    from lowmem_tune.strategies import _REGISTRY
-
-    missing = [name for name in ("welore", "lisa", "owlore", "fira") if name not in _REGISTRY]
-    if not missing:
-        pytest.skip("every strategy is registered in this build")
-    profile = profile_from_dict({"model": {"name": "tiny-llama"}, "strategy": {"name": missing[0]}})
-    with pytest.raises(UserError, match="not available yet"):
-        verify_profile(profile)
