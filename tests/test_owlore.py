@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -19,7 +20,8 @@ from lowmem_tune.strategies.outliers import (
     DEFAULT_THRESHOLD,
     compute_outlier_ratios,
     input_column_norms,
-    layer_outlier_ratios,
+    OutlierRatios,
+    layer_outlier_counts,
     random_token_batches,
     sampling_probabilities,
 )
@@ -57,16 +59,15 @@ def test_planted_outliers_rank_that_layer_first():
         assert int(ratios.argmax()) == 3, (threshold, result.ratios)
         others = torch.cat([ratios[:3], ratios[4:]])
         assert ratios[3] > 2 * others.max()
-        probabilities, uniform = sampling_probabilities(result.ratios)
-        assert not uniform and max(probabilities) == probabilities[3]
+        probabilities = sampling_probabilities(result)
+        assert max(probabilities) == probabilities[3]
 
 
 def test_unplanted_random_model_has_no_outliers_at_the_default_threshold():
     """Random weights have no heavy tails: at M = 13 no score passes, and the sampler goes uniform."""
     result, _ = compute_outlier_ratios(tiny_llama(), calibration(), DEFAULT_THRESHOLD, "test")
     assert result.ratios == [0.0] * LAYERS
-    probabilities, uniform = sampling_probabilities(result.ratios)
-    assert uniform and probabilities == [1 / LAYERS] * LAYERS
+    assert sampling_probabilities(result) == pytest.approx([1 / LAYERS] * LAYERS, abs=1e-15)
 
 
 def test_column_norms_match_the_layer_inputs():
@@ -87,21 +88,35 @@ def test_column_norms_match_the_layer_inputs():
 def test_ratio_counts_scores_of_all_projections_together():
     model = tiny_llama()
     norms = input_column_norms(model, calibration())
-    ratios = layer_outlier_ratios(model, norms, threshold=3.0)
+    outliers, weights = layer_outlier_counts(model, norms, threshold=3.0)
     for index, block in enumerate(decoder_layers(model)):
         scores = torch.cat([(lin.weight.detach().abs() * norms[(index, name)]).flatten()
                             for name, lin in layer_linears(block).items()])
         above = int((scores > 3.0 * scores.double().mean()).sum())
-        assert above > 0 and round(ratios[index] * scores.numel()) == above
+        assert above > 0 and outliers[index] == above and weights[index] == scores.numel()
+
+
+def _counts(outliers: list[int], weights: int = 998) -> OutlierRatios:
+    return OutlierRatios(outliers, [weights] * len(outliers), 13.0, "test", 0, "")
+
+
+def test_probabilities_follow_smoothed_outlier_shares():
+    """p_l ∝ (outliers + 1) / (weights + 2): proportional to D_l when counts are large,
+    never zero for a layer where no outlier was seen."""
+    large = sampling_probabilities(_counts([9999, 19999, 39999], weights=10**7))
+    assert large == pytest.approx([1 / 7, 2 / 7, 4 / 7], rel=1e-12)
+    few = sampling_probabilities(_counts([0, 1, 7]))
+    assert few == pytest.approx([1 / 11, 2 / 11, 8 / 11], rel=1e-12)
+    assert sampling_probabilities(_counts([0, 0, 0, 0])) == [0.25] * 4
 
 
 def test_temperature_flattens_probabilities():
-    ratios = [0.01, 0.02, 0.04, 0.08]
-    sharp, _ = sampling_probabilities(ratios, temperature=1.0)
-    flat, _ = sampling_probabilities(ratios, temperature=4.0)
-    assert sharp[3] / sharp[0] == torch.tensor(8.0).item()
-    assert flat[3] / flat[0] < sharp[3] / sharp[0]
-    assert abs(sum(flat) - 1) < 1e-12
+    counts = _counts([9, 19, 39, 79])
+    sharp = sampling_probabilities(counts, temperature=1.0)
+    flat = sampling_probabilities(counts, temperature=4.0)
+    assert sharp[3] / sharp[0] == pytest.approx(8.0)
+    assert flat[3] / flat[0] == pytest.approx(8.0 ** 0.25)
+    assert sum(flat) == pytest.approx(1.0)
 
 
 def test_ratios_are_cached_per_model_calibration_and_threshold(tmp_path):

@@ -285,6 +285,7 @@ class LayerSamplingStrategy(Strategy):
             {
                 "layer": i,
                 "outlier_ratio": None if ratios is None else ratios.ratios[i],
+                "outliers": None if ratios is None else ratios.outliers[i],
                 "probability": p,
                 "times_sampled": self.sampler.counts[i],
             }
@@ -345,11 +346,11 @@ class OwLore(LayerSamplingStrategy):
         batches, source = self.calibration(model, ctx)
         ratios, hit = compute_outlier_ratios(model, batches, self.cfg.outlier_threshold, source,
                                              ctx.model_id, ctx.cache_dir)
-        probabilities, uniform = sampling_probabilities(ratios.ratios, self.cfg.temperature)
+        probabilities = sampling_probabilities(ratios, self.cfg.temperature)
         notes = []
         if hit:
             notes.append("owlore: outlier ratios read from the cache")
-        if uniform:
+        if not any(ratios.outliers):
             notes.append(f"owlore: no layer has a Wanda score above {ratios.threshold:g} x its mean "
                          "(random weights?); sampling layers uniformly, as LISA")
         return LayerChoice(probabilities, ratios, "; ".join(notes))

@@ -9,8 +9,8 @@ Default M = 13. OwLore's published LLaMA-2-7B ratios (the numbers behind its res
 use. Layers differ mainly in how heavy the tail of their score distribution is, and the share above
 a threshold separates heavy from light tails more the further out the threshold sits, so a higher
 M gives sharper, more informative sampling probabilities. The cost is that scores from random
-weights (no trained outliers) rarely pass 13 × mean; when no layer has any outlier the sampler
-falls back to uniform and says so.
+weights (no trained outliers) rarely pass 13 × mean; the probabilities are smoothed (see
+`sampling_probabilities`) so few or no outliers give near-uniform sampling, never p = 0.
 
 Calibration defaults: 32 sequences × 256 tokens (8192 tokens). Collecting the norms is one
 no-grad forward pass; on a 7B model in bf16 that adds at most ~0.2 GB of activations on top of the
@@ -40,15 +40,23 @@ RANDOM_TOKENS_NOTE = "random token ids (no tokenizer for this model)"
 
 @dataclass
 class OutlierRatios:
-    """D_l per decoder layer, with what they were computed from."""
+    """Outlier counts per decoder layer, with what they were computed from."""
 
-    ratios: list[float]
+    outliers: list[int]
+    """Scores above threshold x the layer's mean, per layer."""
+    weights: list[int]
+    """Scored weights per layer (all its linear projections)."""
     threshold: float
     calibration: str
     """Where the calibration tokens came from (for humans)."""
     tokens: int
     calibration_hash: str
     """sha256 of the calibration token ids: part of the cache key."""
+
+    @property
+    def ratios(self) -> list[float]:
+        """D_l: the share of the layer's weights that are outliers."""
+        return [o / w for o, w in zip(self.outliers, self.weights)]
 
 
 # --------------------------------------------------------------------------- computing
@@ -91,13 +99,15 @@ def input_column_norms(model: nn.Module, batches: Iterable[torch.Tensor]) -> dic
 
 
 @torch.no_grad()
-def layer_outlier_ratios(model: nn.Module, norms: dict[tuple[int, str], torch.Tensor], threshold: float) -> list[float]:
-    """D_l: share of Wanda scores |W_ij|·‖X_j‖ above threshold × the layer's mean score.
+def layer_outlier_counts(model: nn.Module, norms: dict[tuple[int, str], torch.Tensor],
+                         threshold: float) -> tuple[list[int], list[int]]:
+    """Per layer: how many Wanda scores |W_ij|·‖X_j‖ exceed threshold × the layer's mean score,
+    and how many weights were scored.
 
     Two passes over the layer's projections (sum, then count) so only one projection's scores
     exist at a time, never the concatenation of all seven.
     """
-    ratios = []
+    outliers, weights = [], []
     for index, layer in enumerate(decoder_layers(model)):
         linears = layer_linears(layer)
 
@@ -107,17 +117,23 @@ def layer_outlier_ratios(model: nn.Module, norms: dict[tuple[int, str], torch.Te
         total = sum(scores(name).sum().item() for name in linears)
         count = sum(linears[name].weight.numel() for name in linears)
         cut = threshold * total / count
-        above = sum((scores(name) > cut).sum().item() for name in linears)
-        ratios.append(above / count)
-    return ratios
+        outliers.append(int(sum((scores(name) > cut).sum().item() for name in linears)))
+        weights.append(count)
+    return outliers, weights
 
 
-def sampling_probabilities(ratios: list[float], temperature: float = 1.0) -> tuple[list[float], bool]:
-    """p_l ∝ D_l^(1/temperature); uniform when no layer has an outlier. Returns (p, fell_back)."""
-    weights = torch.tensor(ratios, dtype=torch.float64).clamp_min(0) ** (1.0 / temperature)
-    if weights.sum() <= 0:
-        return [1.0 / len(ratios)] * len(ratios), True
-    return (weights / weights.sum()).tolist(), False
+def sampling_probabilities(result: OutlierRatios, temperature: float = 1.0) -> list[float]:
+    """p_l ∝ D̂_l^(1/temperature) with D̂_l = (outliers_l + 1) / (weights_l + 2).
+
+    D̂ is the posterior mean of the outlier share under a uniform prior (add-one smoothing). On a
+    pretrained 7B model every layer has tens of thousands of outliers at M = 13 and the +1 moves
+    p_l by less than 1e-4; on a small model with a handful of outliers it keeps a layer in which
+    none was seen from getting p = 0 (never trained) and three stray weights from claiming most
+    of the samples. With no outliers anywhere (random weights) it is uniform.
+    """
+    shares = [(o + 1) / (w + 2) for o, w in zip(result.outliers, result.weights)]
+    weights = torch.tensor(shares, dtype=torch.float64) ** (1.0 / temperature)
+    return (weights / weights.sum()).tolist()
 
 
 # --------------------------------------------------------------------------- calibration data
@@ -207,8 +223,10 @@ def compute_outlier_ratios(model: nn.Module, batches: list[torch.Tensor], thresh
     if path is not None and (cached := load_cached(path)) is not None:
         return cached, True
     norms = input_column_norms(model, batches)
+    outliers, weights = layer_outlier_counts(model, norms, threshold)
     result = OutlierRatios(
-        ratios=layer_outlier_ratios(model, norms, threshold),
+        outliers=outliers,
+        weights=weights,
         threshold=threshold,
         calibration=calibration,
         tokens=sum(b.numel() for b in batches),
@@ -297,10 +315,10 @@ def inspect_outliers_command(model: str, calibration_file: Path | None, samples:
     batches, source = _calibration_for_inspect(resolved, calibration_file, samples, seq_len)
     model_id = "" if random_weights else weights_identity(resolved.pretrained_path, resolved.local_dir)
     result, hit = compute_outlier_ratios(loaded, batches, threshold, source, model_id, default_cache_dir())
-    probabilities, uniform = sampling_probabilities(result.ratios)
+    probabilities = sampling_probabilities(result)
     title = f"Outlier ratios of {resolved.name}" + (" (random weights)" if random_weights else "")
     console.print(render_outlier_chart(result, probabilities, title))
     if hit:
         console.print("[dim]read from the cache[/dim]")
-    if uniform:
+    if not any(result.outliers):
         console.print(f"no layer has a score above {threshold:g} x its mean: OwLore would sample uniformly (as LISA)")
