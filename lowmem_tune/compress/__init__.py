@@ -20,6 +20,7 @@ from lowmem_tune.compress.ranks import (
     MatrixRank,
     RankPlan,
     assumed_ranks,
+    assumed_ranks_of,
     decoder_matrices,
     plan_from_ranks,
     select_ranks,
@@ -153,8 +154,9 @@ def merge_command(model: str, output: Path) -> None:
 
 
 __all__ = [
-    "LowRankLinear", "MatrixRank", "RankPlan", "assumed_ranks", "cache_dir", "compress_command", "compress_model",
-    "compressed_ranks", "decoder_matrices", "factorize", "install_empty", "load_compressed", "lowrank_modules",
-    "merge_command", "merge_lowrank", "plan_from_ranks", "plan_ranks", "record_plan", "save_compressed",
-    "save_merged", "select_ranks", "singular_values", "weights_fingerprint",
+    "LowRankLinear", "MatrixRank", "RankPlan", "assumed_ranks", "assumed_ranks_of", "cache_dir",
+    "compress_command", "compress_model", "compressed_ranks", "decoder_matrices", "factorize",
+    "install_empty", "load_compressed", "lowrank_modules", "merge_command", "merge_lowrank",
+    "plan_from_ranks", "plan_ranks", "record_plan", "save_compressed", "save_merged", "select_ranks",
+    "singular_values", "weights_fingerprint",
 ]

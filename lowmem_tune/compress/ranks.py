@@ -233,7 +233,11 @@ def assumed_ranks(config, rank_reduction: float, min_ratio: float = 0.5) -> Rank
     """
     from lowmem_tune.modeling import build_empty_model
 
-    model = build_empty_model(config)
+    return assumed_ranks_of(build_empty_model(config), rank_reduction, min_ratio)
+
+
+def assumed_ranks_of(model: nn.Module, rank_reduction: float, min_ratio: float = 0.5) -> RankPlan:
+    """`assumed_ranks` for a model already built (meta or fake tensors: only shapes are read)."""
     layers = decoder_layers(model)
     linears = decoder_matrices(model)
     shapes = {name: (mod.out_features, mod.in_features) for name, mod in linears.items()}

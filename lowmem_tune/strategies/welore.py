@@ -17,7 +17,7 @@ from torch import nn
 from lowmem_tune.catalog import resolve_model
 from lowmem_tune.compress import (
     RankPlan,
-    assumed_ranks,
+    assumed_ranks_of,
     compress_model,
     compressed_ranks,
     install_empty,
@@ -85,7 +85,7 @@ class WeLore(Strategy):
             self.plan = plan_from_ranks(model, recorded, model.config.welore)
             return model
         if ctx.fake:
-            self.plan = assumed_ranks(model.config, self.cfg.rank_reduction, self.cfg.min_ratio)
+            self.plan = assumed_ranks_of(model, self.cfg.rank_reduction, self.cfg.min_ratio)
             install_empty(model, self.plan.lrc_ranks)
             record_plan(model, self.plan)
             return model
