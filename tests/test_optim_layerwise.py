@@ -183,3 +183,43 @@ def test_galore_strategy_builds_a_layerwise_8bit_updater_from_the_profile(tiny, 
     metrics = strategy.step_metrics()
     assert metrics["projectors_refreshed"] == 7 and metrics["next_refresh_in"] == 0
     updater.close()
+
+
+def test_hooks_on_frozen_candidates_work_once_they_are_unfrozen():
+    w = torch.nn.Parameter(torch.randn(32, 16), requires_grad=False)
+    updater = GaLoreUpdater(GaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 10}], lr=1e-3), None)
+    w.requires_grad_(True)
+    for step in range(2):
+        (w.sum() ** 2).backward()
+        absorbed = w.grad is None
+        assert absorbed == (step > 0)  # step 0 keeps the full gradient for the first basis
+        updater.step()
+    assert updater.optimizer.global_step == 2
+
+
+@pytest.mark.parametrize("name,bits", [("galore", 8), ("fira", 32)])
+def test_strategy_runs_under_fake_tensor_mode_with_the_real_state_bytes(name, bits):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForCausalLM
+
+    profile = profile_from_dict({"strategy": {"name": name, "rank": 8, "update_proj_gap": 2, "bits": bits},
+                                 "train": {"gradient_accumulation": 2}})
+    config = resolve_model("tiny-llama").config
+
+    def state_bytes(fake):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        updater = build_strategy(profile).build_updater(
+            model, StrategyContext(device=torch.device("cpu"), dtype=torch.float32, fake=fake))
+        for _ in range(3):
+            for _ in range(2):
+                x = torch.randint(0, 256, (2, 16))
+                (model(input_ids=x, labels=x).loss / 2).backward()
+            updater.set_lr(1e-3)
+            updater.step()
+        return updater.state_bytes()
+
+    real = state_bytes(False)
+    with FakeTensorMode():
+        fake = state_bytes(True)
+    assert fake == real > 0

@@ -52,7 +52,7 @@ class GaLoreUpdater:
         if layerwise:
             for group in optimizer.param_groups:
                 for p in group["params"]:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(optimizer.absorb_grad))
+                    self._hooks.append(_hook_even_if_frozen(p, optimizer.absorb_grad))
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -87,3 +87,15 @@ class GaLoreUpdater:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+
+
+def _hook_even_if_frozen(p: torch.Tensor, hook) -> Any:
+    """torch refuses hooks on tensors without requires_grad; a layer-sampling strategy freezes
+    candidates that it unfreezes later, so register with requires_grad on, then restore it."""
+    frozen = not p.requires_grad
+    if frozen:
+        p.requires_grad_(True)
+    handle = p.register_post_accumulate_grad_hook(hook)
+    if frozen:
+        p.requires_grad_(False)
+    return handle
