@@ -70,18 +70,16 @@ The run directory keeps everything shown here: watch it from another terminal wi
 `lowmem-tune monitor RUN_DIR`."""
 
     def __init__(self, feed: Feed, control: RunControl | None,
-                 gpu_stats: Callable[[int], GpuStats | None] | None = None, gpu_index: int | None = None,
-                 exit_on_finish: bool = False) -> None:
+                 gpu_stats: Callable[[int], GpuStats | None] | None = None, gpu_index: int | None = None) -> None:
         """`control` is None when monitoring (keys cannot reach that run). `gpu_stats(index)` is
-        polled while a CUDA run is live, for `gpu_index` (default: the index in
-        the run's device, cuda:N). `exit_on_finish` closes the app when the run finishes;
-        otherwise it stays up showing the final state until `q`."""
+        polled while a CUDA run is live, for `gpu_index` (default: the index in the run's device,
+        cuda:N). When the run finishes the app stays up showing its final state until `q`, unless
+        the user already asked it to stop."""
         super().__init__()
         self.feed = feed
         self.control = control
         self.gpu_stats = gpu_stats
         self.gpu_index = gpu_index
-        self.exit_on_finish = exit_on_finish
         self.state = RunState()
         self.gpu: GpuStats | None = None
         self.stopping = False
@@ -129,7 +127,7 @@ The run directory keeps everything shown here: watch it from another terminal wi
         if events:
             self.chart_stale = True
             self._redraw()
-        if self.state.finished is not None and (self.stopping or self.exit_on_finish):
+        if self.state.finished is not None and self.stopping:
             self.exit()
         elif self.feed.closed and self.state.finished is None:
             self.exit()  # the training thread ended without finishing: its error is raised after the app
