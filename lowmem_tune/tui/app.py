@@ -32,7 +32,7 @@ from lowmem_tune.tui.widgets import (
     log_line,
 )
 
-REFRESH_HZ = 4
+REFRESH_HZ = 2
 CHART_HZ = 1
 GPU_POLL_S = 1.0
 

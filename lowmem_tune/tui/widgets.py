@@ -61,15 +61,18 @@ def meter(fraction: float, width: int, mark: float | None = None) -> Text:
 
 
 class Panel(Static):
-    """A Static that asks for a new layout only when its number of lines changes: re-laying out
-    the whole screen on every refresh would cost more than drawing it."""
+    """A Static that redraws only when its text changed, and asks for a new layout only when its
+    number of lines changed: re-laying out the whole screen on every refresh costs more than
+    drawing it, and drawing is what the dashboard spends its CPU on."""
 
-    _lines = -1
+    _shown: Text | None = None
 
     def show_text(self, text: Text) -> None:
+        if text == self._shown:
+            return
         lines = len(text.plain.splitlines())
-        self.update(text, layout=lines != self._lines)
-        self._lines = lines
+        self.update(text, layout=self._shown is None or lines != len(self._shown.plain.splitlines()))
+        self._shown = text
 
 
 class HeaderBar(Panel):
