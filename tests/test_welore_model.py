@@ -152,6 +152,8 @@ def test_strategy_trains_only_factors_and_norms_and_saves_a_loadable_final(tmp_p
         {n for n, _ in model.named_parameters() if "norm" in n}
     info = strategy.describe()
     assert info["lrc"] == len(lrc) and info["n_lrc"] == 14 - len(lrc)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    assert info["trainable_parameters"] == info["factor_parameters"] + norms
     assert abs(info["rank_reduction_achieved"] - 0.5) <= 0.005 and info["tau"] is not None
     table = json.loads((tmp_path / "run" / "strategy.json").read_text())
     assert len(table["matrices"]) == 14

@@ -97,6 +97,11 @@ class RankPlan:
         """Weight elements the factorization saves over the dense decoder matrices."""
         return sum(m.out_features * m.in_features - m.parameters for m in self.matrices)
 
+    @property
+    def factor_parameters(self) -> int:
+        """Elements of the LRC factors: what LRC-only training trains, besides the norms."""
+        return sum(m.parameters for m in self.matrices if m.lrc)
+
     def summary(self) -> dict[str, Any]:
         dense = sum(m.out_features * m.in_features for m in self.matrices)
         return {
@@ -109,6 +114,7 @@ class RankPlan:
             "lrc": self.lrc_count,
             "n_lrc": self.nlrc_count,
             "decoder_parameter_reduction": round(self.removed_parameters / dense, 6),
+            "factor_parameters": self.factor_parameters,
         }
 
     def to_dict(self) -> dict[str, Any]:
