@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from lowmem_tune.errors import UserError
 from lowmem_tune.planner.architecture import resolve_architecture
 from lowmem_tune.planner.estimate import Settings, Workload, estimate
 from lowmem_tune.planner.verify import verify_profile
@@ -80,7 +81,13 @@ def main() -> None:
                                                              optimizer=s.optimizer, bits=s.bits, layerwise=s.layerwise),
                                     Workload(seq_len, args.micro_batch, checkpointing))
                 started = time.perf_counter()
-                measured = verify_profile(profile)
+                try:
+                    measured = verify_profile(profile)
+                except UserError as err:  # a strategy that cannot run on fake tensors yet
+                    rows.append({"model": model, "strategy": strategy, "seq_len": seq_len, "error": str(err),
+                                 "analytic_bytes": analytic.total})
+                    print(f"{model:12} {strategy:9} seq {seq_len:5}: {err}", flush=True)
+                    continue
                 row = {"model": model, "strategy": strategy, "seq_len": seq_len, "micro_batch": args.micro_batch,
                        "checkpointing": checkpointing, "analytic_bytes": analytic.total, "analytic_phase": analytic.phase,
                        "fake_peak_bytes": measured.peak_bytes, "fake_peak_at": measured.peak_at,
@@ -96,6 +103,10 @@ def main() -> None:
     lines = ["| model | strategy | seq | analytic GiB | fake-tensor peak GiB | error | CUDA peak GiB | verify s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['strategy']} | {r['seq_len']} | {r['analytic_bytes'] / 2**30:.3f} | "
+                         f"failed: {r['error']} | | | |")
+            continue
         cuda = f"{r['cuda_peak_bytes'] / 2**30:.3f}" if r["cuda_peak_bytes"] else "n/a"
         lines.append(f"| {r['model']} | {r['strategy']} | {r['seq_len']} | {r['analytic_bytes'] / 2**30:.3f} | "
                      f"{r['fake_peak_bytes'] / 2**30:.3f} | {r['relative_error']:+.1%} | {cuda} | {r['verify_seconds']:.0f} |")

@@ -121,7 +121,7 @@ def activation_bytes(arch: Architecture, w: Workload, trained_from_layer: int = 
     Layers below the first trainable one (with frozen embeddings) keep nothing."""
     layers = arch.num_layers - trained_from_layer
     h, d = arch.hidden_size, w.dtype_bytes
-    final_norm = w.tokens * (4 * h + 2 * d * h)
+    final_norm = w.tokens * d * h  # the lm_head's input (measured: the norm's fp32 copy is gone by then)
     if w.gradient_checkpointing:
         kept = layers * w.tokens * d * h + final_norm
         working = layer_activation_bytes(arch, w) + layer_backward_extra_bytes(arch, w)
@@ -250,16 +250,27 @@ def estimate(strategy: str, arch: Architecture, settings: Settings, workload: Wo
     # the logits' backward finishes before any layer's backward (or recompute) starts
     act_overhead = max(working - logits, 0)
     held = p.dense_grads + p.accumulators
+    state = {"optimizer": p.optimizer, "projectors": p.projectors}
+    first_grads = p.dense_grads + (p.galore_full_grads if p.accumulators else 0)
     moments: list[tuple[str, dict[str, int]]] = [
-        ("backward", {"gradients": held, "optimizer": p.optimizer, "projectors": p.projectors,
-                      "activations": kept_acts, "logits": logits, "overhead": act_overhead}),
-        ("optimizer step", {"gradients": held, "optimizer": p.optimizer, "projectors": p.projectors,
-                            "activations": 0, "logits": 0, "overhead": p.step_temp}),
+        ("optimizer step", {"gradients": held, **state, "activations": 0, "logits": 0, "overhead": p.step_temp}),
     ]
-    if p.first_step_full:
-        first_grads = p.dense_grads + (p.galore_full_grads if p.accumulators else 0)
-        moments.append(("first step", {"gradients": first_grads, "optimizer": 0, "projectors": 0,
-                                       "activations": kept_acts, "logits": logits, "overhead": act_overhead}))
+    if workload.gradient_accumulation > 1:
+        # a later micro-batch runs with the gradients (or accumulators) of the earlier ones
+        moments.append(("backward", {"gradients": held, **state, "activations": kept_acts, "logits": logits,
+                                     "overhead": act_overhead}))
+        if p.first_step_full:
+            moments.append(("first step", {"gradients": first_grads, "optimizer": 0, "projectors": 0,
+                                           "activations": kept_acts, "logits": logits, "overhead": act_overhead}))
+    else:
+        # one micro-batch per step: gradients appear only as activations and logits are freed
+        moments.append(("backward start", {"gradients": 0, **state, "activations": kept_acts, "logits": logits,
+                                           "overhead": 0}))
+        moments.append(("backward end", {"gradients": held, **state, "activations": 0, "logits": 0,
+                                         "overhead": working}))
+        if p.first_step_full:
+            moments.append(("first step", {"gradients": first_grads, "optimizer": 0, "projectors": 0,
+                                           "activations": 0, "logits": 0, "overhead": working}))
     phase, parts = max(moments, key=lambda item: sum(item[1].values()))
     memory = {"weights": p.weights, **parts}
     memory = {k: int(memory[k]) for k in COMPONENTS}

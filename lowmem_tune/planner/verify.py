@@ -143,12 +143,12 @@ def verify_profile(profile: Profile, steps: int = 2, micro_batches: int | None =
     keeps between micro-batches is live while the next one runs.
     """
     import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import AutoModelForCausalLM
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
     from lowmem_tune.catalog import resolve_model
-    from lowmem_tune.modeling import enable_activation_checkpointing, resolve_dtype
-    from lowmem_tune.strategies import StrategyContext, build_strategy, trainable_parameters
+    from lowmem_tune.errors import UserError
+    from lowmem_tune.modeling import resolve_dtype
+    from lowmem_tune.strategies import StrategyContext, build_strategy
 
     started = time.perf_counter()
     strategy = build_strategy(profile)  # UserError naming what exists when not built yet
@@ -160,41 +160,58 @@ def verify_profile(profile: Profile, steps: int = 2, micro_batches: int | None =
     tracker = _memory_tracker_class()()
     ctx = StrategyContext(device=torch.device("cpu"), dtype=dtype, model_id=resolved.name, fake=True)
 
-    with _bitsandbytes_maps_outside_fake_mode(), FakeTensorMode(allow_non_fake_inputs=True), tracker:
-        with tracker.phase("weights", "build"):
-            model = AutoModelForCausalLM.from_config(
-                config, dtype=dtype, attn_implementation=profile.model.attn_implementation
-            )
-            model = strategy.prepare_model(model, ctx)
-        if t.activation_checkpointing:
-            enable_activation_checkpointing(model)
-        model.train()
-        head = model.get_output_embeddings()
-        logits_hooks = [
-            head.register_forward_pre_hook(lambda *_: setattr(tracker, "category", "logits")),
-        ]
-        with tracker.phase("optimizer", "build_updater"):
-            updater = strategy.build_updater(model, ctx)
-        ids = torch.randint(0, config.vocab_size, (t.micro_batch_size, profile.data.max_seq_len))
-        for step in range(steps):
-            strategy.on_step_start(step, model, updater)
-            for micro in range(n_micro):
-                label = f"step {step + 1} micro-batch {micro + 1}"
-                with tracker.phase("activations", f"{label} forward"):
-                    loss = model(input_ids=ids, labels=ids).loss
-                with tracker.phase("overhead", f"{label} backward"):
-                    loss.backward()
-                del loss
-                for p in trainable_parameters(model):
-                    if p.grad is not None:
-                        tracker.reclassify(p.grad, "gradients")
-            with tracker.phase("optimizer", f"step {step + 1} optimizer step"):
-                updater.set_lr(t.lr)
-                updater.step()
-        for hook in logits_hooks:
-            hook.remove()
-        updater.close()
-
+    try:
+        with _bitsandbytes_maps_outside_fake_mode(), FakeTensorMode(allow_non_fake_inputs=True), tracker:
+            _run(profile, strategy, config, dtype, ctx, tracker, steps, n_micro)
+    except DataDependentOutputException as err:
+        raise UserError(
+            f"plan --verify: strategy {profile.strategy.name!r} reads tensor values ({err.func}) while running on fake "
+            "tensors; its code must skip value-dependent work when StrategyContext.fake is set"
+        ) from None
     by_category = {c: int(tracker.peak_by_category.get(c, 0)) for c in CATEGORIES}
     return VerifyResult(int(tracker.peak), by_category, tracker.peak_at, time.perf_counter() - started,
                         steps, n_micro)
+
+
+def _run(profile: Profile, strategy, config, dtype, ctx, tracker, steps: int, n_micro: int) -> None:
+    """The training loop's calls, once the model exists: forward, backward, set_lr, step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_tune.modeling import enable_activation_checkpointing
+    from lowmem_tune.strategies import trainable_parameters
+
+    t = profile.train
+    with tracker.phase("weights", "build"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=profile.model.attn_implementation
+        )
+        model = strategy.prepare_model(model, ctx)
+    if t.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    model.train()
+    head = model.get_output_embeddings()
+    logits_hooks = [
+        head.register_forward_pre_hook(lambda *_: setattr(tracker, "category", "logits")),
+    ]
+    with tracker.phase("optimizer", "build_updater"):
+        updater = strategy.build_updater(model, ctx)
+    ids = torch.randint(0, config.vocab_size, (t.micro_batch_size, profile.data.max_seq_len))
+    for step in range(steps):
+        strategy.on_step_start(step, model, updater)
+        for micro in range(n_micro):
+            label = f"step {step + 1} micro-batch {micro + 1}"
+            with tracker.phase("activations", f"{label} forward"):
+                loss = model(input_ids=ids, labels=ids).loss
+            with tracker.phase("overhead", f"{label} backward"):
+                loss.backward()
+            del loss
+            for p in trainable_parameters(model):
+                if p.grad is not None:
+                    tracker.reclassify(p.grad, "gradients")
+        with tracker.phase("optimizer", f"step {step + 1} optimizer step"):
+            updater.set_lr(t.lr)
+            updater.step()
+    for hook in logits_hooks:
+        hook.remove()
+    updater.close()
