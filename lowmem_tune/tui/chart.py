@@ -51,9 +51,9 @@ def _column_means(points: list[tuple[float, float]], to_column) -> list[tuple[in
 
 
 def format_value(value: float) -> str:
-    if value == 0 or 0.01 <= abs(value) < 10_000:
+    if value == 0 or 0.01 <= abs(value) < 1000:
         return f"{value:.3f}"
-    return f"{value:.2e}"
+    return f"{value:.1e}"  # 7 characters, like the fixed-point labels
 
 
 def render_line_chart(
