@@ -1,7 +1,7 @@
 """`synthetic-boolq`: a generated, deterministic, learnable yes/no task in BoolQ's schema.
 
-Each passage states how many items two coloured boxes hold; the question asks whether one holds
-more (or fewer) than the other. A small model trained from scratch learns it in a few hundred
+Each passage states how many items two coloured boxes hold; the question asks whether the first holds
+more than the second. A small model trained from scratch learns it in a few hundred
 steps, so the demo and the tests can show accuracy rising from chance.
 
 Train and validation are disjoint by construction: an item's split is decided by a hash of its
@@ -30,11 +30,11 @@ def _draw(rng: random.Random) -> dict[str, object]:
     item = rng.choice(ITEMS)
     n_first, n_second = rng.sample(range(1, MAX_COUNT + 1), 2)
     passage = f"The {first} box holds {n_first} {item}. The {second} box holds {n_second} {item}."
-    asked, other = (first, second) if rng.random() < 0.5 else (second, first)
-    counts = {first: n_first, second: n_second}
-    relation = rng.choice(("more", "fewer"))
-    question = f"does the {asked} box hold {relation} {item} than the {other} box"
-    answer = counts[asked] > counts[other] if relation == "more" else counts[asked] < counts[other]
+    # The question asks about the boxes in the order the passage states them, always "more":
+    # comparing two numbers is learnable from scratch in a hundred steps; looking the colours up,
+    # or flipping the answer for "fewer", kept a 1M-parameter model at chance for 300 steps.
+    question = f"does the {first} box hold more {item} than the {second} box"
+    answer = n_first > n_second
     return {"question": question, "passage": passage, "answer": answer}
 
 

@@ -14,7 +14,9 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
 def train_local_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `texts`: spaces survive decoding, any text encodes."""
+    """A byte-level BPE tokenizer trained on `texts`: spaces survive decoding. With room for them
+    (a vocabulary of 384 or more) all 256 bytes are in the alphabet, so any text encodes; smaller
+    vocabularies keep only the characters the texts use."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -23,7 +25,7 @@ def train_local_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTo
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if vocab_size >= 384 else [],
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)

@@ -10,17 +10,16 @@ from lowmem_tune.strategies.galore import Fira, GaLore
 from lowmem_tune.strategies.layer_sampling import LISA, OwLore
 from lowmem_tune.strategies.welore import WeLore
 
-_REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (FullAdamW, AdamW8bit)}
-_REGISTRY.update({cls.name: cls for cls in (LISA, OwLore)})
-_REGISTRY.update({cls.name: cls for cls in (GaLore, Fira)})
-_REGISTRY[WeLore.name] = WeLore
+_REGISTRY: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (FullAdamW, AdamW8bit, GaLore, Fira, LISA, OwLore, WeLore)
+}
 
 
 def build_strategy(profile: Profile) -> Strategy:
     name = profile.strategy.name
     if name not in _REGISTRY:
         raise UserError(
-            f"strategy {name!r} is not available yet in this build (available: {', '.join(sorted(_REGISTRY))})"
+            f"strategy {name!r} is unknown (available: {', '.join(sorted(_REGISTRY))})"
         )
     return _REGISTRY[name](profile)
 

@@ -1,0 +1,183 @@
+"""The training loop end to end on a tiny model: metrics, exact resume, crash safety, final model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lowmem_tune.cli import main
+from lowmem_tune.events import RunFinished
+from lowmem_tune.profile import profile_from_dict
+from lowmem_tune.train import RunControl, run_training
+from lowmem_tune.train.checkpoint import latest_checkpoint
+
+
+def tiny_profile(out: Path, **sections) -> dict:
+    raw = {
+        "model": {"name": "tiny-llama", "init": "random"},
+        "hardware": {"device": "cpu"},
+        "strategy": {"name": "full"},
+        "data": {"dataset": "synthetic-boolq", "num_examples": 96, "max_seq_len": 48, "heldout": 16},
+        "train": {"max_steps": 6, "micro_batch_size": 4, "gradient_accumulation": 2, "lr": 1e-3,
+                  "warmup_steps": 2, "save_every": 3, "eval_every": 3, "log_every": 1, "seed": 1,
+                  "activation_checkpointing": False},
+        "output": {"dir": str(out)},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return raw
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def emit(self, event):
+        self.events.append(event)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m["loss"] for m in map(json.loads, lines)}
+
+
+class StopAfter(Recorder):
+    """Requests a graceful stop once step `k` has been reported, as Ctrl-C or `q` would."""
+
+    def __init__(self, control: RunControl, k: int):
+        super().__init__()
+        self.control, self.k = control, k
+
+    def emit(self, event):
+        super().emit(event)
+        if getattr(event, "metrics", {}).get("step") == self.k:
+            self.control.request_stop()
+
+
+def test_metrics_checkpoints_and_final_model(tmp_path):
+    profile = profile_from_dict(tiny_profile(tmp_path / "run"))
+    recorder = Recorder()
+    outcome = run_training(profile, resume=False, sink=recorder)
+    assert outcome.status == "completed" and outcome.step == 6
+    run = tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "rss"):
+        assert key in lines[0]
+    assert lines[0]["grad_norm"] > 0
+    assert lines[0]["lr"] == pytest.approx(5e-4)  # warmup step 1 of 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3", "step-6"]
+    assert isinstance(recorder.events[-1], RunFinished)
+    assert (run / "profile.yaml").is_file() and (run / "events.jsonl").is_file()
+
+    # The final model loads with plain transformers and gives the trained model's logits.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = AutoModelForCausalLM.from_pretrained(run / "final")
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    ids = tokenizer("The red box holds 3 coins.", return_tensors="pt")["input_ids"]
+    trained = AutoModelForCausalLM.from_config(final.config)
+    from safetensors.torch import load_model
+
+    load_model(trained, str(run / "checkpoints" / "step-6" / "model.safetensors"))
+    torch.testing.assert_close(final(ids).logits, trained(ids).logits, rtol=0, atol=0)
+
+
+def test_resume_continues_the_identical_trajectory(tmp_path):
+    reference = profile_from_dict(tiny_profile(tmp_path / "ref"))
+    run_training(reference, resume=False, sink=Recorder())
+
+    raw = tiny_profile(tmp_path / "stopped", train={"save_every": 100})
+    control = RunControl()
+    outcome = run_training(profile_from_dict(raw), resume=False, sink=StopAfter(control, 4), control=control)
+    assert outcome.status == "stopped" and outcome.step == 4
+    assert latest_checkpoint(tmp_path / "stopped" / "checkpoints").step == 4
+    outcome = run_training(profile_from_dict(raw), resume=True, sink=Recorder())
+    assert outcome.status == "completed"
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "ref")  # bitwise equal floats
+
+
+def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(tmp_path):
+    raw = tiny_profile(tmp_path / "run", train={"max_steps": 3})
+    run_training(profile_from_dict(raw), resume=False, sink=Recorder())
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    runner = CliRunner()
+    path = tmp_path / "p.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(main, ["run", str(path), "--headless"])
+    assert result.exit_code == 2 and "already holds a run" in result.output
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    raw["output"]["dir"] = str(tmp_path / "empty")
+    path.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(main, ["run", str(path), "--headless", "--resume"])
+    assert result.exit_code == 2 and "no checkpoint" in result.output
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("strategy.name=galor", "strategy.name"),
+        ("data.dataset=/nonexistent/file.jsonl", "file not found"),
+        ("data.dataset=nosuchtask", "data.dataset"),
+        ("train.lr=-1", "train.lr"),
+        ("model.name=llama-2-7", "did you mean"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, override, message):
+    import yaml
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(tiny_profile(tmp_path / "run")))
+    result = subprocess.run(
+        [sys.executable, "-m", "lowmem_tune", "run", str(path), "--headless", "--set", override],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
+    """SIGKILL while step-N is being written: step-(N-k) stays loadable and --resume works."""
+    import yaml
+
+    raw = tiny_profile(tmp_path / "run", train={"max_steps": 400, "save_every": 2, "keep_checkpoints": 2})
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    # Slow every checkpoint write down so the kill lands inside one, deterministically.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent / "helpers")}
+    proc = subprocess.Popen([sys.executable, "-m", "slow_checkpoint_run", str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        partial = list(checkpoints.glob(".tmp-step-*")) if checkpoints.exists() else []
+        if partial and latest_checkpoint(checkpoints) is not None and (partial[0] / "model.safetensors").exists():
+            break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("no checkpoint write was observed")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    survivor = latest_checkpoint(checkpoints)
+    assert survivor is not None
+    state = torch.load(survivor.path / "trainer_state.pt", weights_only=True)
+    assert state["step"] == survivor.step
+
+    raw["train"]["max_steps"] = survivor.step + 2
+    outcome = run_training(profile_from_dict(raw), resume=True, sink=Recorder())
+    assert outcome.status == "completed" and outcome.step == survivor.step + 2
+    assert not list(checkpoints.glob(".tmp-step-*"))
