@@ -66,7 +66,9 @@ class StrategySection:
     calibration_samples: int = 32
     calibration_seq_len: int = 256
     calibration_file: str | None = None
-    train_embeddings: bool = True
+    train_embeddings: bool | None = None
+    """Train embeddings, final norm and lm_head full-rank. null: the method's own default — on
+    for LISA / OwLore, off for WeLore (LRC-only finetuning of a pretrained model)."""
     inactive_state: Literal["drop", "offload"] = "drop"
     optimizer: Literal["galore", "adamw", "adamw8bit"] = "galore"
     """Optimizer inside sampled layers (OwLore, LISA) or for the low-rank factors (WeLore)."""

@@ -188,7 +188,7 @@ class LayerSamplingStrategy(Strategy):
     def prepare_model(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         layers = decoder_layers(model)
         model.requires_grad_(False)
-        self.always_trained = unique_parameters(always_trained_modules(model)) if self.cfg.train_embeddings else []
+        self.always_trained = unique_parameters(always_trained_modules(model)) if self.cfg.train_embeddings is not False else []
         for param in self.always_trained:
             param.requires_grad_(True)
         self.layer_params = [unique_parameters([layer], exclude=self.always_trained) for layer in layers]
@@ -297,7 +297,7 @@ class LayerSamplingStrategy(Strategy):
             "interval": self.cfg.interval,
             "optimizer": self.cfg.optimizer,
             "inactive_state": self.cfg.inactive_state,
-            "train_embeddings": self.cfg.train_embeddings,
+            "train_embeddings": self.cfg.train_embeddings is not False,
             "active_layers": list(self.applied),
             "layers": layers,
         }

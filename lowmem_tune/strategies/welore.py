@@ -60,6 +60,9 @@ class WeLore(Strategy):
             for module in model.modules():
                 if is_norm(module):
                     module.requires_grad_(True)
+        if self.cfg.train_embeddings:  # off unless asked: WeLore proper freezes them
+            model.get_input_embeddings().requires_grad_(True)
+            model.get_output_embeddings().requires_grad_(True)
         self.counts = trainable_summary(model)
         summary = self.describe()
         ctx.info(
