@@ -37,11 +37,23 @@ scale * P Pᵀ G, which is only the complement when scale = 1), and a column wit
 phi = 0 rather than ||N|| / 1e-8. Fira needs the full accumulated gradient at the step, so its
 matrices keep their gradient until `step()` even in layerwise mode.
 
+Where a basis comes from (one rule for both ways of feeding gradients):
+- a matrix without a usable basis (its first step, or back after `release`) takes it from the
+  gradient of the first micro-batch of that step, as soon as that gradient exists
+  (`take_initial_basis(p)`, run from a post-accumulate-grad hook by `GaLoreUpdater` in both modes),
+  so it can project that micro-batch and every later one; it is not refreshed again at that step;
+- a scheduled refresh (every T steps at the matrix's phase) uses the full gradient accumulated over
+  the step, at `step()`.
+With one micro-batch per step the two coincide. An optimizer driven without hooks (p.grad set by
+hand, then `step()`) has only the accumulated gradient, and takes a missing basis from it.
+
 Gradients reach the optimizer in one of two ways, with the same result:
 - `step()` / `step_clipped()` read p.grad (the ordinary, non-layerwise way);
 - `absorb_grad(p)` (called from a post-accumulate-grad hook by `GaLoreUpdater(layerwise=True)`)
   projects a micro-batch gradient into a low-rank fp32 accumulator and frees it at once; matrices
-  whose projector refreshes at the coming step (and Fira matrices) keep their full gradient instead.
+  whose projector has a scheduled refresh at the coming step (and Fira matrices) keep their full
+  gradient instead. A matrix that just took its first basis is absorbed like any other, so step 0
+  (and a layer returning to a LISA/OwLore sample) holds no more full gradients than a later step.
 
 Gradient clipping (`step_clipped(max_norm)`) uses the norm of the gradient the optimizer consumes:
 the projected (accumulated) gradient R for a GaLore matrix, the full gradient for other tensors.
@@ -50,7 +62,8 @@ the same trajectory. The norm of the full gradient (including the part outside t
 reported as well where it is exact: whenever no GaLore matrix absorbed more than one micro-batch.
 
 State is created on a parameter's first gradient; `release(params, offload)` drops (or moves to the
-CPU) everything held for those parameters, and a parameter that comes back refreshes its projector.
+CPU) everything held for those parameters, and a parameter that comes back takes a new basis from
+its first micro-batch gradient (the rule above).
 """
 
 from __future__ import annotations
@@ -65,7 +78,7 @@ from lowmem_tune.optim.projector import GaLoreProjector, is_fake
 MOMENT_POLICIES = ("keep", "project", "reset")
 VARIANTS = ("galore", "fira")
 BLOCKSIZE = 256  # bitsandbytes' block size for 8-bit optimizer states (CPU and CUDA)
-_TRANSIENT = ("grad_acc", "full_sq", "micro")
+_TRANSIENT = ("grad_acc", "full_sq", "micro", "basis_taken")
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -100,6 +113,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.min_8bit_size = min_8bit_size
         self.global_step = 0
         self.refreshed_last_step = 0
+        self._initial_bases = 0  # taken by take_initial_basis since the last step
         self._names = {id(p): name for p, name in (param_names or {}).items()}
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         galore = [p for g in self.param_groups if "rank" in g for p in g["params"] if p.ndim == 2]
@@ -176,15 +190,33 @@ class GaLoreAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ gradients in
     def keeps_full_grad(self, p: torch.Tensor) -> bool:
         """Whether p's full gradient must survive until step(): non-GaLore tensors, Fira matrices,
-        and matrices whose projector refreshes at the coming step."""
+        and matrices with a scheduled refresh at the coming step. A matrix without a basis is not
+        one of them: it takes its basis from the first micro-batch gradient (take_initial_basis)."""
         if not self.is_galore(p) or self.variant == "fira":
             return True
-        return self._state(p)["projector"].due(self.global_step)
+        state = self._state(p)
+        proj: GaLoreProjector = state["projector"]
+        if proj.needs_basis() or "basis_taken" in state:
+            return False
+        return proj.due(self.global_step)
+
+    @torch.no_grad()
+    def take_initial_basis(self, p: torch.Tensor) -> None:
+        """Give a GaLore matrix without a usable basis one from p.grad, which holds the first
+        micro-batch gradient of the step when this runs from a post-accumulate-grad hook."""
+        if p.grad is None or not self.is_galore(p):
+            return
+        state = self._state(p)
+        if state["projector"].needs_basis():
+            self._refresh(p, state, p.grad)
+            state["basis_taken"] = True
+            self._initial_bases += 1
 
     @torch.no_grad()
     def absorb_grad(self, p: torch.Tensor) -> None:
         """Fold p.grad (one micro-batch) into the low-rank accumulator and free it, unless the full
         gradient is needed at the step."""
+        self.take_initial_basis(p)
         if p.grad is None or self.keeps_full_grad(p):
             return
         state = self._state(p)
@@ -219,7 +251,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         consumed_sq: list[torch.Tensor] = []
         full_sq: list[torch.Tensor] = []
         full_exact = True
-        refreshed = 0
+        refreshed, self._initial_bases = self._initial_bases, 0
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
@@ -233,13 +265,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     pending.append((p, group, state, grad))
                     continue
                 proj: GaLoreProjector = state["projector"]
+                basis_taken = state.pop("basis_taken", False)
                 low = state.pop("grad_acc", None)
                 if "full_sq" in state:
                     full_sq.append(state.pop("full_sq"))
                     full_exact &= state.pop("micro") <= 1
                 if p.grad is not None:
                     full_sq.append(_sq_norm(p.grad))
-                    if proj.due(step):
+                    if not basis_taken and proj.due(step):
                         self._refresh(p, state, p.grad)
                         refreshed += 1
                     projected = proj.project(p.grad).float()

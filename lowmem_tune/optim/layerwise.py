@@ -3,9 +3,16 @@
 Layerwise mode registers a `register_post_accumulate_grad_hook` on every parameter of the
 optimizer. For a GaLore matrix the hook projects the fresh micro-batch gradient into its low-rank
 fp32 accumulator and frees the full gradient (`p.grad = None`) at once, so during backward at most
-the gradient being produced is alive, plus the full gradients of (a) matrices whose projector
-refreshes at the coming step (staggered phases keep them about n/T per step), (b) Fira matrices and
-(c) non-GaLore tensors (embeddings, lm_head, norms), which accumulate as usual.
+the gradient being produced is alive, plus the full gradients of (a) matrices with a scheduled
+projector refresh at the coming step (staggered phases keep them about n/T per step), (b) Fira
+matrices and (c) non-GaLore tensors (embeddings, lm_head, norms), which accumulate as usual.
+A matrix without a basis — every matrix at step 0, a layer returning to a LISA/OwLore sample —
+first takes one from the micro-batch gradient at hand and is then absorbed like the others, so
+step 0 needs no more gradient memory than any other step.
+
+Ordinary mode (layerwise=False) registers hooks too, on GaLore matrices only, that do just that
+first part (`GaLoreAdamW.take_initial_basis`): both modes then follow the same rule for where a
+basis comes from (see galore_adamw's docstring), and for k > 1 micro-batches they stay equivalent.
 
 The Adam update itself is deferred to `step()`, called once per logical batch after the k-th
 micro-batch's backward, when activations are already freed. Deferring costs no gradient memory
@@ -26,8 +33,8 @@ API for layer-sampling strategies (LISA / OwLore): build `GaLoreAdamW` on an exp
 groups (GaLore matrices of every candidate layer + other trainable tensors), wrap it here with
 layerwise=True; hooks cover every candidate, state appears on a parameter's first gradient, and
 `release(params, offload=False)` drops (or parks on the CPU) the gradients, moments, accumulators
-and projectors of layers leaving the active set; a returning matrix refreshes its projector at its
-next step. State bytes therefore depend only on the active layers.
+and projectors of layers leaving the active set; a returning matrix takes a new basis from its first
+micro-batch gradient. State bytes therefore depend only on the active layers.
 """
 
 from __future__ import annotations
@@ -49,10 +56,12 @@ class GaLoreUpdater:
         self.layerwise = layerwise
         self.full_grad_norm: float | None = None
         self._hooks = []
-        if layerwise:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if layerwise:
                     self._hooks.append(_hook_even_if_frozen(p, optimizer.absorb_grad))
+                elif optimizer.is_galore(p):
+                    self._hooks.append(_hook_even_if_frozen(p, optimizer.take_initial_basis))
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

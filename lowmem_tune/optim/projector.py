@@ -97,11 +97,13 @@ class GaLoreProjector:
             self.sides = ("right",)
 
     # ------------------------------------------------------------------ schedule
+    def needs_basis(self) -> bool:
+        """No usable basis: never computed, or the matrix came back after being released."""
+        return self.stale or (self.left is None and self.right is None)
+
     def due(self, step: int) -> bool:
         """Whether the basis must be (re)computed from the gradient of optimizer step `step`."""
-        if self.stale or (self.left is None and self.right is None):
-            return True
-        return (step - self.phase) % self.update_proj_gap == 0
+        return self.needs_basis() or (step - self.phase) % self.update_proj_gap == 0
 
     def steps_to_refresh(self, step: int) -> int:
         return (self.phase - step) % self.update_proj_gap
