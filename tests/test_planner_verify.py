@@ -10,18 +10,24 @@ from lowmem_tune.planner.verify import verify_profile
 from lowmem_tune.profile import profile_from_dict
 
 
-@pytest.mark.parametrize("strategy, checkpointing", [("full", True), ("adamw8bit", False), ("galore", True)])
-def test_analytic_total_within_5_percent_of_fake_peak(strategy, checkpointing):
+@pytest.mark.parametrize("strategy, checkpointing, knobs", [
+    ("full", True, {}), ("adamw8bit", False, {}), ("galore", True, {}),
+    # frozen layers between sampled ones keep a smaller activation set without checkpointing
+    ("owlore", False, {"sampled_layers": 2}),
+    ("lisa", True, {"sampled_layers": 1, "optimizer": "adamw"}),
+])
+def test_analytic_total_within_5_percent_of_fake_peak(strategy, checkpointing, knobs):
     seq_len, batch = 128, 2
     profile = profile_from_dict({
         "model": {"name": "demo-llama", "init": "random", "dtype": "bfloat16"},
-        "strategy": {"name": strategy},
+        "strategy": {"name": strategy, **knobs},
         "train": {"micro_batch_size": batch, "gradient_accumulation": 2, "activation_checkpointing": checkpointing},
         "data": {"max_seq_len": seq_len},
     })
     measured = verify_profile(profile)
-    analytic = estimate(strategy, resolve_architecture("demo-llama"), Settings(rank=profile.strategy.rank),
-                        Workload(seq_len, batch, checkpointing))
+    s = profile.strategy
+    settings = Settings(rank=s.rank, sampled_layers=s.sampled_layers, optimizer=s.optimizer)
+    analytic = estimate(strategy, resolve_architecture("demo-llama"), settings, Workload(seq_len, batch, checkpointing))
     assert measured.peak_bytes > 0 and measured.by_category["weights"] > 0
     assert abs(analytic.total / measured.peak_bytes - 1) < 0.05, (analytic.memory, measured.by_category)
 

@@ -4,8 +4,10 @@ A run's memory peaks in one of a few moments, and each is a sum of what is alive
 - a later micro-batch's backward: weights + optimizer state + what the strategy keeps between
   micro-batches (gradients, or GaLore's low-rank accumulators) + activations + logits;
 - the optimizer step: weights + state + kept gradients + the step's temporaries;
-- the first step of a GaLore-family strategy: no projector exists yet, so every GaLore matrix keeps
-  its full gradient until the step computes its basis (see optim/galore_adamw.py).
+- the first step of a layer-sampling strategy with GaLore inside: a newly sampled layer's matrices
+  keep their full gradients until their projectors exist. (GaLore / Fira proper have no such
+  moment: a matrix takes its first basis from its first micro-batch gradient in the backward hook,
+  see optim/galore_adamw.py.)
 The estimate is the largest of these, with its components. The constants below were measured on
 fake tensors (`plan --verify`, `benchmarks/planner_accuracy.py`), not taken from papers: per token
 and decoder layer, HF Llama with SDPA keeps the fp32 copy of each RMSNorm input (4h), the norm's
@@ -104,6 +106,14 @@ def layer_activation_bytes(arch: Architecture, w: Workload) -> int:
     return w.tokens * per_token
 
 
+def frozen_layer_activation_bytes(arch: Architecture, w: Workload) -> int:
+    """A frozen decoder layer that gradients still pass through (LISA / OwLore) keeps less: no
+    linear saves its input for a weight gradient, so the two norm outputs, the attention output's
+    copy for o_proj and the MLP product are not kept (measured: 4·d·h + d·I per token fewer)."""
+    d = w.dtype_bytes
+    return layer_activation_bytes(arch, w) - w.tokens * d * (4 * arch.hidden_size + arch.intermediate_size)
+
+
 def layer_backward_extra_bytes(arch: Architecture, w: Workload) -> int:
     """Gradient temporaries alive at once inside one layer's backward (MLP: two I-sized)."""
     return w.tokens * (2 * w.dtype_bytes * arch.intermediate_size + 4 * arch.hidden_size)
@@ -115,10 +125,12 @@ def logits_bytes(arch: Architecture, w: Workload) -> int:
     return w.tokens * arch.vocab_size * (w.dtype_bytes + 12)
 
 
-def activation_bytes(arch: Architecture, w: Workload, trained_from_layer: int = 0) -> tuple[int, int]:
+def activation_bytes(arch: Architecture, w: Workload, trained_from_layer: int = 0,
+                     frozen_layers: int = 0) -> tuple[int, int]:
     """(kept activations, transient working set) at the backward peak.
 
-    Layers below the first trainable one (with frozen embeddings) keep nothing."""
+    Layers below the first trainable one (with frozen embeddings) keep nothing; `frozen_layers`
+    of the others keep a frozen layer's smaller set (without checkpointing)."""
     layers = arch.num_layers - trained_from_layer
     h, d = arch.hidden_size, w.dtype_bytes
     final_norm = w.tokens * d * h  # the lm_head's input (measured: the norm's fp32 copy is gone by then)
@@ -126,7 +138,9 @@ def activation_bytes(arch: Architecture, w: Workload, trained_from_layer: int = 
         kept = layers * w.tokens * d * h + final_norm
         working = layer_activation_bytes(arch, w) + layer_backward_extra_bytes(arch, w)
         return kept, working
-    return layers * layer_activation_bytes(arch, w) + final_norm, layer_backward_extra_bytes(arch, w)
+    kept = ((layers - frozen_layers) * layer_activation_bytes(arch, w)
+            + frozen_layers * frozen_layer_activation_bytes(arch, w) + final_norm)
+    return kept, layer_backward_extra_bytes(arch, w)
 
 
 @dataclass
@@ -142,6 +156,7 @@ class _Parts:
     step_temp: int = 0  # the optimizer step's largest temporaries
     first_step_full: bool = False
     trained_from_layer: int = 0
+    frozen_layers: int = 0  # layers gradients pass through without training them (lisa, owlore)
     notes: list[str] = field(default_factory=list)
 
 
@@ -205,8 +220,8 @@ def _parts(strategy: str, arch: Architecture, s: Settings, w: Workload) -> _Part
         parts.step_temp = max(x[3] for x in per_layer)
         if strategy == "fira":  # residual G - P Pᵀ G and its scaled copy, fp32, at full size
             parts.step_temp += 2 * 4 * biggest.out_features * biggest.in_features
-        parts.first_step_full = True
-        parts.notes.append("first step keeps every full gradient until the projectors exist")
+        # no first-step peak: a matrix takes its first basis from its first micro-batch gradient in
+        # the backward hook and frees it like at any other step (optim/galore_adamw.py)
         return parts
     if strategy in ("lisa", "owlore"):
         return _layer_sampling_parts(arch, s, w, parts)
@@ -218,6 +233,7 @@ def _layer_sampling_parts(arch: Architecture, s: Settings, w: Workload, parts: _
     always; the state of layers leaving the sample is released (strategies/layer_sampling.py)."""
     d = w.dtype_bytes
     gamma = min(s.sampled_layers, arch.num_layers)
+    parts.frozen_layers = arch.num_layers - gamma
     always = _non_layer_tensors(arch)
     small = _layer_small_tensors(arch) * gamma
     matrices = [lin.out_features * lin.in_features for lin in arch.linears] * gamma
@@ -245,7 +261,7 @@ def _layer_sampling_parts(arch: Architecture, s: Settings, w: Workload, parts: _
 def estimate(strategy: str, arch: Architecture, settings: Settings, workload: Workload) -> Estimate:
     """The peak bytes of training `arch` with `strategy`, by component (see module docstring)."""
     p = _parts(strategy, arch, settings, workload)
-    kept_acts, working = activation_bytes(arch, workload, p.trained_from_layer)
+    kept_acts, working = activation_bytes(arch, workload, p.trained_from_layer, p.frozen_layers)
     logits = logits_bytes(arch, workload)
     # the logits' backward finishes before any layer's backward (or recompute) starts
     act_overhead = max(working - logits, 0)

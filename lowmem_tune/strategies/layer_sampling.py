@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, ContextManager, Iterable
 
 import torch
 from torch import nn
@@ -39,6 +39,14 @@ from lowmem_tune.strategies.outliers import (
 # --------------------------------------------------------------------------- sampler
 
 
+def host_tensors() -> ContextManager[Any]:
+    """Real tensors even under `plan --verify`'s FakeTensorMode: the sampler's few float64
+    probabilities and its draws are host bookkeeping that reads values, never training memory."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
+
+
 class LayerSampler:
     """Draws `sampled` of len(probabilities) layers without replacement from a seeded generator.
 
@@ -48,10 +56,11 @@ class LayerSampler:
     """
 
     def __init__(self, probabilities: list[float], sampled: int, seed: int) -> None:
-        self.probabilities = torch.tensor(probabilities, dtype=torch.float64)
-        if self.probabilities.ndim != 1 or len(self.probabilities) == 0 or self.probabilities.sum() <= 0:
-            raise ValueError(f"need at least one positive layer probability, got {probabilities}")
-        self.sampled = min(sampled, int((self.probabilities > 0).sum()))
+        with host_tensors():
+            self.probabilities = torch.tensor(probabilities, dtype=torch.float64)
+            if self.probabilities.ndim != 1 or len(self.probabilities) == 0 or self.probabilities.sum() <= 0:
+                raise ValueError(f"need at least one positive layer probability, got {probabilities}")
+            self.sampled = min(sampled, int((self.probabilities > 0).sum()))
         self.generator = torch.Generator().manual_seed(seed)
         self.counts = [0] * len(probabilities)
         self.active: list[int] | None = None
@@ -63,8 +72,9 @@ class LayerSampler:
         return len(self.probabilities)
 
     def draw(self, step: int) -> list[int]:
-        picked = torch.multinomial(self.probabilities, self.sampled, replacement=False, generator=self.generator)
-        self.active = sorted(int(i) for i in picked)
+        with host_tensors():
+            picked = torch.multinomial(self.probabilities, self.sampled, replacement=False, generator=self.generator)
+            self.active = sorted(picked.tolist())
         for index in self.active:
             self.counts[index] += 1
         self.drawn_at = step
