@@ -34,15 +34,22 @@ def train_local_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTo
     )
 
 
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer itself puts BOS in front (Llama's does; our local one does not)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def tokenize_example(example: Example, tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
-                     train_on_prompt: bool) -> dict[str, list[int]]:
-    """Prompt and response tokenized separately and concatenated (the boundary evaluation uses),
-    BOS first, EOS last; too long: the prompt is cut from the left so the response survives."""
+                     train_on_prompt: bool, with_bos: bool) -> dict[str, list[int]]:
+    """Prompt and response tokenized separately and concatenated, EOS last, BOS first only where
+    the tokenizer adds one itself (so evaluation, which uses the tokenizer's own behaviour, sees
+    what training saw); too long: the prompt is cut from the left so the response survives."""
     prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []
     response = tokenizer(example.response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response = response + [tokenizer.eos_token_id]
-    if tokenizer.bos_token_id is not None:
+    if with_bos:
         prompt = [tokenizer.bos_token_id] + prompt
     overflow = len(prompt) + len(response) - max_seq_len
     if overflow > 0:
@@ -55,7 +62,8 @@ def tokenize_example(example: Example, tokenizer: PreTrainedTokenizerBase, max_s
 
 def tokenize_examples(examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
                       train_on_prompt: bool, packing: bool) -> list[dict[str, list[int]]]:
-    items = [tokenize_example(e, tokenizer, max_seq_len, train_on_prompt) for e in examples]
+    with_bos = adds_bos(tokenizer)
+    items = [tokenize_example(e, tokenizer, max_seq_len, train_on_prompt, with_bos) for e in examples]
     return pack(items, max_seq_len) if packing else items
 
 
