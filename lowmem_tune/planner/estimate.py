@@ -4,10 +4,9 @@ A run's memory peaks in one of a few moments, and each is a sum of what is alive
 - a later micro-batch's backward: weights + optimizer state + what the strategy keeps between
   micro-batches (gradients, or GaLore's low-rank accumulators) + activations + logits;
 - the optimizer step: weights + state + kept gradients + the step's temporaries;
-- the first step of a layer-sampling strategy with GaLore inside: a newly sampled layer's matrices
-  keep their full gradients until their projectors exist. (GaLore / Fira proper have no such
-  moment: a matrix takes its first basis from its first micro-batch gradient in the backward hook,
-  see optim/galore_adamw.py.)
+- no first-step moment for GaLore inside any strategy: a matrix without a basis (step 0, or a
+  layer LISA / OwLore samples anew) takes it from its first micro-batch gradient in the backward
+  hook and frees that gradient as at any other step (see optim/galore_adamw.py).
 The estimate is the largest of these, with its components. The constants below were measured on
 fake tensors (`plan --verify`, `benchmarks/planner_accuracy.py`), not taken from papers: per token
 and decoder layer, HF Llama with SDPA keeps the fp32 copy of each RMSNorm input (4h), the norm's
@@ -245,10 +244,7 @@ def _layer_sampling_parts(arch: Architecture, s: Settings, w: Workload, parts: _
         parts.projectors = gamma * sum(x[0] for x in per_layer)
         parts.optimizer += gamma * sum(x[1] for x in per_layer)
         parts.accumulators = gamma * sum(x[2] for x in per_layer)
-        parts.galore_full_grads = sum(matrices) * d
         parts.step_temp = max(x[3] for x in per_layer)
-        parts.first_step_full = True
-        parts.notes.append("a newly sampled layer keeps its full gradients until its projectors exist")
         return parts
     kind = "plain" if s.optimizer == "adamw" else "8bit"
     trained = always + small + matrices
