@@ -15,6 +15,7 @@ from lowmem_tune.profile import profile_from_dict
     # frozen layers between sampled ones keep a smaller activation set without checkpointing
     ("owlore", False, {"sampled_layers": 2}),
     ("lisa", True, {"sampled_layers": 1, "optimizer": "adamw"}),
+    ("welore", False, {}),  # a compressed model at the assumed ranks, measured after compression
 ])
 def test_analytic_total_within_5_percent_of_fake_peak(strategy, checkpointing, knobs):
     seq_len, batch = 128, 2

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lowmem_tune.planner.architecture import Architecture, LinearShape
+from lowmem_tune.planner.welore_ranks import AssumedLrc, assumed_lrcs
 
 COMPONENTS = ("weights", "gradients", "optimizer", "projectors", "activations", "logits", "overhead")
 BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizer block: one fp32 absmax per 256 values
@@ -156,6 +157,7 @@ class _Parts:
     first_step_full: bool = False
     trained_from_layer: int = 0
     frozen_layers: int = 0  # layers gradients pass through without training them (lisa, owlore)
+    lrc_activation_bytes: int = 0  # what WeLore's factors keep on top of frozen layers
     notes: list[str] = field(default_factory=list)
 
 
@@ -224,6 +226,8 @@ def _parts(strategy: str, arch: Architecture, s: Settings, w: Workload) -> _Part
         return parts
     if strategy in ("lisa", "owlore"):
         return _layer_sampling_parts(arch, s, w, parts)
+    if strategy == "welore":
+        return _welore_parts(arch, s, w, parts)
     raise ValueError(f"no estimate for strategy {strategy!r}")
 
 
@@ -254,10 +258,65 @@ def _layer_sampling_parts(arch: Architecture, s: Settings, w: Workload, parts: _
     return parts
 
 
+def _welore_parts(arch: Architecture, s: Settings, w: Workload, parts: _Parts) -> _Parts:
+    """A model already compressed with `lowmem-tune compress` (model.name pointing at it) at the
+    ranks `assumed_ranks` expects: LRC factors and norms train, embeddings, lm_head and N-LRC
+    matrices are frozen. (Compressing at run start peaks earlier, with the dense model loaded.)"""
+    d = w.dtype_bytes
+    lrcs = assumed_lrcs(arch, s.rank_reduction)
+    removed = sum(x.layers * (x.linear.out_features * x.linear.in_features
+                              - x.rank * (x.linear.out_features + x.linear.in_features)) for x in lrcs)
+    parts.weights = (arch.params - removed) * d
+    norms = [arch.hidden_size] * (2 * arch.num_layers) + [arch.final_norm_params]
+    factors = [(LinearShape(x.linear.name, x.linear.out_features, x.rank, False),
+                LinearShape(x.linear.name, x.rank, x.linear.in_features, False), x.layers) for x in lrcs]
+    factor_sizes = [f.out_features * f.in_features for left, right, n in factors for f in (left, right)
+                    for _ in range(n)]
+    parts.lrc_activation_bytes = _welore_layer_extra(arch, lrcs, w)
+    parts.frozen_layers = arch.num_layers
+    parts.notes.append(f"models a model already compressed (ERR {s.rank_reduction}): "
+                       + ", ".join(f"{x.linear.name} rank {x.rank} x{x.layers}" for x in lrcs))
+    if s.optimizer == "galore":
+        kind = "8bit" if s.bits == 8 else "fp32"
+        parts.dense_grads = sum(norms) * d
+        parts.optimizer = _dense_optimizer(norms, kind, d)
+        per_factor = [(_galore_matrix(f, s.rank, d, s.bits), n) for left, right, n in factors for f in (left, right)]
+        parts.projectors = sum(n * x[0] for x, n in per_factor)
+        parts.optimizer += sum(n * x[1] for x, n in per_factor)
+        parts.accumulators = sum(n * x[2] for x, n in per_factor)
+        parts.step_temp = max(x[3] for x, _ in per_factor)
+        return parts
+    kind = "plain" if s.optimizer == "adamw" else "8bit"
+    trained = norms + factor_sizes
+    parts.dense_grads = sum(trained) * d
+    parts.optimizer = _dense_optimizer(trained, kind, d)
+    parts.step_temp = 2 * max(trained) * d if kind == "plain" else 0
+    return parts
+
+
+def _welore_layer_extra(arch: Architecture, lrcs: list[AssumedLrc], w: Workload) -> int:
+    """Activations the LRCs add over frozen layers (all layers summed): each LRC keeps its
+    rank-k intermediate for the left factor's gradient, and its input for the right factor's
+    (q/k/v share the attention norm's output, gate/up the MLP norm's; measured on fake tensors:
+    d·h per norm output, one more d·h when gate and up both train, as in a trained layer)."""
+    d, h = w.dtype_bytes, arch.hidden_size
+    inputs = {"q_proj": ("attn", h), "k_proj": ("attn", h), "v_proj": ("attn", h),
+              "o_proj": ("o", arch.q_dim), "gate_proj": ("gate", h), "up_proj": ("up", h),
+              "down_proj": ("down", arch.intermediate_size)}
+    total = 0
+    for layer in range(arch.num_layers):
+        here = [x for x in lrcs if layer < x.layers]  # which layers hold them does not matter here
+        groups = {inputs[x.linear.name] for x in here if x.linear.name in inputs}
+        total += sum(size for _, size in groups) + sum(x.rank for x in here)
+    return total * d * w.tokens
+
+
 def estimate(strategy: str, arch: Architecture, settings: Settings, workload: Workload) -> Estimate:
     """The peak bytes of training `arch` with `strategy`, by component (see module docstring)."""
     p = _parts(strategy, arch, settings, workload)
     kept_acts, working = activation_bytes(arch, workload, p.trained_from_layer, p.frozen_layers)
+    if not workload.gradient_checkpointing:
+        kept_acts += p.lrc_activation_bytes
     logits = logits_bytes(arch, workload)
     # the logits' backward finishes before any layer's backward (or recompute) starts
     act_overhead = max(working - logits, 0)

@@ -13,15 +13,16 @@ from lowmem_tune.planner.estimate import Estimate, Settings, Workload, estimate
 if TYPE_CHECKING:
     from lowmem_tune.profile import Profile
 
-ESTIMATED = ("full", "adamw8bit", "galore", "fira", "lisa", "owlore")
-"""Strategies with an analytic estimate; welore's needs its rank plan (see notes in the report)."""
+ESTIMATED = ("full", "adamw8bit", "galore", "fira", "lisa", "owlore", "welore")
+"""Strategies with an analytic estimate (welore's: a model already compressed at assumed ranks)."""
 
 ORDER = {
     # full-parameter methods first, then layer sampling
     "quality": ("full", "adamw8bit", "fira", "galore", "owlore", "lisa"),
     # fewest trained weights / cheapest steps first
     "speed": ("full", "adamw8bit", "lisa", "owlore", "galore", "fira"),
-    "memory": ESTIMATED,  # re-sorted by total below
+    # re-sorted by total below; welore only on request (its estimate is of a compressed model)
+    "memory": tuple(name for name in ESTIMATED if name != "welore"),
 }
 MICRO_BATCHES = (16, 8, 4, 2, 1)
 TARGET_SEQUENCES_PER_STEP = 16
@@ -51,6 +52,8 @@ def _settings_grid(strategy: str, prefer: str) -> list[Settings]:
         return [Settings()]
     if strategy in ("galore", "fira"):
         return [Settings(rank=r) for r in RANKS[prefer]]
+    if strategy == "welore":
+        return [Settings()]
     return [Settings(sampled_layers=g) for g in SAMPLED_LAYERS[prefer]]
 
 
@@ -123,7 +126,8 @@ def build_profile(model: str, candidate: Candidate, gpu_spec: str, margin: float
     s = candidate.estimate.settings
     w = candidate.workload
     strategy: dict[str, Any] = {"name": candidate.strategy}
-    strategy.update({k: v for k, v in s.items() if k in ("rank", "bits", "layerwise", "sampled_layers", "optimizer")})
+    strategy.update({k: v for k, v in s.items() if k in ("rank", "bits", "layerwise", "sampled_layers", "optimizer",
+                                                          "rank_reduction")})
     raw = {
         "model": {"name": model, "dtype": w.dtype},
         "hardware": {"gpu": gpu_spec, "margin": margin},

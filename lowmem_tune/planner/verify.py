@@ -38,7 +38,8 @@ class VerifyResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"peak_bytes": self.peak_bytes, "by_category": self.by_category, "peak_at": self.peak_at,
-                "seconds": round(self.seconds, 2), "steps": self.steps, "micro_batches": self.micro_batches}
+                "seconds": round(self.seconds, 2), "steps": self.steps, "micro_batches": self.micro_batches,
+                "notes": self.notes}
 
 
 def _memory_tracker_class():
@@ -60,6 +61,7 @@ def _memory_tracker_class():
             self.peak = 0
             self.peak_by_category: dict[str, int] = {}
             self.peak_at = ""
+            self.notes: list[str] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
@@ -97,6 +99,12 @@ def _memory_tracker_class():
             self.live[old] -= nbytes
             self.live[category] += nbytes
             self.storages[key] = (nbytes, category)
+
+        def restart_peak(self) -> int:
+            """Forget the peak so far (returned): what follows is measured on its own."""
+            before, self.peak = self.peak, self.total
+            self.peak_by_category, self.peak_at = dict(self.live), self.where
+            return before
 
         @contextlib.contextmanager
         def phase(self, category: str, where: str) -> Iterator[None]:
@@ -170,7 +178,7 @@ def verify_profile(profile: Profile, steps: int = 2, micro_batches: int | None =
         ) from None
     by_category = {c: int(tracker.peak_by_category.get(c, 0)) for c in CATEGORIES}
     return VerifyResult(int(tracker.peak), by_category, tracker.peak_at, time.perf_counter() - started,
-                        steps, n_micro)
+                        steps, n_micro, tracker.notes)
 
 
 def _run(profile: Profile, strategy, config, dtype, ctx, tracker, steps: int, n_micro: int) -> None:
@@ -187,6 +195,12 @@ def _run(profile: Profile, strategy, config, dtype, ctx, tracker, steps: int, n_
             config, dtype=dtype, attn_implementation=profile.model.attn_implementation
         )
         model = strategy.prepare_model(model, ctx)
+    if profile.strategy.name == "welore":
+        # the estimate is of a model already compressed (`lowmem-tune compress`), which a run loads
+        # without the dense weights; the dense build here (a compress-at-start run's peak) is noted
+        build_peak = tracker.restart_peak()
+        tracker.notes.append(f"welore: the dense model before compression peaked at {build_peak} bytes; "
+                             "measured from the compressed model on")
     if t.activation_checkpointing:
         enable_activation_checkpointing(model)
     model.train()
