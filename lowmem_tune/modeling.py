@@ -79,7 +79,7 @@ def load_model(
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     """Non-reentrant checkpointing per decoder layer; inputs require grad so frozen embeddings work."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.enable_input_require_grads()
 

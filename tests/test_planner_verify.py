@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lowmem_tune.planner.architecture import resolve_architecture
-from lowmem_tune.planner.estimate import Settings, Workload, estimate
+from lowmem_tune.planner.estimate import estimate_profile
 from lowmem_tune.planner.verify import verify_profile
 from lowmem_tune.profile import profile_from_dict
 
@@ -26,9 +25,7 @@ def test_analytic_total_within_5_percent_of_fake_peak(strategy, checkpointing, k
         "data": {"max_seq_len": seq_len},
     })
     measured = verify_profile(profile)
-    s = profile.strategy
-    settings = Settings(rank=s.rank, sampled_layers=s.sampled_layers, optimizer=s.optimizer)
-    analytic = estimate(strategy, resolve_architecture("demo-llama"), settings, Workload(seq_len, batch, checkpointing))
+    analytic = estimate_profile(profile, dtype_bytes=2)
     assert measured.peak_bytes > 0 and measured.by_category["weights"] > 0
     assert abs(analytic.total / measured.peak_bytes - 1) < 0.05, (analytic.memory, measured.by_category)
 

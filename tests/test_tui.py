@@ -23,7 +23,7 @@ from lowmem_tune.tui import DashboardApp, MonitorApp, QueueFeed, RunDirFeed, mon
 from lowmem_tune.profile import Profile
 from lowmem_tune.tui.live import LiveRun
 from lowmem_tune.tui.state import Series
-from lowmem_tune.tui.widgets import LossChart, MemoryPanel, ProgressPanel, StrategyPanel
+from lowmem_tune.tui.widgets import LossChart, MemoryPanel, StrategyPanel
 
 NUM_LAYERS = 8
 TOTAL_STEPS = 20

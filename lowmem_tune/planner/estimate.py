@@ -347,3 +347,15 @@ def estimate(strategy: str, arch: Architecture, settings: Settings, workload: Wo
     memory = {k: int(memory[k]) for k in COMPONENTS}
     memory["total"] = sum(memory.values())
     return Estimate(strategy, settings.for_strategy(strategy), memory, phase, p.notes)
+
+
+def estimate_profile(profile: Any, dtype_bytes: int) -> Estimate:
+    """The estimate for what a run profile will do (its model, strategy knobs and workload)."""
+    from lowmem_tune.planner.architecture import resolve_architecture
+
+    s, t = profile.strategy, profile.train
+    settings = Settings(rank=s.rank, sampled_layers=s.sampled_layers, optimizer=s.optimizer, bits=s.bits,
+                        layerwise=s.layerwise, rank_reduction=s.rank_reduction)
+    workload = Workload(profile.data.max_seq_len, t.micro_batch_size, t.activation_checkpointing, dtype_bytes,
+                        t.gradient_accumulation)
+    return estimate(s.name, resolve_architecture(profile.model.name), settings, workload)

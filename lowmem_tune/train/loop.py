@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,6 @@ from lowmem_tune.events import (
     Info,
     RunFinished,
     RunStarted,
-    RunWarning,
     StepMetrics,
 )
 from lowmem_tune.modeling import enable_activation_checkpointing, load_model, pick_device, resolve_dtype
@@ -82,9 +82,10 @@ def run_training(profile: Profile, resume: bool, sink: EventSink, control: RunCo
     train_examples, heldout_examples = split_heldout(examples, profile.data.heldout, profile.train.seed)
     tokenizer = _tokenizer_for(profile, resolved, run_dir, [e.prompt + e.response for e in train_examples])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    tokenize = lambda exs: tokenize_examples(  # noqa: E731
-        exs, tokenizer, profile.data.max_seq_len, profile.data.train_on_prompt, profile.data.packing)
-    train_items, heldout_items = tokenize(train_examples), tokenize(heldout_examples)
+    train_items, heldout_items = (
+        tokenize_examples(exs, tokenizer, profile.data.max_seq_len, profile.data.train_on_prompt, profile.data.packing)
+        for exs in (train_examples, heldout_examples)
+    )
     if len(train_items) < profile.train.micro_batch_size:
         raise UserError(
             f"data: {len(train_items)} training examples are fewer than train.micro_batch_size "
@@ -127,7 +128,7 @@ def run_training(profile: Profile, resume: bool, sink: EventSink, control: RunCo
         events.emit(RunStarted(
             run_dir=str(run_dir), model=resolved.name, strategy=profile.strategy.name, device=str(device),
             gpu_name=gpu_name, total_steps=profile.train.max_steps, start_step=start_step,
-            num_layers=model.config.num_hidden_layers, planned_peak_bytes=None,
+            num_layers=model.config.num_hidden_layers, planned_peak_bytes=_planned_peak(profile, device, dtype),
             gpu_total_bytes=torch.cuda.get_device_properties(device).total_memory if gpu_name else None,
             strategy_info=strategy.describe(),
         ))
@@ -235,6 +236,18 @@ def _loop(profile: Profile, model, strategy, updater, stream: BatchStream, heldo
     return step
 
 
+def _planned_peak(profile: Profile, device: torch.device, dtype: torch.dtype) -> int | None:
+    """What `plan` predicts for this profile, shown beside the measured memory (GPU runs only)."""
+    if device.type != "cuda":
+        return None
+    from lowmem_tune.planner.estimate import estimate_profile
+
+    try:
+        return estimate_profile(profile, torch.finfo(dtype).bits // 8).total
+    except (UserError, KeyError, ValueError):  # an architecture the planner cannot summarize
+        return None
+
+
 def _memory_metrics(device: torch.device, process: psutil.Process) -> dict[str, int]:
     if device.type == "cuda":
         return {"cuda_allocated": torch.cuda.memory_allocated(device), "cuda_peak": torch.cuda.max_memory_allocated(device),
@@ -269,14 +282,11 @@ def _evaluate(profile: Profile, model, tokenizer, events: EventSink, stage: str)
 
 
 def _save_final(strategy, model, tokenizer: PreTrainedTokenizerBase, final_dir: Path) -> None:
-    import shutil
-
     tmp = final_dir.with_name(f".{final_dir.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    was_checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    if was_checkpointing:
-        model.gradient_checkpointing_disable()
+    if model.is_activation_checkpointing:
+        model.activation_checkpointing_disable()  # the training is over; generation wants the cache
     model.config.use_cache = True
     strategy.save_final(model, tmp)
     tokenizer.save_pretrained(tmp)
