@@ -181,3 +181,31 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     outcome = run_training(profile_from_dict(raw), resume=True, sink=Recorder())
     assert outcome.status == "completed" and outcome.step == survivor.step + 2
     assert not list(checkpoints.glob(".tmp-step-*"))
+
+
+def test_sigint_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """A real Ctrl-C (SIGINT) to `run --headless`: checkpoint, clean exit, and --resume continues
+    with exactly the losses an uninterrupted run has."""
+    import yaml
+
+    raw = tiny_profile(tmp_path / "run", train={"max_steps": 20, "save_every": 1000})
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "lowmem_tune", "run", str(path), "--headless"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    stopped_at = latest_checkpoint(tmp_path / "run" / "checkpoints").step
+    assert 3 <= stopped_at < 20 and "continue with --resume" in output
+
+    result = subprocess.run([sys.executable, "-m", "lowmem_tune", "run", str(path), "--headless", "--resume"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    reference = profile_from_dict(tiny_profile(tmp_path / "ref", train={"max_steps": 20, "save_every": 1000}))
+    run_training(reference, resume=False, sink=Recorder())
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")

@@ -125,10 +125,11 @@ def run_training(profile: Profile, resume: bool, sink: EventSink, control: RunCo
         write_atomic(run_dir / "profile.yaml", profile.to_yaml())
 
         gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        planned = _planned_peak(profile, device, dtype)
         events.emit(RunStarted(
             run_dir=str(run_dir), model=resolved.name, strategy=profile.strategy.name, device=str(device),
             gpu_name=gpu_name, total_steps=profile.train.max_steps, start_step=start_step,
-            num_layers=model.config.num_hidden_layers, planned_peak_bytes=_planned_peak(profile, device, dtype),
+            num_layers=model.config.num_hidden_layers, planned_peak_bytes=planned,
             gpu_total_bytes=torch.cuda.get_device_properties(device).total_memory if gpu_name else None,
             strategy_info=strategy.describe(),
         ))
@@ -150,10 +151,13 @@ def run_training(profile: Profile, resume: bool, sink: EventSink, control: RunCo
             events.emit(RunFinished("failed", step, f"{err}; the last good checkpoint is kept in {checkpoints_dir}"))
             return RunOutcome("failed", step, 1)
         except torch.cuda.OutOfMemoryError:
+            total = torch.cuda.get_device_properties(device).total_memory
+            predicted = f"the plan predicts {planned / 2**30:.1f} GiB" if planned else "no plan estimate"
             message = (
-                "CUDA out of memory — check `lowmem-tune plan` for this model and GPU, then lower "
-                "train.micro_batch_size or data.max_seq_len, turn on train.activation_checkpointing, "
-                "or lower strategy.rank / strategy.sampled_layers"
+                f"CUDA out of memory ({predicted} for this profile; the GPU has {total / 2**30:.1f} GiB, "
+                f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB was allocated at the peak) — see "
+                "`lowmem-tune plan`, then lower train.micro_batch_size or data.max_seq_len, turn on "
+                "train.activation_checkpointing, or lower strategy.rank / strategy.sampled_layers"
             )
             events.emit(RunFinished("failed", step, message))
             return RunOutcome("failed", step, 1)
