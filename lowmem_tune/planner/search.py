@@ -118,6 +118,13 @@ def search(arch: Architecture, gpu: GpuTarget, usable: int, seq_len: int, micro_
     return candidates, chosen
 
 
+# Published recipes for the knobs the planner does not search (REFERENCE.md §3): OwLore's
+# K = 50, T = 100, scale 1.0, lr 3e-4.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "owlore": {"strategy": {"interval": 50, "update_proj_gap": 100, "scale": 1.0}, "train": {"lr": 3.0e-4}},
+}
+
+
 def build_profile(model: str, candidate: Candidate, gpu_spec: str, margin: float, seq_len: int,
                   output_dir: str | None = None) -> Profile:
     """A profile `run` accepts, with the chosen strategy, knobs and workload."""
@@ -128,13 +135,15 @@ def build_profile(model: str, candidate: Candidate, gpu_spec: str, margin: float
     strategy: dict[str, Any] = {"name": candidate.strategy}
     strategy.update({k: v for k, v in s.items() if k in ("rank", "bits", "layerwise", "sampled_layers", "optimizer",
                                                           "rank_reduction")})
+    recipe = RECIPES.get(candidate.strategy, {})
     raw = {
         "model": {"name": model, "dtype": w.dtype},
         "hardware": {"gpu": gpu_spec, "margin": margin},
-        "strategy": strategy,
-        "data": {"max_seq_len": seq_len},
+        "strategy": {**recipe.get("strategy", {}), **strategy},
+        "data": {"dataset": "boolq", "max_seq_len": seq_len},
         "train": {"micro_batch_size": w.micro_batch_size, "gradient_accumulation": w.gradient_accumulation,
-                  "activation_checkpointing": w.gradient_checkpointing},
+                  "activation_checkpointing": w.gradient_checkpointing, **recipe.get("train", {})},
         "output": {"dir": output_dir or f"runs/{model.replace('/', '-')}-{candidate.strategy}"},
+        "eval": {"tasks": ["boolq"], "baseline": True},
     }
     return profile_from_dict(raw, source="plan")
