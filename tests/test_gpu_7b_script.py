@@ -1,0 +1,78 @@
+"""benchmarks/gpu_7b.py off the GPU: its OOM classification and one child run on the CPU, including
+the two ways an out-of-memory error reaches it (inside the training loop, and during setup)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import lowmem_tune.train.loop as loop
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_7b.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_7b():
+    spec = importlib.util.spec_from_file_location("gpu_7b", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_7b"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["gpu_7b"]
+
+
+def _run(gpu_7b, tmp_path: Path, strategy: str = "galore") -> dict:
+    config = gpu_7b.BenchConfig(strategy, 64, capped=False, knobs={"name": strategy, "rank": 8})
+    return gpu_7b.run_config(config, "tiny-llama", "cpu", steps=3, warmup=1, accumulation=1, cap_bytes=None,
+                             workdir=tmp_path)
+
+
+def test_out_of_memory_messages_are_recognized(gpu_7b):
+    assert gpu_7b.is_out_of_memory("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert gpu_7b.is_out_of_memory("torch.OutOfMemoryError: CUDA error")
+    assert not gpu_7b.is_out_of_memory("loss became nan at step 3; lower train.lr or check the data")
+
+
+def test_one_config_runs_and_is_measured(gpu_7b, tmp_path):
+    result = _run(gpu_7b, tmp_path)
+    assert result["status"] == "completed" and result["fits"] is True
+    assert result["steps_done"] == 3 and result["tokens_per_s"] > 0
+    assert result["planned_bytes"] > 0 and result["peak_rss_bytes"] > 0
+
+
+def test_oom_in_the_training_loop_is_a_result(gpu_7b, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(loop, "lr_at", out_of_memory)  # called inside the loop, after the backward
+    # The loop's OOM message reads the GPU's size and peak; this CPU build has no GPU to ask.
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=24 * 2**30))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
+    result = _run(gpu_7b, tmp_path)
+    assert result["status"] == "oom" and result["fits"] is False and result["steps_done"] == 0
+
+
+def test_oom_during_setup_is_a_result(gpu_7b, tmp_path, monkeypatch):
+    def out_of_memory(model):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 13.00 GiB")
+
+    monkeypatch.setattr(loop, "enable_activation_checkpointing", out_of_memory)
+    result = _run(gpu_7b, tmp_path)
+    assert result["status"] == "oom" and result["fits"] is False and "out of memory" in result["message"]
+
+
+def test_must_show_reads_the_rows(gpu_7b):
+    rows = [
+        {"id": "galore-512", "fits": True, "peak_allocated_bytes": 17 * 10**9},
+        {"id": "owlore-512", "fits": False, "peak_allocated_bytes": None},
+        {"id": "galore-512-uncapped", "tokens_per_s": 900.0},
+        {"id": "adamw8bit-512-uncapped", "tokens_per_s": 1000.0},
+    ]
+    held = [h for _, h, _ in gpu_7b.must_show(rows)]
+    assert held == [True, False, True]
+    assert [h for _, h, _ in gpu_7b.must_show(rows[:1])] == [True, None, None]
