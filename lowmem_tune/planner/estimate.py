@@ -76,7 +76,7 @@ class Estimate:
     settings: dict[str, Any]
     memory: dict[str, int]
     phase: str
-    """Which moment the peak is: 'backward', 'optimizer step' or 'first step'."""
+    """Which moment the peak is: 'backward', 'backward start', 'backward end' or 'optimizer step'."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -149,12 +149,10 @@ class _Parts:
 
     weights: int = 0
     dense_grads: int = 0  # full gradients kept across micro-batches (and into the step)
-    galore_full_grads: int = 0  # every GaLore matrix's full gradient (first step)
     accumulators: int = 0  # GaLore low-rank fp32 accumulators (layerwise), kept across micro-batches
     optimizer: int = 0
     projectors: int = 0
     step_temp: int = 0  # the optimizer step's largest temporaries
-    first_step_full: bool = False
     trained_from_layer: int = 0
     frozen_layers: int = 0  # layers gradients pass through without training them (lisa, owlore)
     lrc_activation_bytes: int = 0  # what WeLore's factors keep on top of frozen layers
@@ -212,7 +210,6 @@ def _parts(strategy: str, arch: Architecture, s: Settings, w: Workload) -> _Part
         parts.projectors = arch.num_layers * sum(x[0] for x in per_layer)
         parts.optimizer += arch.num_layers * sum(x[1] for x in per_layer)
         galore_grads = arch.num_layers * sum(lin.out_features * lin.in_features for lin in arch.linears) * d
-        parts.galore_full_grads = galore_grads
         if strategy == "fira" or not s.layerwise:
             parts.dense_grads += galore_grads  # Fira needs the full gradient at the step
         else:
@@ -322,7 +319,6 @@ def estimate(strategy: str, arch: Architecture, settings: Settings, workload: Wo
     act_overhead = max(working - logits, 0)
     held = p.dense_grads + p.accumulators
     state = {"optimizer": p.optimizer, "projectors": p.projectors}
-    first_grads = p.dense_grads + (p.galore_full_grads if p.accumulators else 0)
     moments: list[tuple[str, dict[str, int]]] = [
         ("optimizer step", {"gradients": held, **state, "activations": 0, "logits": 0, "overhead": p.step_temp}),
     ]
@@ -330,18 +326,12 @@ def estimate(strategy: str, arch: Architecture, settings: Settings, workload: Wo
         # a later micro-batch runs with the gradients (or accumulators) of the earlier ones
         moments.append(("backward", {"gradients": held, **state, "activations": kept_acts, "logits": logits,
                                      "overhead": act_overhead}))
-        if p.first_step_full:
-            moments.append(("first step", {"gradients": first_grads, "optimizer": 0, "projectors": 0,
-                                           "activations": kept_acts, "logits": logits, "overhead": act_overhead}))
     else:
         # one micro-batch per step: gradients appear only as activations and logits are freed
         moments.append(("backward start", {"gradients": 0, **state, "activations": kept_acts, "logits": logits,
                                            "overhead": 0}))
         moments.append(("backward end", {"gradients": held, **state, "activations": 0, "logits": 0,
                                          "overhead": working}))
-        if p.first_step_full:
-            moments.append(("first step", {"gradients": first_grads, "optimizer": 0, "projectors": 0,
-                                           "activations": 0, "logits": 0, "overhead": working}))
     phase, parts = max(moments, key=lambda item: sum(item[1].values()))
     memory = {"weights": p.weights, **parts}
     memory = {k: int(memory[k]) for k in COMPONENTS}
