@@ -19,6 +19,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from lowmem_tune.errors import UserError
+from lowmem_tune.resources import profiles_dir
 
 STRATEGIES = ("full", "adamw8bit", "galore", "fira", "lisa", "owlore", "welore")
 
@@ -160,9 +161,7 @@ class Profile:
 
 def load_profile(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Profile:
     """Read, override and validate a profile. Raises UserError naming the file and key path."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"profile not found: {path} (see profiles/ for ready ones, or `lowmem-tune plan -o`)")
+    path = _find_profile(Path(path))
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -173,6 +172,19 @@ def load_profile(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
         raise UserError(f"{path}: a profile is a mapping of sections (model, strategy, data, train, ...)")
     apply_overrides(raw, overrides)
     return profile_from_dict(raw, source=str(path))
+
+
+def _find_profile(path: Path) -> Path:
+    """The file itself, else a shipped profile of that name (`demo`, `demo.yaml`, `profiles/demo.yaml`
+    work from any directory once the package is installed)."""
+    if path.is_file():
+        return path
+    shipped_dir = profiles_dir()
+    for name in (path.name, f"{path.name}.yaml"):
+        if (shipped_dir / name).is_file():
+            return shipped_dir / name
+    ready = ", ".join(sorted(p.stem for p in shipped_dir.glob("*.yaml")))
+    raise UserError(f"profile not found: {path} (ready profiles: {ready}; or write one with `lowmem-tune plan -o`)")
 
 
 def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> Profile:

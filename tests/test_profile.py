@@ -55,3 +55,11 @@ def test_missing_and_invalid_yaml(tmp_path):
         load_profile(tmp_path / "nope.yaml")
     with pytest.raises(UserError, match="not valid YAML"):
         load_profile(write(tmp_path, "model: [unclosed\n"))
+
+
+def test_shipped_profiles_found_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no profiles/ here
+    assert load_profile("demo").model.name == "demo-llama"
+    assert load_profile("profiles/demo.yaml").strategy.name == "galore"
+    with pytest.raises(UserError, match="ready profiles: .*demo"):
+        load_profile("nope.yaml")
