@@ -9,8 +9,18 @@ Public API (the dashboard and the CLI use only this):
   handling.
 """
 
+from typing import Any
+
 from lowmem_tune.train.console import format_results, run_headless
 from lowmem_tune.train.control import RunControl
-from lowmem_tune.train.loop import RunOutcome, run_training
 
 __all__ = ["RunControl", "RunOutcome", "format_results", "run_headless", "run_training"]
+
+
+def __getattr__(name: str) -> Any:
+    # The loop pulls in torch and transformers (seconds); `monitor` only needs the light parts.
+    if name in ("run_training", "RunOutcome"):
+        from lowmem_tune.train import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'lowmem_tune.train' has no attribute {name!r}")
