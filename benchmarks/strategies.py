@@ -89,7 +89,8 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"Demo task per strategy — {meta['date']}, commit {commit}, {meta['machine']}; "
              f"ratios against `{base['strategy']}` in the same run (`python benchmarks/strategies.py`).", "",
-             "| run | held-out acc | held-out loss | train loss (last 10) | tokens/s | ×full | peak RSS MiB | ×full | wall s |",
+             f"| run | held-out acc | held-out loss | train loss (last 10) | tokens/s | ×{base['strategy']} | "
+             f"peak RSS MiB | ×{base['strategy']} | wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = f"{r['accuracy']:.3f}" if r["accuracy"] is not None else "n/a"
