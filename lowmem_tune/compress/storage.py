@@ -9,16 +9,15 @@ The LRC weights are stored as `<projection>.left` (out×k) and `<projection>.rig
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from lowmem_tune.atomic import write_json_atomic
 from lowmem_tune.compress.lowrank import install_empty, merge_lowrank
 from lowmem_tune.compress.ranks import RankPlan
 from lowmem_tune.errors import UserError
@@ -46,7 +45,7 @@ def save_compressed(model: PreTrainedModel, plan: RankPlan, out_dir: Path) -> No
     """save_pretrained with the ranks recorded, plus welore.json (into `out_dir` as given)."""
     record_plan(model, plan)
     model.save_pretrained(out_dir)
-    write_json(Path(out_dir) / TABLE_FILE, plan.to_dict())
+    write_json_atomic(Path(out_dir) / TABLE_FILE, plan.to_dict())
 
 
 def save_merged(model: PreTrainedModel, out_dir: Path) -> int:
@@ -105,12 +104,6 @@ def copy_tokenizer(source: Path | None, out_dir: Path) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, out_dir / name)
-
-
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def trainable_summary(model: nn.Module) -> tuple[int, int]:

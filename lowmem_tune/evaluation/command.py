@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from lowmem_tune.atomic import write_json_atomic
 from lowmem_tune.errors import UserError
 
 
@@ -49,19 +47,6 @@ def results_table(results: dict[str, Any]):
         table.add_section()
         table.add_row("mean", f"{100 * mean_acc:.2f}", "", "", "", "")
     return table
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_tokenizer(resolved):

@@ -8,10 +8,10 @@ strategy on fake tensors.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from lowmem_tune.atomic import write_text_atomic
 from lowmem_tune.errors import UserError
 from lowmem_tune.hardware import format_bytes, reserve_bytes, resolve_gpu, usable_bytes
 from lowmem_tune.planner.architecture import Architecture, resolve_architecture
@@ -53,7 +53,7 @@ def plan_command(model: str, gpu: str, gpu_index: int, margin: float, strategy: 
     if output is not None:
         if profile is None:
             raise UserError(f"-o {output}: nothing fits, so no profile was written")
-        _write_atomic(output, profile.to_yaml())
+        write_text_atomic(output, profile.to_yaml())
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -70,13 +70,6 @@ def _workload(c: Candidate) -> dict[str, Any]:
 def _candidate_json(c: Candidate) -> dict[str, Any]:
     return {"strategy": c.strategy, "settings": c.settings(), "fits": c.fits, "why": c.why,
             "peak_at": c.estimate.phase, "notes": c.estimate.notes, "memory": c.estimate.memory}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 _SHORT = {"weights": "weights", "gradients": "grads", "optimizer": "optim", "projectors": "proj",

@@ -20,6 +20,7 @@ from typing import Any, ContextManager, Iterable
 import torch
 from torch import nn
 
+from lowmem_tune.atomic import write_json_atomic
 from lowmem_tune.errors import UserError
 from lowmem_tune.modeling import decoder_layers, layer_linears
 from lowmem_tune.optim.updater import StandardUpdater, Updater, tensor_bytes
@@ -27,13 +28,12 @@ from lowmem_tune.strategies.base import Strategy, StrategyContext
 from lowmem_tune.strategies.outliers import (
     RANDOM_TOKENS_NOTE,
     OutlierRatios,
-    load_tokenizer,
     compute_outlier_ratios,
+    load_tokenizer,
     random_token_batches,
     read_calibration_file,
     sampling_probabilities,
     text_batches,
-    write_json_atomic,
 )
 
 # --------------------------------------------------------------------------- sampler

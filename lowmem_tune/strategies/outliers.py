@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -31,6 +29,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from lowmem_tune.atomic import write_json_atomic
 from lowmem_tune.errors import UserError
 from lowmem_tune.modeling import decoder_layers, layer_linears
 
@@ -203,12 +202,6 @@ def load_cached(path: Path) -> OutlierRatios | None:
         return None
 
 
-def write_json_atomic(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(tmp, path)
 
 
 def compute_outlier_ratios(model: nn.Module, batches: list[torch.Tensor], threshold: float, calibration: str,

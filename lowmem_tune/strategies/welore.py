@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from lowmem_tune.atomic import write_json_atomic
 from lowmem_tune.catalog import resolve_model
 from lowmem_tune.compress import (
     RankPlan,
@@ -27,7 +28,7 @@ from lowmem_tune.compress import (
     record_plan,
     save_compressed,
 )
-from lowmem_tune.compress.storage import trainable_summary, write_json
+from lowmem_tune.compress.storage import trainable_summary
 from lowmem_tune.errors import UserError
 from lowmem_tune.optim.updater import Updater
 from lowmem_tune.strategies.adamw import AdamW8bit, FullAdamW
@@ -72,7 +73,7 @@ class WeLore(Strategy):
         )
         if ctx.run_dir is not None and not ctx.fake:
             Path(ctx.run_dir).mkdir(parents=True, exist_ok=True)
-            write_json(Path(ctx.run_dir) / "strategy.json", {**summary, "matrices": self.plan.to_dict()["matrices"]})
+            write_json_atomic(Path(ctx.run_dir) / "strategy.json", {**summary, "matrices": self.plan.to_dict()["matrices"]})
         return model
 
     def _compressed(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:

@@ -13,6 +13,7 @@ import psutil
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from lowmem_tune.atomic import write_json_atomic, write_text_atomic
 from lowmem_tune.catalog import ResolvedModel, resolve_model
 from lowmem_tune.data import (
     BatchStream,
@@ -47,7 +48,7 @@ from lowmem_tune.train.checkpoint import (
     set_rng_state,
 )
 from lowmem_tune.train.control import RunControl
-from lowmem_tune.train.run_files import RunFilesSink, write_atomic, write_json
+from lowmem_tune.train.run_files import RunFilesSink
 from lowmem_tune.train.schedule import lr_at
 
 LOCAL_TOKENIZER_VOCAB = 512
@@ -114,7 +115,7 @@ def run_training(profile: Profile, resume: bool, sink: EventSink, control: RunCo
         eval_results: dict[str, Any] = {"baseline": None, "final": None}
         if profile.eval.tasks and profile.eval.baseline and resume_from is None:
             eval_results["baseline"] = _evaluate(profile, model, tokenizer, events, "baseline")
-            write_json(run_dir / "eval.json", eval_results)
+            write_json_atomic(run_dir / "eval.json", eval_results)
         updater = strategy.build_updater(model, ctx)
         start_step = 0
         if resume_from is not None:
@@ -126,7 +127,7 @@ def run_training(profile: Profile, resume: bool, sink: EventSink, control: RunCo
             start_step = int(state["step"])
             eval_results = state.get("eval_results", eval_results)
             events.emit(Info(f"resumed from {resume_from.path} at step {start_step}"))
-        write_atomic(run_dir / "profile.yaml", profile.to_yaml())
+        write_text_atomic(run_dir / "profile.yaml", profile.to_yaml())
 
         gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         planned = _planned_peak(profile, device, dtype)
@@ -182,7 +183,7 @@ def run_training(profile: Profile, resume: bool, sink: EventSink, control: RunCo
             events.emit(Info(f"final model saved to {final_dir}"))
         if profile.eval.tasks:
             eval_results["final"] = _evaluate(profile, model, tokenizer, events, "final")
-            write_json(run_dir / "eval.json", eval_results)
+            write_json_atomic(run_dir / "eval.json", eval_results)
         events.emit(RunFinished("completed", step, "", str(final_dir) if final_dir else None))
         return RunOutcome("completed", step, 0, final_dir)
     finally:

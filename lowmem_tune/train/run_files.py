@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any
 
+from lowmem_tune.atomic import write_text_atomic
 from lowmem_tune.events import Event, StepMetrics, event_to_json
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 class RunFilesSink:
@@ -64,4 +51,4 @@ def _truncate_after(path: Path, step: int, step_of) -> None:
             continue  # a line cut by a crash
         if value is None or value <= step:
             kept.append(line)
-    write_atomic(path, "".join(f"{line}\n" for line in kept))
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
