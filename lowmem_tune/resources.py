@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -13,6 +14,11 @@ def _shipped_dir(package: str, checkout_dir: str) -> Path:
     if checkout.is_dir():
         return checkout
     return Path(str(resources.files(package)))
+
+
+def cache_dir() -> Path:
+    """$LOWMEM_TUNE_CACHE, else ~/.cache/lowmem-tune (SVD spectra, outlier ratios)."""
+    return Path(os.environ.get("LOWMEM_TUNE_CACHE", Path.home() / ".cache" / "lowmem-tune"))
 
 
 def profiles_dir() -> Path:

@@ -35,11 +35,7 @@ from lowmem_tune.compress.storage import (
     save_merged,
 )
 from lowmem_tune.errors import UserError
-
-
-def cache_dir() -> Path:
-    """$LOWMEM_TUNE_CACHE, else ~/.cache/lowmem-tune (the same place the strategies cache to)."""
-    return Path(os.environ.get("LOWMEM_TUNE_CACHE", Path.home() / ".cache" / "lowmem-tune"))
+from lowmem_tune.resources import cache_dir
 
 
 def plan_ranks(model: PreTrainedModel, rank_reduction: float, min_ratio: float, cache: Path,
@@ -154,7 +150,7 @@ def merge_command(model: str, output: Path) -> None:
 
 
 __all__ = [
-    "LowRankLinear", "MatrixRank", "RankPlan", "assumed_ranks", "assumed_ranks_of", "cache_dir",
+    "LowRankLinear", "MatrixRank", "RankPlan", "assumed_ranks", "assumed_ranks_of",
     "compress_command", "compress_model", "compressed_ranks", "decoder_matrices", "factorize",
     "install_empty", "load_compressed", "lowrank_modules", "merge_command", "merge_lowrank",
     "plan_from_ranks", "plan_ranks", "record_plan", "save_compressed", "save_merged", "select_ranks",

@@ -7,7 +7,6 @@ layers there), and says what goes into a checkpoint and into each step's metrics
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +18,7 @@ from torch import nn
 from lowmem_tune.events import EventSink, Info
 from lowmem_tune.optim.updater import Updater
 from lowmem_tune.profile import Profile
-
-
-def default_cache_dir() -> Path:
-    """$LOWMEM_TUNE_CACHE, else ~/.cache/lowmem-tune (SVD spectra, outlier ratios, tokenizers)."""
-    return Path(os.environ.get("LOWMEM_TUNE_CACHE", Path.home() / ".cache" / "lowmem-tune"))
+from lowmem_tune.resources import cache_dir as default_cache_dir
 
 
 class _NullSink:

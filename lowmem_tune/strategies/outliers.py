@@ -293,7 +293,7 @@ def inspect_outliers_command(model: str, calibration_file: Path | None, samples:
 
     from lowmem_tune.catalog import resolve_model
     from lowmem_tune.modeling import load_model, pick_device, resolve_dtype
-    from lowmem_tune.strategies.base import default_cache_dir
+    from lowmem_tune.resources import cache_dir
 
     if threshold <= 1:
         raise UserError(f"--threshold is M in 'score > M x mean'; must be above 1, got {threshold}")
@@ -307,7 +307,7 @@ def inspect_outliers_command(model: str, calibration_file: Path | None, samples:
                         resolve_dtype("auto", torch_device), torch_device)
     batches, source = _calibration_for_inspect(resolved, calibration_file, samples, seq_len)
     model_id = "" if random_weights else weights_identity(resolved.pretrained_path, resolved.local_dir)
-    result, hit = compute_outlier_ratios(loaded, batches, threshold, source, model_id, default_cache_dir())
+    result, hit = compute_outlier_ratios(loaded, batches, threshold, source, model_id, cache_dir())
     probabilities = sampling_probabilities(result)
     title = f"Outlier ratios of {resolved.name}" + (" (random weights)" if random_weights else "")
     console.print(render_outlier_chart(result, probabilities, title))
