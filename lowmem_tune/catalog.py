@@ -126,7 +126,9 @@ def resolve_model(name: str) -> ResolvedModel:
         if path.suffix != ".json":
             raise UserError(f"--model {name}: a file must be a config.json; give the model's directory instead")
         return ResolvedModel(path.parent.name or path.stem, _config_from_file(path), None, path.parent, "local")
-    if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
+    if name.startswith((".", "/", "~")):
+        raise UserError(f"model directory not found: {path} (a save_pretrained folder, a catalog name or a hub id)")
+    if "/" in name and name.count("/") == 1:
         return ResolvedModel(name, _config_from_hub(name), name, None, "hub")
     close = difflib.get_close_matches(name, list(CATALOG), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"catalog: {', '.join(CATALOG)}"
