@@ -58,7 +58,7 @@ def cuda_peak(profile) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["demo-llama", "small-llama", "llama-2-7b"])
-    parser.add_argument("--strategies", nargs="+", default=["full", "adamw8bit", "galore", "fira", "lisa", "owlore"])
+    parser.add_argument("--strategies", nargs="+", default=["full", "adamw8bit", "galore", "fira", "lisa", "owlore", "welore"])
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--no-checkpointing", action="store_true")
