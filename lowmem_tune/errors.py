@@ -7,3 +7,9 @@ class UserError(Exception):
     The message is one line and says what is wrong, where, and how to fix it. The CLI prints it
     without a traceback and exits with code 2.
     """
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (library errors are often paragraphs), or its type."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

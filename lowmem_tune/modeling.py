@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lowmem_tune.catalog import ResolvedModel
-from lowmem_tune.errors import UserError
+from lowmem_tune.errors import UserError, first_line
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -71,12 +71,22 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UserError(
             f"could not load weights of {path!r}: {first} (offline? download it first with "
             "`huggingface-cli download`, or point model.name at a local directory)"
         ) from None
     return model.to(device)
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    """A tokenizer from a local directory or a hub id; failure is a one-line UserError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not load a tokenizer from {source!r}: {first_line(err)}") from None
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

@@ -50,15 +50,11 @@ def results_table(results: dict[str, Any]):
 
 
 def _load_tokenizer(resolved):
-    from transformers import AutoTokenizer
+    from lowmem_tune.modeling import load_tokenizer
 
     if resolved.pretrained_path is None:
         raise UserError(f"model {resolved.name!r} is an architecture only: evaluate a trained model directory")
-    try:
-        return AutoTokenizer.from_pretrained(resolved.pretrained_path)
-    except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"could not load a tokenizer from {resolved.pretrained_path!r}: {first}") from None
+    return load_tokenizer(resolved.pretrained_path)
 
 
 def eval_command(dataset: str, model: str, data_files: tuple[str, ...] = (), limit: int | None = None,

@@ -244,14 +244,15 @@ def weights_identity(pretrained_path: str, local_dir: Path | None) -> str:
 
 
 def load_tokenizer(pretrained_path: str | None, tokenizer_name: str | None = None):
-    from transformers import AutoTokenizer
+    """The model's tokenizer, or None where it has none (calibration then uses random tokens)."""
+    from lowmem_tune.modeling import load_tokenizer as load
 
     source = tokenizer_name or pretrained_path
     if source is None:
         return None
     try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError):
+        return load(source)
+    except UserError:
         return None
 
 

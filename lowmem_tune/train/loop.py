@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from lowmem_tune.atomic import write_json_atomic, write_text_atomic
 from lowmem_tune.catalog import ResolvedModel, resolve_model
@@ -36,7 +36,9 @@ from lowmem_tune.events import (
     RunStarted,
     StepMetrics,
 )
-from lowmem_tune.modeling import enable_activation_checkpointing, load_model, pick_device, resolve_dtype
+from lowmem_tune.modeling import (
+    enable_activation_checkpointing, load_model, load_tokenizer, pick_device, resolve_dtype,
+)
 from lowmem_tune.profile import Profile
 from lowmem_tune.strategies import StrategyContext, build_strategy
 from lowmem_tune.train.checkpoint import (
@@ -309,15 +311,11 @@ def _tokenizer_for(profile: Profile, resolved: ResolvedModel, run_dir: Path, tex
     run's data, saved in the run directory so a resumed run uses the very same one."""
     source = profile.model.tokenizer or (resolved.pretrained_path if profile.model.init == "pretrained" else None)
     if source is not None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(f"model.tokenizer: could not load a tokenizer from {source!r}: {first}") from None
+        tokenizer = load_tokenizer(source)
     else:
         saved = run_dir / "tokenizer"
         if (saved / "tokenizer.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(saved)
+            tokenizer = load_tokenizer(str(saved))
         else:
             vocab = min(LOCAL_TOKENIZER_VOCAB, resolved.config.vocab_size)
             tokenizer = train_local_tokenizer(texts, vocab)
