@@ -254,7 +254,10 @@ def test_live_run_hands_the_training_error_to_the_main_thread(monkeypatch):
     assert run.feed.closed
 
 
-def strategy_panel_text(info: dict, metrics: dict) -> str:
+def strategy_panel_text(info: dict, metrics: dict, shown: str) -> str:
+    """The strategy panel's text once it shows `shown` (the panel redraws on a timer, after the
+    state has taken the event)."""
+
     async def scenario() -> str:
         feed = QueueFeed()
         app = DashboardApp(feed, control=RunControl())
@@ -263,7 +266,7 @@ def strategy_panel_text(info: dict, metrics: dict) -> str:
             event.strategy, event.strategy_info = info["name"], info
             feed.emit(event)
             feed.emit(StepMetrics({"step": 7, "total_steps": TOTAL_STEPS, "loss": 2.0, **metrics}))
-            await wait_for(pilot, lambda: app.state.metrics.get("step") == 7)
+            await wait_for(pilot, lambda: shown in text_of(app.query_one(StrategyPanel)))
             return text_of(app.query_one(StrategyPanel))
 
     return asyncio.run(scenario())
@@ -271,9 +274,9 @@ def strategy_panel_text(info: dict, metrics: dict) -> str:
 
 def test_strategy_panel_shows_galore_refresh_and_welore_components():
     galore = strategy_panel_text({"name": "galore", "rank": 32, "update_proj_gap": 50},
-                                 {"next_refresh_in": 13, "projectors_refreshed": 4})
+                                 {"next_refresh_in": 13, "projectors_refreshed": 4}, shown="next subspace refresh")
     assert "rank 32" in galore and "update_proj_gap 50" in galore
     assert "next subspace refresh in 13 steps   (4 projectors refreshed last step)" in galore
     welore = strategy_panel_text({"name": "welore", "lrc": 10, "n_lrc": 18, "rank_reduction_achieved": 0.3,
-                                  "decoder_parameter_reduction": 0.21}, {})
+                                  "decoder_parameter_reduction": 0.21}, {}, shown="LRC 10")
     assert "LRC 10 low-rank matrices · N-LRC 18 · rank reduction 30% · decoder parameters −21%" in welore
