@@ -24,18 +24,18 @@ from lowmem_tune.events import (
     RunStarted,
     RunWarning,
 )
-from lowmem_tune.hardware import GpuStats
+from lowmem_tune import hardware
+from lowmem_tune.hardware import GiB, GpuStats
 from lowmem_tune.train import format_results
 from lowmem_tune.tui.chart import block_strip, format_value, render_line_chart
 from lowmem_tune.tui.state import RunState
 
-GIB = 1024**3
 STATUS_STYLES = {"starting": "yellow", "running": "green", "stopping": "yellow", "completed": "bold green",
                  "stopped": "yellow", "failed": "bold red"}
 
 
 def format_bytes(n: float | None) -> str:
-    return "—" if n is None else f"{n / GIB:.2f} GiB"
+    return "—" if n is None else hardware.format_bytes(n)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -169,7 +169,7 @@ class MemoryPanel(Panel):
         if gpu is not None:
             used, total = gpu.used_bytes, gpu.total_bytes
             lines.append(Text.assemble("GPU   ", meter(used / total, 20, planned / total if planned else None),
-                                       f" {used / GIB:.1f} / {total / GIB:.1f} GiB"))
+                                       f" {used / GiB:.1f} / {total / GiB:.1f} GiB"))
             extras = [f"{gpu.temperature_c} °C" if gpu.temperature_c is not None else None,
                       f"{gpu.utilization_percent} % util" if gpu.utilization_percent is not None else None,
                       f"{gpu.power_w:.0f} W" if gpu.power_w is not None else None]
@@ -178,7 +178,7 @@ class MemoryPanel(Panel):
         elif started is not None and started.gpu_total_bytes and m.get("cuda_peak") is not None:
             total = started.gpu_total_bytes
             lines.append(Text.assemble("GPU   ", meter(m["cuda_peak"] / total, 20, planned / total if planned else None),
-                                       f" of {total / GIB:.1f} GiB (torch peak)"))
+                                       f" of {total / GiB:.1f} GiB (torch peak)"))
         if m.get("cuda_allocated") is not None:
             lines.append(Text(f"torch {format_bytes(m['cuda_allocated'])} allocated · peak {format_bytes(m.get('cuda_peak'))}"))
         if m.get("rss") is not None:
