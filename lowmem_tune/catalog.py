@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # transformers imports torch (seconds): `plan` reads the catalog without it
     from transformers import PretrainedConfig
 
-from lowmem_tune.errors import UserError, first_line
+from lowmem_tune.errors import UserError, one_line
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def _config_from_hub(hub_id: str) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(hub_id)
     except (OSError, ValueError) as err:
-        first = first_line(err)
+        first = one_line(err)
         raise UserError(
             f"could not read the config of hub model {hub_id!r} (offline or not cached?): {first} — "
             "pass a local model directory or a catalog name instead"

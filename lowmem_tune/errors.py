@@ -9,7 +9,10 @@ class UserError(Exception):
     """
 
 
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (library errors are often paragraphs), or its type."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+def one_line(err: BaseException, limit: int = 240) -> str:
+    """A library exception's message on one line (they are often paragraphs whose first line ends
+    in "one of:"), shortened to `limit` characters; its type when it has no message."""
+    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    if not text:
+        return type(err).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"

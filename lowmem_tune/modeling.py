@@ -7,7 +7,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lowmem_tune.catalog import ResolvedModel
-from lowmem_tune.errors import UserError, first_line
+from lowmem_tune.errors import UserError, one_line
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -71,7 +71,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as err:
-        first = first_line(err)
+        first = one_line(err)
         raise UserError(
             f"could not load weights of {path!r}: {first} (offline? download it first with "
             "`huggingface-cli download`, or point model.name at a local directory)"
@@ -86,7 +86,7 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise UserError(f"could not load a tokenizer from {source!r}: {first_line(err)}") from None
+        raise UserError(f"could not load a tokenizer from {source!r}: {one_line(err)}") from None
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

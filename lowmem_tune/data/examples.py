@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_tune.data.synthetic import generate_synthetic_boolq
-from lowmem_tune.errors import UserError, first_line
+from lowmem_tune.errors import UserError, one_line
 from lowmem_tune.profile import DataSection
 
 SYNTHETIC = "synthetic-boolq"
@@ -85,7 +85,7 @@ def _load_dataset(path: str, config: str | None, split: str, data_files: str | N
     try:
         ds = datasets.load_dataset(path, config, split=split, data_files=data_files)
     except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:
-        first = first_line(err)
+        first = one_line(err)
         where = data_files or path
         hint = "" if data_files else " (offline and not cached? download it first, or pass a local file)"
         raise UserError(f"data.dataset: could not load {where!r} split {split!r}: {first}{hint}") from None

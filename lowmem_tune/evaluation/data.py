@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lowmem_tune.errors import UserError, first_line
+from lowmem_tune.errors import UserError, one_line
 from lowmem_tune.evaluation.cards import DataSource, TaskCard
 
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -42,7 +42,7 @@ def _hub_rows(card: TaskCard, split: str) -> list[dict[str, Any]]:
     try:
         return list(load_dataset(source.hub, source.config, split=split))
     except (OSError, ValueError) as err:  # offline and uncached: ConnectionError / DatasetNotFoundError
-        first = first_line(err)
+        first = one_line(err)
         raise UserError(
             f"task {card.name}: could not load hub dataset {source.hub!r}"
             f"{f' (config {source.config!r})' if source.config else ''} split {split!r} "
