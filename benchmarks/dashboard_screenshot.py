@@ -14,7 +14,6 @@ import asyncio
 from pathlib import Path
 
 from lowmem_tune.tui import MonitorApp, RunDirFeed
-from lowmem_tune.tui.app import CHART_HZ
 
 
 async def screenshot(run_dir: Path, out: Path, size: tuple[int, int]) -> None:
@@ -22,7 +21,7 @@ async def screenshot(run_dir: Path, out: Path, size: tuple[int, int]) -> None:
     async with app.run_test(size=size) as pilot:
         while app.state.finished is None:
             await pilot.pause(0.1)
-        await pilot.pause(1.5 / CHART_HZ)  # let the chart's own timer draw the full history
+        await pilot.pause(0.5)  # the tick that read the last event has asked for a redraw: let it land
         app.save_screenshot(out.name, str(out.parent))
 
 

@@ -22,6 +22,7 @@ from lowmem_tune.train.control import RunControl
 from lowmem_tune.tui import DashboardApp, MonitorApp, QueueFeed, RunDirFeed, monitor_command
 from lowmem_tune.profile import Profile
 from lowmem_tune.tui.live import LiveRun
+from lowmem_tune.tui.pacing import RedrawPacer
 from lowmem_tune.tui.state import Series
 from lowmem_tune.tui.widgets import LossChart, MemoryPanel, StrategyPanel
 
@@ -280,3 +281,41 @@ def test_strategy_panel_shows_galore_refresh_and_welore_components():
     welore = strategy_panel_text({"name": "welore", "lrc": 10, "n_lrc": 18, "rank_reduction_achieved": 0.3,
                                   "decoder_parameter_reduction": 0.21}, {}, shown="LRC 10")
     assert "LRC 10 low-rank matrices · N-LRC 18 · rank reduction 30% · decoder parameters −21%" in welore
+
+
+def test_redraw_pacer_keeps_the_ui_share_within_its_budget():
+    pacer = RedrawPacer(budget=0.02, fastest_s=1.0, slowest_s=5.0)
+    assert pacer.next_interval(cpu_s=0.005, wall_s=1.0) == 1.0  # cheap redraws: as often as allowed
+    # 50 ms spent in the last second: the next redraw waits until those 50 ms are 2% of the time
+    assert pacer.next_interval(cpu_s=0.05, wall_s=1.0) == pytest.approx(2.5)
+    assert pacer.next_interval(cpu_s=0.05, wall_s=2.5) == pytest.approx(2.5)  # a fixed point
+    assert pacer.next_interval(cpu_s=0.5, wall_s=1.0) == 5.0  # never slower than slowest_s
+    assert pacer.next_interval(cpu_s=0.0, wall_s=0.0) == 1.0
+
+
+def test_dashboard_redraws_less_often_when_drawing_is_expensive(monkeypatch):
+    """The app's tick asks the pacer with the UI thread's own CPU time: a redraw made to cost
+    ~0.2 s of CPU spaces the ticks out to the pacer's slowest."""
+    delays: list[float] = []
+
+    class RecordingPacer(RedrawPacer):
+        def next_interval(self, cpu_s: float, wall_s: float) -> float:
+            delays.append(super().next_interval(cpu_s, wall_s))
+            return 0.05  # keep the test short: only the pacer's answer matters
+
+    def busy(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    async def scenario() -> None:
+        app = DashboardApp(QueueFeed(), control=RunControl())
+        app.pacer = RecordingPacer(budget=0.02, fastest_s=0.05, slowest_s=5.0)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_for(pilot, lambda: len(delays) >= 1)
+            monkeypatch.setattr(app, "pull_events", lambda: busy(0.2))
+            count = len(delays)
+            await wait_for(pilot, lambda: len(delays) >= count + 2)
+
+    asyncio.run(scenario())
+    assert delays[-1] == 5.0

@@ -1,12 +1,16 @@
 """The dashboard app: polls a feed at a bounded rate, folds events into a `RunState`, redraws.
 
 Training never waits on the UI: the live feed's `emit` only enqueues, and this app drains the
-queue from a timer, so however fast steps come the panels redraw at most `REFRESH_HZ` times a
-second, and the loss chart (most of the screen) at most `CHART_HZ`. Keys go back to training through `RunControl` flags that the loop polls between steps.
+queue from a timer, so however fast steps come the screen is drawn in one pass at a time that a
+`RedrawPacer` chooses: once a second, or less often when drawing costs more than its share of
+the process (benchmarks/dashboard_overhead.py measures what that leaves the training). Keys are
+handled as they come, not at the redraw rate; they reach training through `RunControl` flags
+that the loop polls between steps.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +23,7 @@ from textual.widgets import Footer, Static
 from lowmem_tune.hardware import GpuStats
 from lowmem_tune.train.control import RunControl
 from lowmem_tune.tui.feeds import Feed
+from lowmem_tune.tui.pacing import RedrawPacer
 from lowmem_tune.tui.state import RunState
 from lowmem_tune.tui.widgets import (
     EventLog,
@@ -32,9 +37,6 @@ from lowmem_tune.tui.widgets import (
     log_line,
 )
 
-REFRESH_HZ = 2
-CHART_HZ = 1
-GPU_POLL_S = 1.0
 
 class HelpScreen(ModalScreen[None]):
     def __init__(self, text: str) -> None:
@@ -83,7 +85,8 @@ The run directory keeps everything shown here: watch it from another terminal wi
         self.state = RunState()
         self.gpu: GpuStats | None = None
         self.stopping = False
-        self.chart_stale = False
+        self.pacer = RedrawPacer()
+        self._last_tick: tuple[float, float] | None = None  # (wall, UI thread CPU) at the last tick
 
     def compose(self) -> ComposeResult:
         yield HeaderBar(id="header")
@@ -105,10 +108,19 @@ The run directory keeps everything shown here: watch it from another terminal wi
             self.query_one(f"#{panel_id}").border_title = title
         self.begin_capture_print(self.query_one(EventLog))
         self._redraw()
-        self.set_interval(1 / REFRESH_HZ, self.pull_events)
-        self.set_interval(1 / CHART_HZ, self.redraw_chart)
-        if self.gpu_stats is not None:
-            self.set_interval(GPU_POLL_S, self.poll_gpu)
+        self.set_timer(self.pacer.fastest_s, self.tick)
+
+    def tick(self) -> None:
+        """Poll the GPU, fold in the events that came, redraw, and schedule the next tick."""
+        self.poll_gpu()
+        self.pull_events()
+        now, cpu = time.monotonic(), time.thread_time()  # this runs on the UI thread: its CPU only
+        if self._last_tick is None:  # the first interval held the app's start-up, not a redraw
+            delay = self.pacer.fastest_s
+        else:
+            delay = self.pacer.next_interval(cpu - self._last_tick[1], now - self._last_tick[0])
+        self._last_tick = (now, cpu)
+        self.set_timer(delay, self.tick)
 
     @property
     def status(self) -> str:
@@ -125,21 +137,17 @@ The run directory keeps everything shown here: watch it from another terminal wi
             if line is not None:
                 log.write(line)
         if events:
-            self.chart_stale = True
             self._redraw()
+            self.query_one(LossChart).refresh()
         if self.state.finished is not None and self.stopping:
             self.exit()
         elif self.feed.closed and self.state.finished is None:
             self.exit()  # the training thread ended without finishing: its error is raised after the app
 
-    def redraw_chart(self) -> None:
-        if self.chart_stale:
-            self.chart_stale = False
-            self.query_one(LossChart).refresh()
-
     def poll_gpu(self) -> None:
         started = self.state.started
-        if started is None or not started.device.startswith("cuda") or self.state.finished is not None:
+        if (self.gpu_stats is None or started is None or not started.device.startswith("cuda")
+                or self.state.finished is not None):
             return
         index = self.gpu_index if self.gpu_index is not None else int(started.device.partition(":")[2] or 0)
         self.gpu = self.gpu_stats(index)

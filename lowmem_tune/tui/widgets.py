@@ -12,7 +12,7 @@ from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widget import Widget
-from textual.widgets import ProgressBar, RichLog, Sparkline, Static
+from textual.widgets import RichLog, Sparkline, Static
 
 from lowmem_tune.events import (
     CheckpointSaved,
@@ -50,14 +50,20 @@ def format_rate(rate: float | None) -> str:
     return "—" if rate is None else f"{rate:,.0f}"
 
 
-def meter(fraction: float, width: int, mark: float | None = None) -> Text:
+def meter(fraction: float, width: int, style: str = "green", mark: float | None = None) -> Text:
     """A bar `width` cells wide, filled to `fraction`, with an optional marker (the plan) at `mark`."""
     filled = round(min(max(fraction, 0.0), 1.0) * width)
-    style = "red" if fraction > 0.95 else "green"
-    cells = [("█", style) if i < filled else ("░", "dim") for i in range(width)]
+    cells = Text.assemble(("█" * filled, style), ("░" * (width - filled), "dim"))
     if mark is not None and 0 <= mark <= 1:
-        cells[min(int(mark * width), width - 1)] = ("┃", "bold yellow")
-    return Text.assemble(*cells)
+        at = min(int(mark * width), width - 1)
+        cells = Text.assemble(cells[:at], ("┃", "bold yellow"), cells[at + 1:])
+    return cells
+
+
+def memory_meter(used: float, total: float, planned: float | None) -> Text:
+    """Memory used of `total`, red when nearly full, with the plan's peak marked."""
+    fraction = used / total
+    return meter(fraction, 20, style="red" if fraction > 0.95 else "green", mark=planned / total if planned else None)
 
 
 class Panel(Static):
@@ -126,10 +132,28 @@ def _value(value: float | None) -> str:
     return "—" if value is None else format_value(float(value))
 
 
+class ProgressLine(Widget):
+    """A bar and a percentage, sized to the widget. Textual's ProgressBar redraws on a timer of
+    its own every second (15 times a second until it knows the total); this one only when the
+    share it shows changes."""
+
+    fraction: float | None = None
+
+    def show(self, fraction: float | None) -> None:
+        if fraction != self.fraction:
+            self.fraction = fraction
+            self.refresh()
+
+    def render(self) -> Text:
+        if self.fraction is None:
+            return Text("")
+        return Text.assemble(meter(self.fraction, max(self.size.width - 5, 1)), f"{self.fraction:5.0%}")
+
+
 class ProgressPanel(Vertical):
     def compose(self) -> ComposeResult:
         yield Panel(id="progress-steps")
-        yield ProgressBar(show_eta=False, id="progress-bar")
+        yield ProgressLine(id="progress-bar")
         yield Panel(id="progress-times")
 
     def show(self, state: RunState) -> None:
@@ -140,7 +164,7 @@ class ProgressPanel(Vertical):
         if m.get("epoch") is not None:
             line.append(f"   epoch {m['epoch']:.2f}")
         self.query_one("#progress-steps", Panel).show_text(line)
-        self.query_one(ProgressBar).update(total=total, progress=step)
+        self.query_one(ProgressLine).show(min(step / total, 1.0) if total else None)
         eta = None if state.finished else m.get("eta_s")
         self.query_one("#progress-times", Panel).show_text(
             Text(f"elapsed {format_duration(m.get('elapsed_s'))}   ETA {format_duration(eta)}"))
@@ -168,7 +192,7 @@ class MemoryPanel(Panel):
         lines: list[Text] = []
         if gpu is not None:
             used, total = gpu.used_bytes, gpu.total_bytes
-            lines.append(Text.assemble("GPU   ", meter(used / total, 20, planned / total if planned else None),
+            lines.append(Text.assemble("GPU   ", memory_meter(used, total, planned),
                                        f" {used / GiB:.1f} / {total / GiB:.1f} GiB"))
             extras = [f"{gpu.temperature_c} °C" if gpu.temperature_c is not None else None,
                       f"{gpu.utilization_percent} % util" if gpu.utilization_percent is not None else None,
@@ -177,7 +201,7 @@ class MemoryPanel(Panel):
                 lines.append(Text("      " + " · ".join(e for e in extras if e), style="dim"))
         elif started is not None and started.gpu_total_bytes and m.get("cuda_peak") is not None:
             total = started.gpu_total_bytes
-            lines.append(Text.assemble("GPU   ", meter(m["cuda_peak"] / total, 20, planned / total if planned else None),
+            lines.append(Text.assemble("GPU   ", memory_meter(m["cuda_peak"], total, planned),
                                        f" of {total / GiB:.1f} GiB (torch peak)"))
         if m.get("cuda_allocated") is not None:
             lines.append(Text(f"torch {format_bytes(m['cuda_allocated'])} allocated · peak {format_bytes(m.get('cuda_peak'))}"))
