@@ -47,7 +47,9 @@ def step(n: int, active: list[int]) -> StepMetrics:
 
 
 def text_of(widget) -> str:
-    return str(widget.render()) if isinstance(widget, LossChart) else str(widget.content)
+    if isinstance(widget, LossChart):
+        return "\n".join(strip.text for strip in widget.lines())
+    return str(widget.content)
 
 
 def log_text(app) -> str:

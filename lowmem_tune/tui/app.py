@@ -86,7 +86,8 @@ The run directory keeps everything shown here: watch it from another terminal wi
         self.gpu: GpuStats | None = None
         self.stopping = False
         self.pacer = RedrawPacer()
-        self._last_tick: tuple[float, float] | None = None  # (wall, UI thread CPU) at the last tick
+        self._last_draw: tuple[float, float] | None = None  # (wall, UI thread CPU) at the last redraw
+        self._next_draw = 0.0
 
     def compose(self) -> ComposeResult:
         yield HeaderBar(id="header")
@@ -108,19 +109,22 @@ The run directory keeps everything shown here: watch it from another terminal wi
             self.query_one(f"#{panel_id}").border_title = title
         self.begin_capture_print(self.query_one(EventLog))
         self._redraw()
-        self.set_timer(self.pacer.fastest_s, self.tick)
+        self.set_interval(self.pacer.fastest_s, self.tick)
 
     def tick(self) -> None:
-        """Poll the GPU, fold in the events that came, redraw, and schedule the next tick."""
-        self.poll_gpu()
-        self.pull_events()
+        """Every `fastest_s`: when the pacer says a redraw is due, poll the GPU, fold in the events
+        that came and redraw."""
         now, cpu = time.monotonic(), time.thread_time()  # this runs on the UI thread: its CPU only
-        if self._last_tick is None:  # the first interval held the app's start-up, not a redraw
+        if now < self._next_draw:
+            return
+        if self._last_draw is None:  # the first interval held the app's start-up, not a redraw
             delay = self.pacer.fastest_s
         else:
-            delay = self.pacer.next_interval(cpu - self._last_tick[1], now - self._last_tick[0])
-        self._last_tick = (now, cpu)
-        self.set_timer(delay, self.tick)
+            delay = self.pacer.next_interval(cpu - self._last_draw[1], now - self._last_draw[0])
+        self._last_draw = (now, cpu)
+        self._next_draw = now + delay - 0.1 * self.pacer.fastest_s  # the timer's jitter must not cost a whole tick
+        self.poll_gpu()
+        self.pull_events()
 
     @property
     def status(self) -> str:
@@ -138,7 +142,7 @@ The run directory keeps everything shown here: watch it from another terminal wi
                 log.write(line)
         if events:
             self._redraw()
-            self.query_one(LossChart).refresh()
+            self.query_one(LossChart).redraw()
         if self.state.finished is not None and self.stopping:
             self.exit()
         elif self.feed.closed and self.state.finished is None:

@@ -1,7 +1,9 @@
 """A compact line chart drawn with braille dots (2 x 4 dots per terminal cell).
 
-Textual has no line chart; this renders train loss as a line and eval loss as dots into a Rich
-`Text`, with the y range on the left and the step range underneath.
+Textual has no line chart; this renders train loss as a line and eval loss as dots into rows of
+styled runs of text, with the y range on the left and the step range underneath. The dashboard
+turns the rows into Textual strips directly: the same chart as one Rich `Text` went through
+Textual's content pipeline at ~20 ms a redraw for a 130 x 40 chart.
 """
 
 from __future__ import annotations
@@ -9,13 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from rich.text import Text
-
 # Bit of each dot in a braille cell, indexed [row][column] (Unicode braille patterns, U+2800).
 _DOT_BITS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))
 _LABEL_WIDTH = 8
 
 Points = Sequence[tuple[float, float]]
+Row = list[tuple[str, str]]  # runs of (text, style); style "" is the widget's own
 
 
 class BrailleCanvas:
@@ -58,12 +59,12 @@ def format_value(value: float) -> str:
 
 def render_line_chart(
     line: Points, dots: Points, width: int, height: int, line_style: str = "cyan", dot_style: str = "magenta"
-) -> Text:
+) -> list[Row]:
     """`line` drawn as a connected curve and `dots` as markers, in `width` x `height` cells
-    (including the axis labels). Non-finite values are left out."""
+    (including the axis labels), one `Row` per terminal line. Non-finite values are left out."""
     line_points, dot_points = _finite(line), _finite(dots)
     if not line_points and not dot_points:
-        return Text("waiting for the first step…", style="dim")
+        return [[("waiting for the first step…", "dim")]]
     plot_width, plot_height = max(width - _LABEL_WIDTH, 4), max(height - 1, 2)
 
     xs = [x for x, _ in line_points + dot_points]
@@ -95,7 +96,7 @@ def render_line_chart(
         for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):  # a 2x2 blob stands out from the line
             dot_canvas.dot(column + dx, row + dy)
 
-    text = Text(no_wrap=True, overflow="crop")
+    rows: list[Row] = []
     for row in range(plot_height):
         if row == 0:
             label = format_value(y_hi - pad)
@@ -103,22 +104,23 @@ def render_line_chart(
             label = format_value(y_lo + pad)
         else:
             label = ""
-        text.append(f"{label:>{_LABEL_WIDTH - 1}}┤" if label else " " * (_LABEL_WIDTH - 1) + "│", style="dim")
-        # One append per run of same-styled cells: far fewer segments for the terminal to draw.
+        runs: Row = [(f"{label:>{_LABEL_WIDTH - 1}}┤" if label else " " * (_LABEL_WIDTH - 1) + "│", "dim")]
+        # One run per stretch of same-styled cells: far fewer segments for the terminal to draw.
         run_chars: list[str] = []
         run_style = ""
         for line_bits, dot_bits in zip(line_canvas.cells[row], dot_canvas.cells[row]):
             style = dot_style if dot_bits else line_style if line_bits else ""
             if style != run_style and run_chars:
-                text.append("".join(run_chars), style=run_style)
+                runs.append(("".join(run_chars), run_style))
                 run_chars = []
             run_style = style
             run_chars.append(chr(0x2800 | dot_bits | line_bits) if style else " ")
-        text.append("".join(run_chars) + "\n", style=run_style)
+        runs.append(("".join(run_chars), run_style))
+        rows.append(runs)
     first, last = f"{x_lo:g}", f"{max(xs):g}"
     gap = max(plot_width - len(first) - len(last), 1)
-    text.append(" " * _LABEL_WIDTH + first + " " * gap + last, style="dim")
-    return text
+    rows.append([(" " * _LABEL_WIDTH + first + " " * gap + last, "dim")])
+    return rows
 
 
 _BLOCKS = "▁▂▃▄▅▆▇█"

@@ -17,7 +17,7 @@ class RedrawPacer:
     `fastest_s` nor less often than `slowest_s` apart.
     """
 
-    budget: float = 0.02
+    budget: float = 0.01
     fastest_s: float = 1.0
     slowest_s: float = 5.0
 

@@ -7,9 +7,13 @@ import math
 import time
 from typing import Any
 
+from rich.segment import Segment
+from rich.style import Style
 from rich.text import Text
 from textual import events
 from textual.app import ComposeResult
+from textual.geometry import Size
+from textual.strip import Strip
 from textual.containers import Vertical
 from textual.widget import Widget
 from textual.widgets import RichLog, Sparkline, Static
@@ -93,15 +97,32 @@ class HeaderBar(Panel):
 
 
 class LossChart(Widget):
-    """Train loss as a line, eval loss as dots; sized to the widget."""
+    """Train loss as a line, eval loss as dots; sized to the widget. Drawn line by line from
+    strips built once per `redraw()` (or resize), the cheapest way through Textual."""
 
     def __init__(self, state: RunState, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.state = state
+        self._strips: list[Strip] = []
+        self._strips_size: Size | None = None
 
-    def render(self) -> Text:
-        return render_line_chart(self.state.train_loss.points, self.state.eval_loss.points,
-                                 self.size.width, self.size.height)
+    def redraw(self) -> None:
+        """The state has new points: rebuild the strips and repaint."""
+        self._strips_size = None
+        self.refresh()
+
+    def lines(self) -> list[Strip]:
+        if self._strips_size != self.size:
+            rows = render_line_chart(self.state.train_loss.points, self.state.eval_loss.points,
+                                     self.size.width, self.size.height)
+            self._strips = [Strip([Segment(text, Style.parse(style) if style else None) for text, style in row])
+                            for row in rows]
+            self._strips_size = self.size
+        return self._strips
+
+    def render_line(self, y: int) -> Strip:
+        lines = self.lines()
+        return lines[y] if y < len(lines) else Strip.blank(self.size.width)
 
 
 class LossPanel(Vertical):
