@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -144,8 +145,10 @@ def main() -> None:
 
     ratios = [p["ratio"] for p in pairs]
     headless_to_headless = [b["headless"] / a["headless"] for a, b in zip(pairs, pairs[1:])]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
     result = {
-        "profile": args.profile, "steps": args.steps, "warmup_steps": args.warmup, "pairs": pairs,
+        "date": time.strftime("%Y-%m-%d"), "commit": commit, "profile": args.profile, "steps": args.steps, "warmup_steps": args.warmup, "pairs": pairs,
         "dashboard_driver": "terminal" if terminal else "textual headless driver (renders, writes no output)",
         "terminal_size": list(os.get_terminal_size(sys.stderr.fileno())) if terminal else None,
         "ratio_dashboard_to_headless": summary(ratios),

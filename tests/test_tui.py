@@ -287,12 +287,10 @@ def test_strategy_panel_shows_galore_refresh_and_welore_components():
 
 def test_redraw_pacer_keeps_the_ui_share_within_its_budget():
     pacer = RedrawPacer(budget=0.02, fastest_s=1.0, slowest_s=5.0)
-    assert pacer.next_interval(cpu_s=0.005, wall_s=1.0) == 1.0  # cheap redraws: as often as allowed
-    # 50 ms spent in the last second: the next redraw waits until those 50 ms are 2% of the time
-    assert pacer.next_interval(cpu_s=0.05, wall_s=1.0) == pytest.approx(2.5)
-    assert pacer.next_interval(cpu_s=0.05, wall_s=2.5) == pytest.approx(2.5)  # a fixed point
-    assert pacer.next_interval(cpu_s=0.5, wall_s=1.0) == 5.0  # never slower than slowest_s
-    assert pacer.next_interval(cpu_s=0.0, wall_s=0.0) == 1.0
+    assert pacer.next_interval(cpu_s=0.005) == 1.0  # cheap redraws: as often as allowed
+    # 50 ms spent since the last redraw: the next waits until 50 ms more would be 2% of the time
+    assert pacer.next_interval(cpu_s=0.05) == pytest.approx(2.5)
+    assert pacer.next_interval(cpu_s=0.5) == 5.0  # never slower than slowest_s
 
 
 def test_dashboard_redraws_less_often_when_drawing_is_expensive(monkeypatch):
@@ -301,8 +299,8 @@ def test_dashboard_redraws_less_often_when_drawing_is_expensive(monkeypatch):
     delays: list[float] = []
 
     class RecordingPacer(RedrawPacer):
-        def next_interval(self, cpu_s: float, wall_s: float) -> float:
-            delays.append(super().next_interval(cpu_s, wall_s))
+        def next_interval(self, cpu_s: float) -> float:
+            delays.append(super().next_interval(cpu_s))
             return 0.05  # keep the test short: only the pacer's answer matters
 
     def busy(seconds: float) -> None:

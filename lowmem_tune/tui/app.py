@@ -86,7 +86,7 @@ The run directory keeps everything shown here: watch it from another terminal wi
         self.gpu: GpuStats | None = None
         self.stopping = False
         self.pacer = RedrawPacer()
-        self._last_draw: tuple[float, float] | None = None  # (wall, UI thread CPU) at the last redraw
+        self._last_draw_cpu: float | None = None  # the UI thread's CPU time at the last redraw
         self._next_draw = 0.0
 
     def compose(self) -> ComposeResult:
@@ -117,11 +117,11 @@ The run directory keeps everything shown here: watch it from another terminal wi
         now, cpu = time.monotonic(), time.thread_time()  # this runs on the UI thread: its CPU only
         if now < self._next_draw:
             return
-        if self._last_draw is None:  # the first interval held the app's start-up, not a redraw
+        if self._last_draw_cpu is None:  # the first interval held the app's start-up, not a redraw
             delay = self.pacer.fastest_s
         else:
-            delay = self.pacer.next_interval(cpu - self._last_draw[1], now - self._last_draw[0])
-        self._last_draw = (now, cpu)
+            delay = self.pacer.next_interval(cpu - self._last_draw_cpu)
+        self._last_draw_cpu = cpu
         self._next_draw = now + delay - 0.1 * self.pacer.fastest_s  # the timer's jitter must not cost a whole tick
         self.poll_gpu()
         self.pull_events()
