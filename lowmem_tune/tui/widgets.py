@@ -12,9 +12,9 @@ from rich.style import Style
 from rich.text import Text
 from textual import events
 from textual.app import ComposeResult
+from textual.containers import Vertical
 from textual.geometry import Size
 from textual.strip import Strip
-from textual.containers import Vertical
 from textual.widget import Widget
 from textual.widgets import RichLog, Sparkline, Static
 
