@@ -26,6 +26,8 @@ class RunStarted:
     num_layers: int
     planned_peak_bytes: int | None = None
     gpu_total_bytes: int | None = None
+    gpu_nvml_index: int | None = None
+    """NVML's index of the GPU in use (NVML ignores CUDA_VISIBLE_DEVICES); None when NVML does not know it."""
     strategy_info: dict[str, Any] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
 

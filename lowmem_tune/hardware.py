@@ -250,7 +250,8 @@ def nvml_index_of_uuid(uuid: str, gpus: list[GpuInfo] | None = None) -> int | No
 
 
 def nvml_index_of_torch_device(device_index: int) -> int | None:
-    """The NVML index of torch's cuda:`device_index`, which CUDA_VISIBLE_DEVICES may renumber."""
+    """The NVML index of torch's cuda:`device_index`, which CUDA_VISIBLE_DEVICES may renumber;
+    None when NVML is missing or does not list that GPU."""
     import torch
 
     uuid = str(torch.cuda.get_device_properties(device_index).uuid)

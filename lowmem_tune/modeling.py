@@ -12,12 +12,19 @@ from lowmem_tune.errors import UserError, one_line
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-def pick_device(requested: str = "auto") -> torch.device:
+def pick_device(requested: str = "auto", gpu_index: int = 0) -> torch.device:
+    """cpu, or cuda:`gpu_index` (torch's numbering, after CUDA_VISIBLE_DEVICES) when a GPU is there."""
     if requested == "cpu":
         return torch.device("cpu")
     if requested == "cuda" and not torch.cuda.is_available():
         raise UserError("hardware.device is cuda but torch sees no CUDA GPU (use hardware.device: cpu or auto)")
-    return torch.device("cuda" if torch.cuda.is_available() and requested != "cpu" else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if not 0 <= gpu_index < count:
+        raise UserError(f"hardware.gpu_index {gpu_index}: torch sees CUDA devices 0..{count - 1} "
+                        "(numbered after CUDA_VISIBLE_DEVICES; see `lowmem-tune probe`)")
+    return torch.device("cuda", gpu_index)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -89,11 +96,40 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
         raise UserError(f"could not load a tokenizer from {source!r}: {one_line(err)}") from None
 
 
+# transformers renamed gradient_checkpointing_* to activation_checkpointing_* during 5.x and keeps
+# the old names as deprecated aliases; these three work on every version pyproject allows.
+
+
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     """Non-reentrant checkpointing per decoder layer; inputs require grad so frozen embeddings work."""
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
     model.enable_input_require_grads()
+
+
+def activation_checkpointing_enabled(model: PreTrainedModel) -> bool:
+    if hasattr(model, "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
+
+
+def disable_activation_checkpointing(model: PreTrainedModel) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def logits_at(model: PreTrainedModel, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Logits (kept positions, vocab) of the positions where the boolean mask `keep` (batch x seq)
+    is set; only those rows reach the LM head. Decoder and head are called directly because
+    `logits_to_keep` takes a 2-D mask only in newer transformers releases."""
+    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
+    return model.get_output_embeddings()(hidden[keep])
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -41,6 +41,7 @@ class HardwareSection:
     gpu: str = "auto"
     """auto (probe), a preset name (rtx4090, ...) or a size (24GB, 24GiB, 16000MiB)."""
     gpu_index: int = 0
+    """The CUDA device a run trains on, in torch's numbering (after CUDA_VISIBLE_DEVICES)."""
     margin: float = 0.10
     device: Literal["auto", "cuda", "cpu"] = "auto"
 

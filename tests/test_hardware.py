@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import pynvml
@@ -142,3 +143,44 @@ def test_probe_json_lists_gpus(monkeypatch):
     result = CliRunner().invoke(main, ["probe", "--json"])
     gpus = json.loads(result.output)["gpus"]
     assert [g["uuid"] for g in gpus] == ["GPU-aaaa", "GPU-bbbb"] and gpus[1]["power_w"] is None
+
+
+class _FakeCudaRuntime:
+    """torch.cuda as CUDA numbers devices: only those CUDA_VISIBLE_DEVICES lists (by physical index or
+    UUID), in that order. The physical order here is NVML's, as on a machine with one PCI root."""
+
+    uuids = ["aaaa", "bbbb"]  # torch reports UUIDs without NVML's "GPU-"
+
+    def visible(self) -> list[str]:
+        listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if listed is None:
+            return list(self.uuids)
+        picked = []
+        for item in listed.split(","):
+            item = item.strip().lower()
+            picked.append(self.uuids[int(item)] if item.isdigit() else item.removeprefix("gpu-"))
+        return picked
+
+    def get_device_properties(self, index: int) -> SimpleNamespace:
+        return SimpleNamespace(uuid=self.visible()[index])
+
+
+@pytest.mark.parametrize("visible, expected", [(None, 0), ("1", 1), ("1,0", 1), ("GPU-bbbb", 1), ("0", 0)])
+def test_the_nvml_index_of_torch_device_0_follows_cuda_visible_devices(monkeypatch, visible, expected):
+    import torch
+
+    _FakeNvml(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", _FakeCudaRuntime().get_device_properties)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert hardware.nvml_index_of_torch_device(0) == expected
+
+
+def test_the_nvml_index_is_none_when_nvml_does_not_list_the_gpu(monkeypatch):
+    import torch
+
+    _no_driver(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", _FakeCudaRuntime().get_device_properties)
+    assert hardware.nvml_index_of_torch_device(0) is None

@@ -54,3 +54,70 @@ def test_resume_mid_interval_continues_the_identical_trajectory(tmp_path, inacti
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     summary = json.loads((interrupted / "strategy.json").read_text())
     assert sum(row["times_sampled"] for row in summary["layers"]) == 3  # draws at steps 0, 2, 4
+
+
+@pytest.mark.parametrize("inside", ["galore", "adamw"])
+def test_trainer_state_loads_on_the_cpu_and_each_component_places_its_own_tensors(tmp_path, inside):
+    """On a GPU, loading straight onto the device put the sampler's generator state on CUDA (which
+    `Generator.set_state` refuses) and brought offloaded state back onto the GPU. Here the model of
+    the resumed run lives on the meta device, a stand-in for a GPU: moments must follow their
+    parameters there, parked state must stay on the CPU, generators must get CPU ByteTensors."""
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_tune.catalog import resolve_model
+    from lowmem_tune.strategies import StrategyContext, build_strategy
+    from lowmem_tune.train.checkpoint import latest_checkpoint, load_trainer_state
+
+    profile = profile_from_dict({
+        "model": {"name": "demo-llama", "init": "random"},
+        "hardware": {"device": "cpu"},
+        "strategy": {"name": "lisa", "sampled_layers": 1, "interval": 1, "optimizer": inside, "rank": 8,
+                     "inactive_state": "offload"},
+        "data": {"dataset": "synthetic-boolq", "num_examples": 64, "max_seq_len": 48},
+        "train": {"max_steps": 4, "micro_batch_size": 4, "lr": 3e-3, "save_every": 4, "eval_every": 100,
+                  "activation_checkpointing": False, "seed": 3},
+        "output": {"dir": str(tmp_path / "run")},
+    })
+    assert run_training(profile, False, _Quiet()).status == "completed"
+    state = load_trainer_state(latest_checkpoint(tmp_path / "run" / "checkpoints"))
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                yield from tensors(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                yield from tensors(value)
+
+    assert all(t.device.type == "cpu" for t in tensors(state))
+    generator = state["strategy"]["sampler"]["generator"]
+    assert generator.dtype == torch.uint8 and generator.device.type == "cpu"
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(resolve_model("demo-llama").config)
+    strategy = build_strategy(profile)
+    ctx = StrategyContext(device=torch.device("meta"), dtype=torch.float32)
+    model = strategy.prepare_model(model, ctx)
+    updater = strategy.build_updater(model, ctx)
+    updater.load_state_dict(state["updater"])
+    strategy.load_state_dict(state["strategy"])  # Generator.set_state takes the CPU ByteTensor
+    assert strategy.sampler.active is not None
+
+    parked = placed = 0
+    if inside == "galore":
+        for per_param in updater.optimizer.state.values():
+            where = "cpu" if per_param.get("offloaded") else "meta"
+            for value in per_param.values():
+                if isinstance(value, torch.Tensor):
+                    assert value.device.type == where
+                    parked, placed = parked + (where == "cpu"), placed + (where == "meta")
+    else:
+        for per_param in updater.optimizer.state.values():
+            assert per_param["exp_avg"].device.type == "meta"
+            placed += 1
+        for entry in updater._parked.values():
+            assert all(t.device.type == "cpu" for t in tensors(entry.state))
+            parked += 1
+    assert parked > 0 and placed > 0  # both kinds were there to check

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from lowmem_tune.errors import UserError
+from lowmem_tune.hardware import GpuStats
 from lowmem_tune.events import (
     CheckpointSaved,
     EvalLoss,
@@ -319,3 +320,32 @@ def test_dashboard_redraws_less_often_when_drawing_is_expensive(monkeypatch):
 
     asyncio.run(scenario())
     assert delays[-1] == 5.0
+
+
+@pytest.mark.parametrize("nvml_index", [1, None])
+def test_the_memory_panel_polls_the_nvml_index_the_run_reports(nvml_index):
+    """cuda:0 under CUDA_VISIBLE_DEVICES=1 is NVML's GPU 1: the dashboard asks NVML for the index the
+    run found by UUID, never for the torch index; without one it shows no other card's figures."""
+    feed = QueueFeed()
+    polled: list[int] = []
+
+    def gpu_stats(index: int) -> GpuStats:
+        polled.append(index)
+        return GpuStats(used_bytes=3 * GIB, total_bytes=24 * GIB, utilization_percent=50, temperature_c=60,
+                        power_w=250.0)
+
+    async def scenario() -> None:
+        app = DashboardApp(feed, control=RunControl(), gpu_stats=gpu_stats)
+        async with app.run_test(size=(160, 48)) as pilot:
+            run = started()
+            run.device, run.gpu_name, run.gpu_nvml_index = "cuda:0", "NVIDIA GeForce RTX 4090", nvml_index
+            feed.emit(run)
+            feed.emit(step(1, active=[1, 5]))
+            await wait_for(pilot, lambda: app.state.metrics.get("step") == 1)
+            await pilot.pause(1.2)  # at least one more tick
+            if nvml_index is None:
+                assert polled == []
+            else:
+                assert polled and set(polled) == {nvml_index}
+
+    asyncio.run(scenario())

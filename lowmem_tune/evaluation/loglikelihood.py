@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lowmem_tune.modeling import logits_at
+
 TokenPair = tuple[list[int], list[int]]
 
 _UNSET_MODEL_MAX_LENGTH = 1000000000000000019884624838656  # transformers' "no limit" sentinel
@@ -67,7 +69,7 @@ class LoglikelihoodScorer:
 
     Sequences are sorted longest first (so a batch pads little) and right-padded: under causal
     attention, padding after a sequence cannot change its logits. Only the continuation positions
-    reach the LM head (`logits_to_keep` as a mask), and their log-softmax runs in float32.
+    reach the LM head (`modeling.logits_at`), and their log-softmax runs in float32.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 8,
@@ -94,7 +96,7 @@ class LoglikelihoodScorer:
                 n, m = len(inputs[i]), len(targets[i])
                 ids[row, :n] = torch.tensor(inputs[i])
                 keep[row, n - m:n] = True  # the positions whose next token is a continuation token
-            logits = self.model(input_ids=ids.to(device), logits_to_keep=keep.to(device)).logits
+            logits = logits_at(self.model, ids.to(device), keep.to(device))
             logprobs = torch.log_softmax(logits.float(), dim=-1)  # (kept positions, vocab), row-major
             flat_targets = torch.tensor([t for i in batch for t in targets[i]], device=device)
             token_lls = logprobs.gather(1, flat_targets[:, None]).squeeze(1)

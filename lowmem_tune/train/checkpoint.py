@@ -68,14 +68,22 @@ def save_checkpoint(checkpoints_dir: Path, step: int, model: nn.Module, state: d
     return final
 
 
-def load_checkpoint(info: CheckpointInfo, model: nn.Module, device: torch.device) -> dict[str, Any]:
-    """Load weights into `model` in place and return the trainer state."""
+def load_checkpoint(info: CheckpointInfo, model: nn.Module) -> dict[str, Any]:
+    """Load weights into `model` in place, onto the device it is on, and return the trainer state
+    on the CPU. Each component moves its own tensors where they belong when it loads its part:
+    moments go to their parameter's device, offloaded state stays on the CPU, generator states
+    stay CPU ByteTensors (a CPU generator refuses any other)."""
+    device = next(model.parameters()).device
     missing, unexpected = load_model(model, str(info.path / MODEL_FILE), strict=False, device=str(device))
     if unexpected or missing:
         raise RuntimeError(
             f"checkpoint {info.path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    return torch.load(info.path / STATE_FILE, map_location=device, weights_only=True)
+    return load_trainer_state(info)
+
+
+def load_trainer_state(info: CheckpointInfo) -> dict[str, Any]:
+    return torch.load(info.path / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 def remove_partial_writes(checkpoints_dir: Path) -> None:
@@ -104,6 +112,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
+    torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        torch.cuda.set_rng_state_all(state["cuda"])

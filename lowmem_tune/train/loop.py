@@ -25,6 +25,7 @@ from lowmem_tune.data import (
     train_local_tokenizer,
 )
 from lowmem_tune.errors import UserError
+from lowmem_tune.hardware import nvml_index_of_torch_device
 from lowmem_tune.events import (
     CheckpointSaved,
     EvalLoss,
@@ -37,7 +38,8 @@ from lowmem_tune.events import (
     StepMetrics,
 )
 from lowmem_tune.modeling import (
-    enable_activation_checkpointing, load_model, load_tokenizer, pick_device, resolve_dtype,
+    activation_checkpointing_enabled, disable_activation_checkpointing, enable_activation_checkpointing, load_model,
+    load_tokenizer, pick_device, resolve_dtype,
 )
 from lowmem_tune.profile import Profile
 from lowmem_tune.strategies import StrategyContext, build_strategy
@@ -75,7 +77,7 @@ def run_training(profile: Profile, resume: bool, sink: EventSink, control: RunCo
     checkpoints_dir = run_dir / "checkpoints"
     resume_from = _check_output_dir(run_dir, checkpoints_dir, resume)
 
-    device = pick_device(profile.hardware.device)
+    device = pick_device(profile.hardware.device, profile.hardware.gpu_index)
     dtype = resolve_dtype(profile.model.dtype, device)
     if device.type == "cpu":
         # Denormal floats (tiny second moments in bitsandbytes' CPU kernels) made 8-bit AdamW steps
@@ -121,7 +123,7 @@ def run_training(profile: Profile, resume: bool, sink: EventSink, control: RunCo
         updater = strategy.build_updater(model, ctx)
         start_step = 0
         if resume_from is not None:
-            state = load_checkpoint(resume_from, model, device)
+            state = load_checkpoint(resume_from, model)
             updater.load_state_dict(state["updater"])
             strategy.load_state_dict(state["strategy"])
             stream.load_state_dict(state["data"])
@@ -131,13 +133,14 @@ def run_training(profile: Profile, resume: bool, sink: EventSink, control: RunCo
             events.emit(Info(f"resumed from {resume_from.path} at step {start_step}"))
         write_text_atomic(run_dir / "profile.yaml", profile.to_yaml())
 
-        gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        cuda = device.type == "cuda"
         planned = _planned_peak(profile, device, dtype)
         events.emit(RunStarted(
             run_dir=str(run_dir), model=resolved.name, strategy=profile.strategy.name, device=str(device),
-            gpu_name=gpu_name, total_steps=profile.train.max_steps, start_step=start_step,
-            num_layers=model.config.num_hidden_layers, planned_peak_bytes=planned,
-            gpu_total_bytes=torch.cuda.get_device_properties(device).total_memory if gpu_name else None,
+            gpu_name=torch.cuda.get_device_name(device) if cuda else None, total_steps=profile.train.max_steps,
+            start_step=start_step, num_layers=model.config.num_hidden_layers, planned_peak_bytes=planned,
+            gpu_total_bytes=torch.cuda.get_device_properties(device).total_memory if cuda else None,
+            gpu_nvml_index=nvml_index_of_torch_device(device.index) if cuda else None,
             strategy_info=strategy.describe(),
         ))
 
@@ -296,8 +299,8 @@ def _save_final(strategy, model, tokenizer: PreTrainedTokenizerBase, final_dir: 
     tmp = final_dir.with_name(f".{final_dir.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    if model.is_activation_checkpointing:
-        model.activation_checkpointing_disable()  # the training is over; generation wants the cache
+    if activation_checkpointing_enabled(model):
+        disable_activation_checkpointing(model)  # the training is over; generation wants the cache
     model.config.use_cache = True
     strategy.save_final(model, tmp)
     tokenizer.save_pretrained(tmp)

@@ -23,8 +23,7 @@ from lowmem_tune.tui.state import RunState
 
 def run_with_dashboard(profile: Profile, resume: bool) -> int:
     run = LiveRun(profile, resume)
-    app = DashboardApp(run.feed, control=run.control, gpu_stats=read_gpu_stats,
-                       gpu_index=profile.hardware.gpu_index)
+    app = DashboardApp(run.feed, control=run.control, gpu_stats=read_gpu_stats)
     run.start()
     try:
         app.run()

@@ -72,16 +72,15 @@ The run directory keeps everything shown here: watch it from another terminal wi
 `lowmem-tune monitor RUN_DIR`."""
 
     def __init__(self, feed: Feed, control: RunControl | None,
-                 gpu_stats: Callable[[int], GpuStats | None] | None = None, gpu_index: int | None = None) -> None:
+                 gpu_stats: Callable[[int], GpuStats | None] | None = None) -> None:
         """`control` is None when monitoring (keys cannot reach that run). `gpu_stats(index)` is
-        polled while a CUDA run is live, for `gpu_index` (default: the index in the run's device,
-        cuda:N). When the run finishes the app stays up showing its final state until `q`, unless
-        the user already asked it to stop."""
+        polled while a CUDA run is live, for the NVML index the run reports for its device (NVML
+        does not follow CUDA_VISIBLE_DEVICES, so cuda:N's N is not it). When the run finishes the
+        app stays up showing its final state until `q`, unless the user already asked it to stop."""
         super().__init__()
         self.feed = feed
         self.control = control
         self.gpu_stats = gpu_stats
-        self.gpu_index = gpu_index
         self.state = RunState()
         self.gpu: GpuStats | None = None
         self.stopping = False
@@ -150,11 +149,10 @@ The run directory keeps everything shown here: watch it from another terminal wi
 
     def poll_gpu(self) -> None:
         started = self.state.started
-        if (self.gpu_stats is None or started is None or not started.device.startswith("cuda")
+        if (self.gpu_stats is None or started is None or started.gpu_nvml_index is None
                 or self.state.finished is not None):
             return
-        index = self.gpu_index if self.gpu_index is not None else int(started.device.partition(":")[2] or 0)
-        self.gpu = self.gpu_stats(index)
+        self.gpu = self.gpu_stats(started.gpu_nvml_index)
         self.query_one(MemoryPanel).show(self.state, self.gpu)
 
     def _redraw(self) -> None:
