@@ -148,7 +148,7 @@ def run_config(config: BenchConfig, model: str, device: str, steps: int, warmup:
 
     from lowmem_tune.planner.estimate import estimate_profile
     from lowmem_tune.profile import profile_from_dict
-    from lowmem_tune.train.loop import run_training
+    from lowmem_tune.train.run import run_training
 
     cuda = device == "cuda"
     dtype = "bfloat16" if cuda else "float32"

@@ -164,7 +164,7 @@ def _config_from_hub(hub_id: str) -> PretrainedConfig:
 
 def count_parameters(config: PretrainedConfig) -> int:
     """Parameter count of the architecture, from a model built on the meta device."""
-    from lowmem_tune.modeling import build_empty_model
+    from lowmem_tune.layers import build_empty_model
 
     model = build_empty_model(config)
     seen: set[int] = set()

@@ -69,7 +69,10 @@ def run(profile: Path, overrides: tuple[str, ...], resume: bool, headless: bool)
     """Train with a profile, checkpointing, and evaluate at the end."""
     from lowmem_tune.profile import load_profile
 
-    loaded = load_profile(profile, overrides)
+    notes: list[str] = []
+    loaded = load_profile(profile, overrides, notes)
+    for note in notes:
+        click.echo(note, err=True)
     try:
         if headless or not sys.stdout.isatty():
             from lowmem_tune.train import run_headless
@@ -120,7 +123,7 @@ def eval_(dataset: str, model: str, data_files: tuple[str, ...], limit: int | No
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 def compress(model: str, rank_reduction: float, min_ratio: float, output: Path, merge: bool, device: str) -> None:
     """WeLore: rank-reduce a model non-uniformly (low-rank components) and save it."""
-    from lowmem_tune.compress import compress_command
+    from lowmem_tune.compress.command import compress_command
 
     compress_command(model=model, rank_reduction=rank_reduction, min_ratio=min_ratio, output=output,
                      merge=merge, device=device)
@@ -131,7 +134,7 @@ def compress(model: str, rank_reduction: float, min_ratio: float, output: Path, 
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True)
 def merge(model: str, output: Path) -> None:
     """Turn a WeLore-compressed model (from `compress` or a welore run's final/) into a dense one."""
-    from lowmem_tune.compress import merge_command
+    from lowmem_tune.compress.command import merge_command
 
     merge_command(model=model, output=output)
 

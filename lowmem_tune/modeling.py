@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from lowmem_tune.catalog import ResolvedModel
+from lowmem_tune.compress.storage import load_compressed
 from lowmem_tune.errors import UserError, one_line
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -39,16 +39,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def build_empty_model(config: PretrainedConfig) -> PreTrainedModel:
-    """The architecture on the meta device: shapes and dtypes, no memory."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    model.tie_weights()  # transformers skips tying under init_empty_weights
-    return model
-
-
 def load_model(
     resolved: ResolvedModel,
     init: str,
@@ -72,8 +62,6 @@ def load_model(
             f"model {resolved.name!r} has no weights to load (it is an architecture only): set model.init: random"
         )
     if resolved.local_dir is not None and getattr(resolved.config, "welore", None):
-        from lowmem_tune.compress import load_compressed  # compress imports this module
-
         return load_compressed(resolved.local_dir, dtype, device, attn_implementation)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
@@ -130,17 +118,3 @@ def logits_at(model: PreTrainedModel, input_ids: torch.Tensor, keep: torch.Tenso
     `logits_to_keep` takes a 2-D mask only in newer transformers releases."""
     hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
     return model.get_output_embeddings()(hidden[keep])
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of decoder layers of a Llama-family causal LM."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise UserError(f"{type(model).__name__} is not a Llama-family causal LM (no model.layers)")
-    return layers
-
-
-def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    """The linear projections of one decoder layer by short name (q_proj, ..., down_proj)."""
-    return {name.rsplit(".", 1)[-1]: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}

@@ -9,19 +9,25 @@ so they get the same checks.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
 from lowmem_tune.errors import UserError
 from lowmem_tune.resources import profiles_dir
+from lowmem_tune.schema import POSITIVE, SHARE, Bounds, above, applies_to, at_least, build, knob
 
-STRATEGIES = ("full", "adamw8bit", "galore", "fira", "lisa", "owlore", "welore")
+STRATEGY_NAMES = ("full", "adamw8bit", "galore", "fira", "lisa", "owlore", "welore")
+"""Every strategy, by the name a profile gives in `strategy.name`: the one list the registry, the
+planner and the CLI take theirs from."""
+StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
+
+GALORE_INSIDE = ("galore", "fira", "lisa", "owlore", "welore")
+"""Strategies that run GaLore (for LISA / OwLore / WeLore: with `optimizer: galore`, the default)."""
+LAYER_SAMPLING = ("lisa", "owlore")
+ONE = at_least(1)
 
 
 @dataclass
@@ -40,45 +46,74 @@ class ModelSection:
 class HardwareSection:
     gpu: str = "auto"
     """auto (probe), a preset name (rtx4090, ...) or a size (24GB, 24GiB, 16000MiB)."""
-    gpu_index: int = 0
+    gpu_index: int = knob(0, bounds=at_least(0))
     """The CUDA device a run trains on, in torch's numbering (after CUDA_VISIBLE_DEVICES)."""
-    margin: float = 0.10
+    margin: float = knob(0.10, bounds=Bounds(0, 1, high_open=True))
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
 
 @dataclass
 class StrategySection:
-    name: Literal["full", "adamw8bit", "galore", "fira", "lisa", "owlore", "welore"] = "galore"
+    name: StrategyName = "galore"
     # GaLore / Fira (and GaLore inside OwLore, LISA and WeLore when optimizer: galore)
-    rank: int = 128
-    update_proj_gap: int = 200
-    scale: float = 0.25
-    proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
-    bits: Literal[8, 32] = 8
-    layerwise: bool = True
-    moments: Literal["keep", "project", "reset"] = "keep"
-    svd: Literal["full", "randomized"] = "full"
-    fira_limiter: float = 1.01
+    rank: int = knob(128, bounds=ONE, applies=GALORE_INSIDE)
+    update_proj_gap: int = knob(200, bounds=ONE, applies=GALORE_INSIDE)
+    scale: float = knob(0.25, bounds=POSITIVE, applies=GALORE_INSIDE)
+    proj_type: Literal["std", "reverse_std", "left", "right", "full"] = knob("std", applies=GALORE_INSIDE)
+    bits: Literal[8, 32] = knob(8, applies=GALORE_INSIDE)
+    layerwise: bool = knob(True, applies=GALORE_INSIDE)
+    moments: Literal["keep", "project", "reset"] = knob("keep", applies=GALORE_INSIDE)
+    svd: Literal["sketch", "exact", "randomized", "first_micro_batch"] = knob("sketch", applies=GALORE_INSIDE)
+    """Where a subspace comes from: `sketch`, a randomized sketch of the whole batch's gradient
+    built in the backward hooks (no full gradient outlives its hook); `exact` / `randomized`, the
+    SVD (exact, or randomized with power iterations) of the accumulated gradient, which layerwise
+    mode then keeps until the step; `first_micro_batch`, the exact SVD of the first micro-batch's
+    gradient (the rule before the sketch; kept to compare, see README)."""
+    rounding: Literal["stochastic", "nearest"] = knob("stochastic", applies=GALORE_INSIDE)
+    """How updates are written into 16-bit weights: stochastically rounded (unbiased: a step
+    smaller than half a bf16 ulp still moves the weight in expectation) or to nearest."""
+    fira_limiter: float = knob(1.01, bounds=at_least(1), applies=("fira",))
     # Layer sampling (LISA, OwLore)
-    sampled_layers: int = 2
-    interval: int = 20
-    outlier_threshold: float = 13.0
+    sampled_layers: int = knob(2, bounds=ONE, applies=LAYER_SAMPLING)
+    interval: int = knob(20, bounds=ONE, applies=LAYER_SAMPLING)
+    outlier_threshold: float = knob(13.0, bounds=above(1), applies=("owlore",))
     """M: OwLore's published LLaMA-2-7B ratios use 13 (see strategies/outliers.py for why)."""
-    temperature: float = 1.0
-    calibration_samples: int = 32
-    calibration_seq_len: int = 256
-    calibration_file: str | None = None
+    temperature: float = knob(1.0, bounds=POSITIVE, applies=("owlore",))
+    calibration_samples: int = knob(32, bounds=ONE, applies=("owlore",))
+    calibration_seq_len: int = knob(256, bounds=ONE, applies=("owlore",))
+    calibration_file: str | None = knob(None, applies=("owlore",))
     train_embeddings: bool | None = None
-    """Train embeddings, final norm and lm_head full-rank. null: the method's own default — on
-    for LISA / OwLore, off for WeLore (LRC-only finetuning of a pretrained model)."""
-    inactive_state: Literal["drop", "offload"] = "drop"
-    optimizer: Literal["galore", "adamw", "adamw8bit"] = "galore"
+    """Train embeddings, final norm and lm_head. null: the method's own default — on for every
+    method but WeLore (LRC-only finetuning of a pretrained model keeps them frozen)."""
+    inactive_state: Literal["drop", "offload"] = knob("drop", applies=LAYER_SAMPLING)
+    optimizer: Literal["galore", "adamw", "adamw8bit"] = knob("galore", applies=LAYER_SAMPLING + ("welore",))
     """Optimizer inside sampled layers (OwLore, LISA) or for the low-rank factors (WeLore)."""
     # WeLore
-    rank_reduction: float = 0.5
-    min_ratio: float = 0.5
-    compressed_model: str | None = None
-    train_norms: bool = True
+    rank_reduction: float = knob(0.5, bounds=SHARE, applies=("welore",))
+    min_ratio: float = knob(0.5, bounds=SHARE, applies=("welore",))
+    compressed_model: str | None = knob(None, applies=("welore",))
+    train_norms: bool = knob(True, applies=("welore",))
+
+
+def strategy_knobs(strategy: str) -> list[str]:
+    """The StrategySection keys that `strategy` reads (name included)."""
+    return [f.name for f in dataclasses.fields(StrategySection)
+            if applies_to(f) is None or strategy in applies_to(f)]
+
+
+def _check_strategy_keys(raw: dict[str, Any], source: str) -> None:
+    """A strategy key the chosen strategy does not read is a mistake, not a no-op."""
+    section = raw.get("strategy") or {}
+    if not isinstance(section, dict):
+        return
+    name = section.get("name", StrategySection.name)
+    for f in dataclasses.fields(StrategySection):
+        applies = applies_to(f)
+        if f.name in section and applies is not None and name not in applies:
+            raise UserError(
+                f"{source}: strategy.{f.name} does not apply to strategy {name} (it applies to: "
+                f"{', '.join(applies)}); remove it or choose one of those strategies"
+            )
 
 
 @dataclass
@@ -88,39 +123,40 @@ class DataSection:
     format: Literal["auto", "instruction", "boolq", "strategyqa", "text"] = "auto"
     config_name: str | None = None
     split: str = "train"
-    max_seq_len: int = 512
+    max_seq_len: int = knob(512, bounds=ONE)
     prompt_template: str | None = None
     response_template: str | None = None
     train_on_prompt: bool = False
     packing: bool = False
     shuffle: bool = True
-    limit: int | None = None
-    heldout: float = 0.05
+    limit: int | None = knob(None, bounds=ONE)
+    heldout: float = knob(0.05, bounds=at_least(0))
     """Share (below 1) or count (1 and above) of examples kept out of training for the eval loss."""
-    num_examples: int = 4000
+    num_examples: int = knob(4000, bounds=ONE)
     """Size of the generated synthetic-boolq set."""
 
 
 @dataclass
 class TrainSection:
-    max_steps: int = 1000
-    micro_batch_size: int = 4
-    gradient_accumulation: int = 1
-    lr: float = 1.0e-5
+    max_steps: int = knob(1000, bounds=ONE)
+    micro_batch_size: int = knob(4, bounds=ONE)
+    gradient_accumulation: int = knob(1, bounds=ONE)
+    lr: float = knob(1.0e-5, bounds=POSITIVE)
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1.0e-8
-    max_grad_norm: float | None = 1.0
+    warmup_steps: int = knob(0, bounds=at_least(0))
+    min_lr_ratio: float = knob(0.0, bounds=Bounds(0, 1))
+    weight_decay: float = knob(0.0, bounds=at_least(0))
+    betas: list[float] = knob(bounds=Bounds(0, 1, high_open=True), factory=lambda: [0.9, 0.999])
+    eps: float = knob(1.0e-8, bounds=POSITIVE)
+    max_grad_norm: float | None = knob(1.0, bounds=POSITIVE)
+    """null turns clipping off."""
     activation_checkpointing: bool = True
     seed: int = 42
-    save_every: int = 200
-    keep_checkpoints: int = 2
-    eval_every: int = 200
-    eval_batches: int = 8
-    log_every: int = 10
+    save_every: int = knob(200, bounds=ONE)
+    keep_checkpoints: int = knob(2, bounds=ONE)
+    eval_every: int = knob(200, bounds=ONE)
+    eval_batches: int = knob(8, bounds=ONE)
+    log_every: int = knob(10, bounds=ONE)
 
 
 @dataclass
@@ -132,10 +168,10 @@ class OutputSection:
 @dataclass
 class EvalSection:
     tasks: list[str] = field(default_factory=list)
-    limit: int | None = None
+    limit: int | None = knob(None, bounds=ONE)
     baseline: bool = False
-    num_fewshot: int = 0
-    batch_size: int = 8
+    num_fewshot: int = knob(0, bounds=at_least(0))
+    batch_size: int = knob(8, bounds=ONE)
     data_files: dict[str, str] = field(default_factory=dict)
     """Local files per task (task name -> JSON / JSONL / parquet in the task's schema)."""
 
@@ -151,7 +187,10 @@ class Profile:
     eval: EvalSection = field(default_factory=EvalSection)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key, except strategy keys the chosen strategy does not read (loading refuses those)."""
+        raw = dataclasses.asdict(self)
+        raw["strategy"] = {k: v for k, v in raw["strategy"].items() if k in strategy_knobs(self.strategy.name)}
+        return raw
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -160,8 +199,13 @@ class Profile:
 # --------------------------------------------------------------------------- loading
 
 
-def load_profile(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Profile:
-    """Read, override and validate a profile. Raises UserError naming the file and key path."""
+def load_profile(path: str | Path, overrides: list[str] | tuple[str, ...] = (), notes: list[str] | None = None,
+                 ) -> Profile:
+    """Read, override and validate a profile. Raises UserError naming the file and key path.
+
+    `--set strategy.name=X` switches the method: the file's strategy keys that X does not read are
+    dropped, and a line in `notes` says which (a key given with --set that X does not read is an
+    error, as in the file)."""
     path = _find_profile(Path(path))
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -171,7 +215,17 @@ def load_profile(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
         raise UserError(f"{path}:{where} is not valid YAML: {getattr(err, 'problem', err)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a profile is a mapping of sections (model, strategy, data, train, ...)")
+    file_strategy = dict(raw.get("strategy") or {}) if isinstance(raw.get("strategy"), dict) else {}
     apply_overrides(raw, overrides)
+    strategy = raw.get("strategy")
+    if isinstance(strategy, dict) and strategy.get("name") != file_strategy.get("name", strategy.get("name")):
+        reads = strategy_knobs(str(strategy["name"]))
+        dropped = [k for k in file_strategy if k not in reads and strategy.get(k) == file_strategy[k]]
+        for key in dropped:
+            del strategy[key]
+        if dropped and notes is not None:
+            notes.append(f"strategy.name={strategy['name']} (--set): {strategy['name']} does not read "
+                         f"{', '.join('strategy.' + k for k in dropped)} from {path}, so they are left out")
     return profile_from_dict(raw, source=str(path))
 
 
@@ -189,8 +243,12 @@ def _find_profile(path: Path) -> Path:
 
 
 def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> Profile:
-    profile = _build(Profile, raw, source, "")
-    _check_values(profile, source)
+    profile = build(Profile, raw, source)
+    _check_strategy_keys(raw, source)
+    if len(profile.train.betas) != 2:
+        raise UserError(f"{source}: train.betas: expected two numbers in [0, 1), got {profile.train.betas}")
+    if not profile.output.dir:
+        raise UserError(f"{source}: output.dir: must name a directory")
     return profile
 
 
@@ -211,135 +269,3 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
         if not isinstance(section, dict):
             raise UserError(f"--set {item!r}: section {parts[0]!r} is not a mapping in the profile")
         section[parts[1]] = parsed
-
-
-def _did_you_mean(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(options)})"
-
-
-def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "top level"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{source}: {where}: expected a mapping of keys, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            raise UserError(f"{source}: unknown key {prefix}{key}{_did_you_mean(str(key), names)}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, source, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, hint, source, f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], source, key)
-    if origin is Literal:
-        if value in args and type(value) is type(args[0]):
-            return value
-        choices = ", ".join(str(a) for a in args)
-        hint_text = _did_you_mean(str(value), [str(a) for a in args]) if isinstance(value, str) else ""
-        raise UserError(f"{source}: {key}: {value!r} is not one of: {choices}{hint_text}")
-    if origin is list:
-        if not isinstance(value, list):
-            value = [value] if isinstance(value, (str, int, float)) else value
-        if not isinstance(value, list):
-            raise UserError(f"{source}: {key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], source, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{source}: {key}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(v, args[1], source, f"{key}.{k}") for k, v in value.items()}
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{source}: {key}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise UserError(f"{source}: {key}: expected a whole number, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "1e-5" (no dot) as a string
-            except ValueError:
-                pass
-        raise UserError(f"{source}: {key}: expected a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise UserError(f"{source}: {key}: expected a string, got {value!r}")
-    raise TypeError(f"unsupported profile field type {hint!r} for {key}")
-
-
-def _check_values(profile: Profile, source: str) -> None:
-    def bad(key: str, message: str) -> UserError:
-        return UserError(f"{source}: {key}: {message}")
-
-    t, s, d, h = profile.train, profile.strategy, profile.data, profile.hardware
-    positive = {
-        "train.max_steps": t.max_steps,
-        "train.micro_batch_size": t.micro_batch_size,
-        "train.gradient_accumulation": t.gradient_accumulation,
-        "train.save_every": t.save_every,
-        "train.keep_checkpoints": t.keep_checkpoints,
-        "train.eval_every": t.eval_every,
-        "train.log_every": t.log_every,
-        "strategy.rank": s.rank,
-        "strategy.update_proj_gap": s.update_proj_gap,
-        "strategy.sampled_layers": s.sampled_layers,
-        "strategy.interval": s.interval,
-        "strategy.calibration_samples": s.calibration_samples,
-        "strategy.calibration_seq_len": s.calibration_seq_len,
-        "data.max_seq_len": d.max_seq_len,
-        "data.num_examples": d.num_examples,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise bad(key, f"must be at least 1, got {value}")
-    if not t.lr > 0:
-        raise bad("train.lr", f"must be positive, got {t.lr}")
-    if t.warmup_steps < 0:
-        raise bad("train.warmup_steps", f"must be 0 or more, got {t.warmup_steps}")
-    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
-        raise bad("train.max_grad_norm", "must be positive, or null to turn clipping off")
-    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
-        raise bad("train.betas", f"expected two numbers in [0, 1), got {t.betas}")
-    if not 0 <= t.min_lr_ratio <= 1:
-        raise bad("train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
-    if not 0 <= h.margin < 1:
-        raise bad("hardware.margin", f"must be in [0, 1), got {h.margin}")
-    if not 0 < s.rank_reduction < 1:
-        raise bad("strategy.rank_reduction", f"must be between 0 and 1 (e.g. 0.5), got {s.rank_reduction}")
-    if not 0 < s.min_ratio < 1:
-        raise bad("strategy.min_ratio", f"must be between 0 and 1, got {s.min_ratio}")
-    if s.scale <= 0:
-        raise bad("strategy.scale", f"must be positive, got {s.scale}")
-    if s.temperature <= 0:
-        raise bad("strategy.temperature", f"must be positive, got {s.temperature}")
-    if s.outlier_threshold <= 1:
-        raise bad("strategy.outlier_threshold", f"is M in 'score > M x mean'; must be above 1, got {s.outlier_threshold}")
-    if d.heldout < 0:
-        raise bad("data.heldout", f"must be 0 or more, got {d.heldout}")
-    if d.limit is not None and d.limit <= 0:
-        raise bad("data.limit", f"must be at least 1 or null, got {d.limit}")
-    if profile.eval.batch_size <= 0:
-        raise bad("eval.batch_size", f"must be at least 1, got {profile.eval.batch_size}")
-    if not profile.output.dir:
-        raise bad("output.dir", "must name a directory")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lowmem_tune.modeling import decoder_layers
+from lowmem_tune.layers import decoder_layers
 from lowmem_tune.profile import profile_from_dict
 from lowmem_tune.strategies import build_strategy
 from lowmem_tune.strategies.base import StrategyContext

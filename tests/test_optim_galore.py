@@ -10,6 +10,7 @@ import torch
 
 from lowmem_tune.optim import GaLoreAdamW, SVDFailure
 from lowmem_tune.optim.projector import GaLoreProjector
+from lowmem_tune.optim.subspace import refresh
 
 SHAPES = [(48, 32), (32, 80), (40, 40)]
 
@@ -42,7 +43,8 @@ def test_matches_galore_torch_over_several_refreshes(proj_type):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref_opt = ReferenceAdamW(galore_groups(ref[:3], ref[3:], proj_type=proj_type), no_deprecation_warning=True, **kwargs)
-    opt = GaLoreAdamW(galore_groups(ours[:3], ours[3:], proj_type=proj_type), bits=32, moments="keep", **kwargs)
+    opt = GaLoreAdamW(galore_groups(ours[:3], ours[3:], proj_type=proj_type), bits=32, moments="keep", svd="exact",
+                      **kwargs)  # galore-torch's rule: the SVD of the step's gradient
     gen = torch.Generator().manual_seed(1)
     for _ in range(17):  # refreshes at steps 0, 5, 10, 15
         feed(ref, gen)
@@ -186,7 +188,8 @@ def test_fira_adds_the_limited_residual_outside_the_subspace():
     deltas = {}
     for variant in ("galore", "fira"):
         w = torch.nn.Parameter(w0.detach().clone())
-        opt = GaLoreAdamW(galore_groups([w], rank=6, gap=100, scale=1.0), lr=1.0, variant=variant)
+        # the same basis in both (Fira's is always the exact SVD of the step's gradient)
+        opt = GaLoreAdamW(galore_groups([w], rank=6, gap=100, scale=1.0), lr=1.0, variant=variant, svd="exact")
         steps = []
         for g in grads:
             before = w.detach().clone()
@@ -207,10 +210,10 @@ def test_fira_adds_the_limited_residual_outside_the_subspace():
 
 def test_projector_state_dict_is_plain_tensors_and_numbers():
     proj = GaLoreProjector((12, 30), rank=4, update_proj_gap=10, proj_type="full", phase=13)
-    proj.refresh(torch.randn(12, 30))
+    refresh(proj, torch.randn(12, 30), "exact", torch.float32, seed=0)
     state = proj.state_dict()
     assert proj.phase == 3
-    assert all(isinstance(v, (torch.Tensor, int, bool)) for v in state.values())
+    assert all(isinstance(v, (torch.Tensor, int, float, bool)) for v in state.values())
     assert state["left"].shape == (12, 4) and state["right"].shape == (4, 30)
 
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lowmem_tune.cli import main
-from lowmem_tune.modeling import decoder_layers, layer_linears
+from lowmem_tune.layers import decoder_layers, layer_linears
 from lowmem_tune.profile import profile_from_dict
 from lowmem_tune.strategies import build_strategy
 from lowmem_tune.strategies.base import StrategyContext

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from lowmem_tune.profile import profile_from_dict
-from lowmem_tune.train.loop import run_training
+from lowmem_tune.train.run import run_training
 
 
 class _Quiet:
@@ -65,6 +65,7 @@ def test_trainer_state_loads_on_the_cpu_and_each_component_places_its_own_tensor
     from transformers import AutoModelForCausalLM
 
     from lowmem_tune.catalog import resolve_model
+    from lowmem_tune.optim.offload import is_parked
     from lowmem_tune.strategies import StrategyContext, build_strategy
     from lowmem_tune.train.checkpoint import latest_checkpoint, load_trainer_state
 
@@ -108,7 +109,7 @@ def test_trainer_state_loads_on_the_cpu_and_each_component_places_its_own_tensor
     parked = placed = 0
     if inside == "galore":
         for per_param in updater.optimizer.state.values():
-            where = "cpu" if per_param.get("offloaded") else "meta"
+            where = "cpu" if is_parked(per_param) else "meta"
             for value in per_param.values():
                 if isinstance(value, torch.Tensor):
                     assert value.device.type == where
@@ -117,7 +118,7 @@ def test_trainer_state_loads_on_the_cpu_and_each_component_places_its_own_tensor
         for per_param in updater.optimizer.state.values():
             assert per_param["exp_avg"].device.type == "meta"
             placed += 1
-        for entry in updater._parked.values():
-            assert all(t.device.type == "cpu" for t in tensors(entry.state))
+        for entry in updater.parked.values():
+            assert all(t.device.type == "cpu" for t in tensors(entry))
             parked += 1
     assert parked > 0 and placed > 0  # both kinds were there to check

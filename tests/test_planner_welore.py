@@ -8,7 +8,7 @@ import pytest
 
 from lowmem_tune.catalog import resolve_model
 from lowmem_tune.compress import ranks
-from lowmem_tune.modeling import build_empty_model
+from lowmem_tune.layers import build_empty_model
 from lowmem_tune.planner import welore_ranks
 from lowmem_tune.planner.architecture import resolve_architecture
 

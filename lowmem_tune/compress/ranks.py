@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lowmem_tune.errors import UserError
-from lowmem_tune.modeling import decoder_layers
+from lowmem_tune.layers import build_empty_model, decoder_layers
 
 
 @dataclass(frozen=True)
@@ -237,8 +237,6 @@ def assumed_ranks(config, rank_reduction: float, min_ratio: float = 0.5) -> Rank
     LLaMA-2-7B at ERR 0.5 this gives q, k, o and gate as LRCs keeping 12.5% of their rank, and v,
     up, down dense — the split the WeLore paper reports.
     """
-    from lowmem_tune.modeling import build_empty_model
-
     return assumed_ranks_of(build_empty_model(config), rank_reduction, min_ratio)
 
 

@@ -5,14 +5,19 @@ For a weight W (m x n) with gradient G the projector keeps orthonormal singular 
   right Q (r x n): low-rank gradient R = G Qᵀ (m x r), update back to full size N Q;
   full  P and Q  : R = Pᵀ G Qᵀ (r x r).
 'std' puts the projector on the smaller dimension (right when m >= n), 'reverse_std' on the larger
-one. The SVD runs in float32; the basis is stored in the gradient's dtype (as galore-torch does),
-so projecting a bf16 gradient needs no fp32 copy of it.
+one. The basis is stored in the weight's compute dtype (as galore-torch does), so projecting a
+bf16 gradient needs no fp32 copy of it. Where a basis comes from is `subspace.py`'s job; a
+one-sided basis is handled there "oriented": as the d x r matrix B on the projected side (B = P,
+or B = Qᵀ), the gradient as A = G or Gᵀ.
+
+A basis may hold fewer than r directions: when the gradient supports fewer (its numerical rank
+is below r), the other columns are zero and `supported` says how many are not; such a matrix is
+due again at its next step, which fills the empty columns (see subspace.py).
 
 Improvements over galore-torch 1.0:
 - refreshes follow the *global* optimizer step plus a per-matrix `phase`, so with staggered phases
   the SVD work of a model is spread over T steps instead of all landing on the same step, and a
   matrix that sat out some steps (LISA / OwLore) cannot keep a stale basis;
-- optional randomized SVD (torch.svd_lowrank with oversampling) for the top-r vectors;
 - a NaN/Inf gradient or an SVD that does not converge raises `SVDFailure` naming the parameter;
 - `state_dict()` holds plain tensors and numbers only (torch.load(weights_only=True) works).
 """
@@ -26,7 +31,6 @@ import torch
 from lowmem_tune.errors import UserError
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-SVD_METHODS = ("full", "randomized")
 
 
 class SVDFailure(UserError):
@@ -40,55 +44,32 @@ def is_fake(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, FakeTensor)
 
 
-def top_singular_vectors(matrix: torch.Tensor, rank: int, method: str, seed: int = 0, oversample: int = 8,
-                         power_iters: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """U[:, :rank] (m x rank) and Vh[:rank] (rank x n) of a float32 matrix.
-
-    `randomized` is the Halko-Martinsson-Tropp range finder (what torch.svd_lowrank does) with
-    `oversample` extra columns and re-orthonormalized power iterations, written out because
-    svd_lowrank draws from the global RNG: here the test matrix comes from a generator seeded per
-    matrix and step, so a resumed run or a layerwise run reproduces the same basis.
-    """
-    if method == "full":
-        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-        return u[:, :rank], vh[:rank]
-    m, n = matrix.shape
-    q = min(rank + oversample, m, n)
-    if is_fake(matrix):
-        omega = matrix.new_empty((n, q))
-    else:
-        gen = torch.Generator(device=matrix.device).manual_seed(seed)
-        omega = torch.randn((n, q), generator=gen, device=matrix.device, dtype=matrix.dtype)
-    basis = torch.linalg.qr(matrix @ omega).Q
-    for _ in range(power_iters):
-        basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ basis).Q).Q
-    u_small, _, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-    return (basis @ u_small)[:, :rank], vh[:rank]
-
-
 class GaLoreProjector:
     """Projection of one matrix's gradients into a rank-r subspace (see module docstring)."""
 
     def __init__(self, shape: tuple[int, int], rank: int, update_proj_gap: int = 200, scale: float = 1.0,
-                 proj_type: str = "std", svd: str = "full", phase: int = 0, name: str = "") -> None:
+                 proj_type: str = "std", phase: int = 0, name: str = "") -> None:
         if proj_type not in PROJ_TYPES:
             raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
-        if svd not in SVD_METHODS:
-            raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
         m, n = shape
         self.shape = (m, n)
         self.rank = min(rank, m, n)
         self.update_proj_gap = update_proj_gap
         self.scale = scale
         self.proj_type = proj_type
-        self.svd = svd
         self.phase = phase % update_proj_gap
         self.name = name
         self.left: torch.Tensor | None = None
         self.right: torch.Tensor | None = None
         self.refreshes = 0
+        self.supported = 0
+        """Columns of the basis that hold a direction (the rest are zero until filled)."""
+        self.top_singular_value = 0.0
+        """The gradient's largest singular value at the last refresh: the scale for rank decisions."""
+        self.fill_exhausted = False
+        """A fill found no new direction: wait for the next scheduled refresh instead of every step."""
         self.stale = False
-        """Set when the matrix comes back after being released: refresh at its next step."""
+        """Set when the matrix comes back after being released: a new basis at its next step."""
         if proj_type == "full":
             self.sides = ("left", "right")
         elif proj_type == "left" or (proj_type == "std" and m < n) or (proj_type == "reverse_std" and m >= n):
@@ -96,14 +77,24 @@ class GaLoreProjector:
         else:
             self.sides = ("right",)
 
+    @classmethod
+    def for_group(cls, group: dict[str, Any], shape: tuple[int, int], phase: int, name: str) -> GaLoreProjector:
+        """The projector a GaLore param group (galore-torch's keys) asks for."""
+        return cls(shape, group["rank"], group["update_proj_gap"], group.get("scale", 1.0),
+                   group.get("proj_type", "std"), phase, name)
+
     # ------------------------------------------------------------------ schedule
     def needs_basis(self) -> bool:
         """No usable basis: never computed, or the matrix came back after being released."""
         return self.stale or (self.left is None and self.right is None)
 
+    def incomplete(self) -> bool:
+        """Empty columns to fill at the next step."""
+        return not self.needs_basis() and self.supported < self.rank and not self.fill_exhausted
+
     def due(self, step: int) -> bool:
-        """Whether the basis must be (re)computed from the gradient of optimizer step `step`."""
-        return self.needs_basis() or (step - self.phase) % self.update_proj_gap == 0
+        """Whether the basis must be (re)computed, or its empty columns filled, at optimizer step `step`."""
+        return self.needs_basis() or self.incomplete() or (step - self.phase) % self.update_proj_gap == 0
 
     def steps_to_refresh(self, step: int) -> int:
         return (self.phase - step) % self.update_proj_gap
@@ -113,28 +104,42 @@ class GaLoreProjector:
         r = self.rank
         return (r if "left" in self.sides else m, r if "right" in self.sides else n)
 
-    # ------------------------------------------------------------------ refresh
-    def refresh(self, grad: torch.Tensor, method: str | None = None, seed: int = 0,
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Recompute the basis from a full gradient; returns the previous (left, right) basis.
-        `seed` drives the randomized SVD's test matrix."""
+    # ------------------------------------------------------------------ one-sided bases, oriented
+    @property
+    def one_sided(self) -> bool:
+        return len(self.sides) == 1
+
+    def orient(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient with the projected side first: G (left) or Gᵀ (right)."""
+        return grad if self.sides == ("left",) else grad.T
+
+    def oriented_basis(self) -> torch.Tensor | None:
+        """B (d x r): P, or Qᵀ."""
+        if self.sides == ("left",):
+            return self.left
+        return None if self.right is None else self.right.T
+
+    def set_oriented_basis(self, basis: torch.Tensor, supported: int, top_singular_value: float,
+                           dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Install B (d x r, zero columns beyond the supported ones); returns the previous (left, right)."""
         old = (self.left, self.right)
-        matrix = grad.detach().float()
-        if not is_fake(matrix) and not bool(torch.isfinite(matrix).all()):
-            raise SVDFailure(
-                f"GaLore: the gradient of {self.name or 'a matrix'} {tuple(self.shape)} contains NaN/Inf, so "
-                "its projector cannot be computed (lower train.lr, keep train.max_grad_norm set, check the data)"
-            )
-        try:
-            u, vh = top_singular_vectors(matrix, self.rank, method or self.svd, seed)
-        except torch.linalg.LinAlgError as err:
-            raise SVDFailure(
-                f"GaLore: the SVD of the gradient of {self.name or 'a matrix'} {tuple(self.shape)} did not "
-                f"converge ({str(err).splitlines()[0]}); try strategy.svd: randomized or a lower train.lr"
-            ) from None
-        dtype = grad.dtype
-        self.left = u.to(dtype).contiguous() if "left" in self.sides else None
-        self.right = vh.to(dtype).contiguous() if "right" in self.sides else None
+        basis = basis.to(dtype).contiguous()
+        if self.sides == ("left",):
+            self.left = basis
+        else:
+            self.right = basis.T.contiguous()
+        self.fill_exhausted = self.incomplete() and supported == self.supported
+        self.supported = supported
+        self.top_singular_value = top_singular_value
+        self.refreshes += 1
+        self.stale = False
+        return old
+
+    def set_two_sided_basis(self, left: torch.Tensor, right: torch.Tensor, top_singular_value: float,
+                            dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        old = (self.left, self.right)
+        self.left, self.right = left.to(dtype).contiguous(), right.to(dtype).contiguous()
+        self.supported, self.top_singular_value = self.rank, top_singular_value
         self.refreshes += 1
         self.stale = False
         return old
@@ -158,14 +163,24 @@ class GaLoreProjector:
             out = out @ self.right
         return out
 
+    def back_projected_rows(self, direction: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+        """Rows start..start+rows of scale * (back-projected direction), in float32."""
+        if self.sides == ("left",):
+            out = self.left.narrow(0, start, rows).float() @ direction.float()
+        elif self.sides == ("right",):
+            out = direction.narrow(0, start, rows).float() @ self.right.float()
+        else:
+            out = (self.left.narrow(0, start, rows).float() @ direction.float()) @ self.right.float()
+        return out.mul_(self.scale)
+
     def add_update_(self, weight: torch.Tensor, direction: torch.Tensor, alpha: float) -> None:
-        """weight += alpha * scale * (back-projected direction), without a full-size temporary
-        for one-sided projectors (addmm_ writes into the weight)."""
+        """weight += alpha * scale * (back-projected direction) in the weight's dtype, without a
+        full-size temporary for one-sided projectors (addmm_ writes into the weight)."""
         direction = direction.to(weight.dtype)
         a = alpha * self.scale
-        if self.left is not None and self.right is None:
+        if self.sides == ("left",):
             weight.addmm_(self.left.to(weight.dtype), direction, alpha=a)
-        elif self.right is not None and self.left is None:
+        elif self.sides == ("right",):
             weight.addmm_(direction, self.right.to(weight.dtype), alpha=a)
         else:
             weight.add_(self.project_back(direction).to(weight.dtype), alpha=a)
@@ -177,14 +192,23 @@ class GaLoreProjector:
         b = old_right.float() @ self.right.T.float() if self.right is not None and old_right is not None else None
         return a, b
 
-    # ------------------------------------------------------------------ persistence
+    # ------------------------------------------------------------------ persistence and placement
     def state_dict(self) -> dict[str, Any]:
-        return {"left": self.left, "right": self.right, "phase": self.phase,
-                "refreshes": self.refreshes, "stale": self.stale}
+        return {"left": self.left, "right": self.right, "phase": self.phase, "refreshes": self.refreshes,
+                "supported": self.supported, "top_singular_value": self.top_singular_value, "stale": self.stale,
+                "fill_exhausted": self.fill_exhausted}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.left, self.right = state["left"], state["right"]
         self.phase, self.refreshes, self.stale = int(state["phase"]), int(state["refreshes"]), bool(state["stale"])
+        self.supported = int(state["supported"])
+        self.top_singular_value = float(state["top_singular_value"])
+        self.fill_exhausted = bool(state["fill_exhausted"])
+
+    @property
+    def device(self) -> torch.device | None:
+        basis = self.left if self.left is not None else self.right
+        return None if basis is None else basis.device
 
     def to(self, device: torch.device | str) -> None:
         self.left = self.left.to(device) if self.left is not None else None

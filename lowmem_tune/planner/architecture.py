@@ -82,7 +82,7 @@ def summarize(name: str, config: Any) -> Architecture:
     """Build `config` on the meta device and read its shapes (torch and transformers)."""
     from torch import nn
 
-    from lowmem_tune.modeling import build_empty_model, decoder_layers, layer_linears
+    from lowmem_tune.layers import build_empty_model, decoder_layers, layer_linears
 
     model = build_empty_model(config)
     layers = decoder_layers(model)

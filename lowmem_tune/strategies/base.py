@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from lowmem_tune.events import EventSink, Info
-from lowmem_tune.optim.updater import Updater
+from lowmem_tune.layers import decoder_layers, layer_linears
+from lowmem_tune.optim import Updater, build_updater
 from lowmem_tune.profile import Profile
 from lowmem_tune.resources import cache_dir as default_cache_dir
 
@@ -47,6 +48,9 @@ class StrategyContext:
 
 
 class Strategy(ABC):
+    """A method: what trains (`prepare_model`), through which optimizer (`optimizer`, over the
+    parameters `parameter_groups` returns), and what it does between steps."""
+
     name: ClassVar[str]
 
     def __init__(self, profile: Profile) -> None:
@@ -54,19 +58,38 @@ class Strategy(ABC):
         self.cfg = profile.strategy
 
     def prepare_model(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
-        """Rewrite the model if the method needs to and set requires_grad. Default: all trainable."""
+        """Rewrite the model if the method needs to and set requires_grad. Default: all trainable,
+        but embeddings, final norm and lm_head when `train_embeddings: false`."""
         model.requires_grad_(True)
+        if self.cfg.train_embeddings is False:
+            for module in embedding_modules(model):
+                module.requires_grad_(False)
         return model
 
+    @property
     @abstractmethod
+    def optimizer(self) -> str:
+        """Which optimizer updates the weights: one of optim.OPTIMIZERS."""
+
+    def parameter_groups(self, model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(matrices through GaLore, everything else) that may train; frozen ones may be included."""
+        params = trainable_parameters(model)
+        if self.optimizer not in ("galore", "fira"):
+            return [], params
+        matrices = galore_matrices(model)
+        chosen = {id(p) for p in matrices}
+        return matrices, [p for p in params if id(p) not in chosen]
+
     def build_updater(self, model: nn.Module, ctx: StrategyContext) -> Updater:
-        """The optimizer (or layerwise engine) for the trainable parameters."""
+        matrices, others = self.parameter_groups(model)
+        names = {p: name for name, p in model.named_parameters()}
+        return build_updater(self.optimizer, matrices, others, self.profile, names, ctx.fake, ctx.info)
 
     def on_step_start(self, step: int, model: nn.Module, updater: Updater) -> None:
         """Called before the micro-batches of optimizer step `step` (0-based)."""
 
     def step_metrics(self) -> dict[str, Any]:
-        """Strategy fields merged into each metrics.jsonl line."""
+        """Strategy fields merged into each metrics.jsonl line (the updater adds its own)."""
         return {}
 
     def describe(self) -> dict[str, Any]:
@@ -93,3 +116,16 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
             seen.add(id(param))
             params.append(param)
     return params
+
+
+def galore_matrices(model: nn.Module, include_frozen: bool = False) -> list[nn.Parameter]:
+    """The 2-D weights of the nn.Linear projections inside the decoder layers (trainable ones,
+    unless `include_frozen`)."""
+    return [linear.weight for layer in decoder_layers(model) for linear in layer_linears(layer).values()
+            if include_frozen or linear.weight.requires_grad]
+
+
+def embedding_modules(model: nn.Module) -> list[nn.Module]:
+    """Embeddings, final norm and lm_head: what `train_embeddings` switches."""
+    modules = [model.get_input_embeddings(), getattr(model.model, "norm", None), model.get_output_embeddings()]
+    return [m for m in modules if m is not None]

@@ -22,9 +22,9 @@ from torch import nn
 
 from lowmem_tune.atomic import write_json_atomic
 from lowmem_tune.errors import UserError
-from lowmem_tune.modeling import decoder_layers, layer_linears
-from lowmem_tune.optim.updater import StandardUpdater, Updater, tensor_bytes
-from lowmem_tune.strategies.base import Strategy, StrategyContext
+from lowmem_tune.layers import decoder_layers
+from lowmem_tune.optim import Updater
+from lowmem_tune.strategies.base import Strategy, StrategyContext, embedding_modules, galore_matrices
 from lowmem_tune.strategies.outliers import (
     RANDOM_TOKENS_NOTE,
     OutlierRatios,
@@ -95,76 +95,7 @@ class LayerSampler:
         self.drawn_at = state["drawn_at"]
 
 
-# --------------------------------------------------------------------------- updater with release
-
-
-@dataclass
-class ParkedState:
-    """One parameter's optimizer state moved to the CPU while its layer is out of the sample."""
-
-    state: dict[str, Any]
-    devices: dict[str, str]
-    """Where each tensor lived (torch keeps AdamW's `step` counter on the CPU)."""
-
-
-class ReleasableUpdater(StandardUpdater):
-    """A torch / bitsandbytes optimizer over every parameter that may ever train, whose
-    per-parameter state can be released when a layer leaves the sample.
-
-    Both optimizers create state lazily on a parameter's first gradient and skip parameters
-    without one, so frozen layers cost nothing until they are sampled. Offloaded state is parked
-    on the CPU and moved back when the parameter has a gradient again.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter],
-                 max_grad_norm: float | None) -> None:
-        super().__init__(optimizer, [], max_grad_norm)
-        self.params = list(params)  # frozen ones included: they may be sampled later
-        self._parked: dict[nn.Parameter, ParkedState] = {}
-
-    def release(self, params: Iterable[nn.Parameter], offload: bool = False) -> None:
-        for param in params:
-            param.grad = None
-            state = self.optimizer.state.pop(param, None)
-            if offload and state:
-                self._parked[param] = ParkedState(
-                    {k: v.to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in state.items()},
-                    {k: str(v.device) for k, v in state.items() if torch.is_tensor(v)},
-                )
-
-    def step(self) -> float:
-        for param in self.params:
-            if param.grad is not None and param in self._parked:
-                parked = self._parked.pop(param)
-                self.optimizer.state[param] = {k: v.to(parked.devices[k]) if k in parked.devices else v
-                                               for k, v in parked.state.items()}
-        return super().step()
-
-    def state_bytes(self) -> int:
-        """Bytes of live optimizer state; parked state is counted by offloaded_bytes."""
-        return tensor_bytes(dict(self.optimizer.state))
-
-    def offloaded_bytes(self) -> int:
-        return sum(tensor_bytes(parked.state) for parked in self._parked.values())
-
-    def state_dict(self) -> dict[str, Any]:
-        index = {param: i for i, param in enumerate(self.params)}
-        parked = {index[p]: {"state": s.state, "devices": s.devices} for p, s in self._parked.items()}
-        return {"optimizer": self.optimizer.state_dict(), "parked": parked}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._parked = {self.params[int(i)]: ParkedState(entry["state"], entry["devices"])
-                        for i, entry in state["parked"].items()}
-
-
 # --------------------------------------------------------------------------- strategies
-
-
-def always_trained_modules(model: nn.Module) -> list[nn.Module]:
-    """Embeddings, final norm and lm_head: trained full-rank whenever train_embeddings is on."""
-    modules = [model.get_input_embeddings(), getattr(model.model, "norm", None), model.get_output_embeddings()]
-    return [m for m in modules if m is not None]
 
 
 def unique_parameters(modules: Iterable[nn.Module], exclude: Iterable[nn.Parameter] = ()) -> list[nn.Parameter]:
@@ -190,15 +121,18 @@ class LayerChoice:
 class LayerSamplingStrategy(Strategy):
     """Shared machinery of LISA and OwLore; subclasses say how layers are weighted."""
 
-    galore_updater: Any = None
-
     def layer_choice(self, model: nn.Module, ctx: StrategyContext) -> LayerChoice:
         raise NotImplementedError
+
+    @property
+    def optimizer(self) -> str:
+        return self.cfg.optimizer
 
     def prepare_model(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         layers = decoder_layers(model)
         model.requires_grad_(False)
-        self.always_trained = unique_parameters(always_trained_modules(model)) if self.cfg.train_embeddings is not False else []
+        self.always_trained = (unique_parameters(embedding_modules(model)) if self.cfg.train_embeddings is not False
+                               else [])
         for param in self.always_trained:
             param.requires_grad_(True)
         self.layer_params = [unique_parameters([layer], exclude=self.always_trained) for layer in layers]
@@ -213,54 +147,15 @@ class LayerSamplingStrategy(Strategy):
         self.run_dir = ctx.run_dir
         return model
 
-    def candidate_parameters(self) -> list[nn.Parameter]:
-        """Every parameter that may train during the run, active now or not."""
-        return self.always_trained + [p for params in self.layer_params for p in params]
-
-    def build_updater(self, model: nn.Module, ctx: StrategyContext) -> Updater:
-        t = self.profile.train
-        params = self.candidate_parameters()
-        if self.cfg.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                                          weight_decay=t.weight_decay, foreach=not ctx.fake)
-        elif self.cfg.optimizer == "adamw8bit":
-            import bitsandbytes as bnb
-
-            optimizer = bnb.optim.AdamW8bit(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                                            weight_decay=t.weight_decay)
-        else:
-            return self.build_galore_updater(model, ctx)
-        return ReleasableUpdater(optimizer, params, t.max_grad_norm)
-
-    def build_galore_updater(self, model: nn.Module, ctx: StrategyContext) -> Updater:
-        """GaLore on the 2-D projections of every decoder layer, plain (8-bit) AdamW on the rest.
-
-        The layerwise engine hooks every candidate parameter, and torch refuses hooks on tensors
-        that do not require grad, so candidates are switched on while it is built and set back
-        after: the frozen state is the strategy's to choose, not the optimizer's."""
-        from lowmem_tune.optim.galore_adamw import GaLoreAdamW
-        from lowmem_tune.optim.layerwise import GaLoreUpdater
-
-        t, cfg = self.profile.train, self.cfg
-        names = {p: name for name, p in model.named_parameters()}
-        matrices = [linear.weight for layer in decoder_layers(model) for linear in layer_linears(layer).values()]
-        matrix_ids = {id(p) for p in matrices}
-        others = [p for p in self.candidate_parameters() if id(p) not in matrix_ids]
-        galore_group = {"params": matrices, "rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap,
-                        "scale": cfg.scale, "proj_type": cfg.proj_type, "svd": cfg.svd}
-        groups = [galore_group] + ([{"params": others}] if others else [])
-        optimizer = GaLoreAdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
-                                bits=cfg.bits, moments=cfg.moments, stagger=True, param_names=names)
-        candidates = self.candidate_parameters()
-        frozen = [p for p in candidates if not p.requires_grad]
-        for param in frozen:
-            param.requires_grad_(True)
-        try:
-            self.galore_updater = GaLoreUpdater(optimizer, t.max_grad_norm, layerwise=cfg.layerwise)
-            return self.galore_updater
-        finally:
-            for param in frozen:
-                param.requires_grad_(False)
+    def parameter_groups(self, model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """Every parameter that may train during the run, active now or not (LMFlow #726: a layer
+        frozen when the optimizer is built must still train when it is sampled later)."""
+        candidates = self.always_trained + [p for params in self.layer_params for p in params]
+        if self.optimizer not in ("galore", "fira"):
+            return [], candidates
+        matrices = galore_matrices(model, include_frozen=True)
+        chosen = {id(p) for p in matrices}
+        return matrices, [p for p in candidates if id(p) not in chosen]
 
     def on_step_start(self, step: int, model: nn.Module, updater: Updater) -> None:
         drawing = (step % self.cfg.interval == 0 and self.sampler.drawn_at != step) or self.sampler.active is None
@@ -284,10 +179,7 @@ class LayerSamplingStrategy(Strategy):
         self.applied = list(active)
 
     def step_metrics(self) -> dict[str, Any]:
-        metrics: dict[str, Any] = {"active_layers": list(self.applied)}
-        if self.galore_updater is not None:
-            metrics.update(self.galore_updater.metrics())
-        return metrics
+        return {"active_layers": list(self.applied)}
 
     def describe(self) -> dict[str, Any]:
         ratios = self.choice.ratios

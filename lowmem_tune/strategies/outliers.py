@@ -31,7 +31,7 @@ from torch import nn
 
 from lowmem_tune.atomic import write_json_atomic
 from lowmem_tune.errors import UserError
-from lowmem_tune.modeling import decoder_layers, layer_linears
+from lowmem_tune.layers import decoder_layers, layer_linears
 
 DEFAULT_THRESHOLD = 13.0
 RANDOM_TOKENS_NOTE = "random token ids (no tokenizer for this model)"

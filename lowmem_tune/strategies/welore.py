@@ -30,15 +30,10 @@ from lowmem_tune.compress import (
 )
 from lowmem_tune.compress.storage import trainable_summary
 from lowmem_tune.errors import UserError
-from lowmem_tune.optim.updater import Updater
-from lowmem_tune.strategies.adamw import AdamW8bit, FullAdamW
+from lowmem_tune.layers import is_norm
 from lowmem_tune.strategies.base import Strategy, StrategyContext, trainable_parameters
 
 _SAME_ARCHITECTURE = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
-
-
-def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith("RMSNorm")
 
 
 class WeLore(Strategy):
@@ -48,7 +43,6 @@ class WeLore(Strategy):
         super().__init__(profile)
         self.plan: RankPlan | None = None
         self.counts: tuple[int, int] = (0, 0)
-        self.galore = None
 
     # ------------------------------------------------------------------ model
 
@@ -127,34 +121,19 @@ class WeLore(Strategy):
 
     # ------------------------------------------------------------------ training
 
-    def build_updater(self, model: nn.Module, ctx: StrategyContext) -> Updater:
-        choice = self.cfg.optimizer
-        if choice == "adamw":
-            return FullAdamW(self.profile).build_updater(model, ctx)
-        if choice == "adamw8bit":
-            return AdamW8bit(self.profile).build_updater(model, ctx)
-        return self._galore_updater(model)
+    @property
+    def optimizer(self) -> str:
+        return self.cfg.optimizer
 
-    def _galore_updater(self, model: nn.Module) -> Updater:
-        """GaLore on the 2-D factors (the projector rank is capped at each factor's k), AdamW on norms."""
-        from lowmem_tune.optim.galore_adamw import GaLoreAdamW
-        from lowmem_tune.optim.layerwise import GaLoreUpdater
-
-        t, s = self.profile.train, self.cfg
+    def parameter_groups(self, model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """With GaLore: the 2-D factors through it (the projector rank is capped at each factor's
+        k), AdamW on the norms; otherwise one optimizer over everything trainable."""
+        params = trainable_parameters(model)
+        if self.optimizer not in ("galore", "fira"):
+            return [], params
         factors = [p for m in lowrank_modules(model).values() for p in (m.left, m.right) if p.requires_grad]
         chosen = {id(p) for p in factors}
-        others = [p for p in trainable_parameters(model) if id(p) not in chosen]
-        groups = [{"params": factors, "rank": s.rank, "update_proj_gap": s.update_proj_gap, "scale": s.scale,
-                   "proj_type": s.proj_type, "svd": s.svd}] + ([{"params": others}] if others else [])
-        optimizer = GaLoreAdamW(
-            groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay, bits=s.bits,
-            moments=s.moments, stagger=True, param_names={p: name for name, p in model.named_parameters()},
-        )
-        self.galore = GaLoreUpdater(optimizer, t.max_grad_norm, layerwise=s.layerwise)
-        return self.galore
-
-    def step_metrics(self) -> dict[str, Any]:
-        return self.galore.metrics() if self.galore is not None else {}
+        return factors, [p for p in params if id(p) not in chosen]
 
     def describe(self) -> dict[str, Any]:
         if self.plan is None:

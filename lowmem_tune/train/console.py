@@ -112,7 +112,7 @@ class ProgressReporter(PlainReporter):
 
 def run_headless(profile: Profile, resume: bool) -> int:
     """`run --headless`: train with console reporting; Ctrl-C / SIGTERM checkpoint and stop."""
-    from lowmem_tune.train.loop import run_training
+    from lowmem_tune.train.run import run_training
 
     reporter = ProgressReporter(profile.train.log_every) if sys.stdout.isatty() else PlainReporter(profile.train.log_every)
     control = RunControl()

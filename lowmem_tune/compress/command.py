@@ -1,0 +1,105 @@
+"""`lowmem-tune compress` and `lowmem-tune merge`: load, compress or merge, write atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lowmem_tune.catalog import resolve_model
+from lowmem_tune.compress import compress_model, compressed_ranks, copy_tokenizer, load_compressed, save_compressed, save_merged
+from lowmem_tune.errors import UserError
+from lowmem_tune.modeling import load_model, pick_device
+from lowmem_tune.resources import cache_dir
+
+
+def _stored_dtype(config) -> torch.dtype:
+    """The dtype the checkpoint was saved in (float32 when the config does not say)."""
+    stored = getattr(config, "dtype", None)
+    if isinstance(stored, torch.dtype):
+        return stored
+    if isinstance(stored, str) and isinstance(getattr(torch, stored, None), torch.dtype):
+        return getattr(torch, stored)
+    return torch.float32
+
+
+def _fresh_output(output: Path) -> Path:
+    """A temporary sibling of `output` to write into; refuses to overwrite a non-empty output."""
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UserError(f"-o {output} already exists and is not empty; choose another directory or remove it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+
+
+def _publish(tmp: Path, output: Path) -> None:
+    if output.is_dir():
+        output.rmdir()  # empty, checked by _fresh_output
+    os.replace(tmp, output)
+
+
+def compress_command(model: str, rank_reduction: float, min_ratio: float, output: Path, merge: bool,
+                     device: str) -> None:
+    from rich.console import Console
+
+    if not 0 < rank_reduction < 1:
+        raise UserError(f"--rank-reduction must be between 0 and 1 (e.g. 0.5), got {rank_reduction}")
+    if not 0 < min_ratio < 1:
+        raise UserError(f"--min-ratio must be between 0 and 1, got {min_ratio}")
+    resolved = resolve_model(model)
+    if resolved.pretrained_path is None:
+        raise UserError(
+            f"{model!r} is an architecture without weights; compress needs a trained model "
+            "(a local model directory such as a run's final/, or a hub id)"
+        )
+    if compressed_ranks(resolved.config) is not None:
+        raise UserError(f"{model} is already WeLore-compressed; `lowmem-tune merge` turns it back into a dense model")
+    svd_device = pick_device(device)
+    console = Console(stderr=True)
+    # Weights stay on the CPU; each matrix visits the GPU for its SVD, so a 7B model compresses on a 16 GB card.
+    dense = load_model(resolved, "pretrained", _stored_dtype(resolved.config), torch.device("cpu"))
+    plan = compress_model(dense, rank_reduction, min_ratio, cache_dir(), svd_device)
+    tmp = _fresh_output(output)
+    try:
+        if merge:
+            save_merged(dense, tmp)
+        else:
+            save_compressed(dense, plan, tmp)
+        copy_tokenizer(resolved.local_dir, tmp)
+        _publish(tmp, Path(output))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    s = plan.summary()
+    console.print(
+        f"ERR {s['rank_reduction_achieved']:.4f} (target {rank_reduction}), τ={plan.tau:.4f}: "
+        f"{plan.lrc_count} LRC, {plan.nlrc_count} N-LRC, decoder parameters -{s['decoder_parameter_reduction']:.1%}"
+    )
+    console.print(f"{'dense (merged)' if merge else 'compressed'} model written to {output}")
+
+
+def merge_command(model: str, output: Path) -> None:
+    """A compressed directory (e.g. a welore run's final/) → a plain dense transformers model."""
+    from rich.console import Console
+
+    source = Path(model)
+    if not (source / "config.json").is_file():
+        raise UserError(f"{model}: not a model directory (no config.json)")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source)
+    if compressed_ranks(config) is None:
+        raise UserError(f"{model} is not WeLore-compressed (no `welore` ranks in config.json); nothing to merge")
+    compressed = load_compressed(source, _stored_dtype(config), torch.device("cpu"))
+    tmp = _fresh_output(output)
+    try:
+        merged = save_merged(compressed, tmp)
+        copy_tokenizer(source, tmp)
+        _publish(tmp, Path(output))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    Console(stderr=True).print(f"merged {merged} low-rank matrices; dense model written to {output}")

@@ -1,0 +1,72 @@
+"""One Adam update of one parameter, from its (clipped) gradient to its new value: the moments
+(`moments.py`), the GaLore back-projection and Fira's residual for a GaLore matrix, decoupled
+weight decay, and the write into the weight — in place, or through `RoundingWriter` (stochastic
+rounding) for bf16 / fp16 weights when one is given."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lowmem_tune.optim.fira import fira_residual
+from lowmem_tune.optim.moments import BLOCKSIZE, Blockwise8bitMoments, storage_of
+from lowmem_tune.optim.projector import GaLoreProjector
+from lowmem_tune.optim.writer import RoundingWriter
+
+
+def _rounds(writer: RoundingWriter | None, p: torch.Tensor) -> bool:
+    return writer is not None and writer.applies_to(p)
+
+
+def dense_step(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], grad: torch.Tensor,
+               writer: RoundingWriter | None) -> None:
+    """AdamW on a tensor outside GaLore."""
+    lr, wd, betas, eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
+    if storage_of(state) is Blockwise8bitMoments:
+        if not _rounds(writer, p):
+            Blockwise8bitMoments.step_into(state, grad, p, betas, eps, lr, wd)
+            return
+        state["step"] += 1
+        flat = grad.reshape(-1)
+        per_row = flat.numel() // p.shape[0]
+
+        def direction(start: int, rows: int) -> torch.Tensor:
+            out = torch.zeros((rows, *p.shape[1:]), dtype=torch.float32, device=p.device)
+            Blockwise8bitMoments.update_range(state, flat.narrow(0, start * per_row, rows * per_row), out,
+                                              start * per_row, betas, eps, lr=-1.0, weight_decay=0.0)
+            return out
+
+        writer.apply(p, direction, lr, wd, decay_first=True, align=BLOCKSIZE)
+        return
+    direction = storage_of(state).direction(state, grad.float(), betas, eps)
+    if _rounds(writer, p):
+        writer.apply(p, lambda start, rows: direction.narrow(0, start, rows), lr, wd)
+        return
+    p.add_(direction.to(p.dtype), alpha=-lr)
+    if wd:
+        p.add_(p, alpha=-lr * wd)
+
+
+def galore_step(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], low: torch.Tensor,
+                writer: RoundingWriter | None, fira: bool, fira_limiter: float) -> None:
+    """AdamW in a GaLore matrix's subspace, projected back (plus Fira's residual)."""
+    lr, wd = group["lr"], group["weight_decay"]
+    proj: GaLoreProjector = state["projector"]
+    direction = storage_of(state).direction(state, low, group["betas"], group["eps"])
+    residual = None
+    if fira:
+        residual, state["fira_prev"] = fira_residual(p.grad, proj.project_back(low), low, direction, proj.sides,
+                                                     state.get("fira_prev"), fira_limiter)
+    if _rounds(writer, p):
+        def update(start: int, rows: int) -> torch.Tensor:
+            out = proj.back_projected_rows(direction, start, rows)
+            return out if residual is None else out.add_(residual.narrow(0, start, rows))
+
+        writer.apply(p, update, lr, wd)
+        return
+    if residual is not None:
+        p.add_(residual.to(p.dtype), alpha=-lr)
+    proj.add_update_(p, direction, alpha=-lr)
+    if wd:
+        p.add_(p, alpha=-lr * wd)

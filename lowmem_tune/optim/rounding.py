@@ -1,0 +1,78 @@
+"""Stochastic rounding: the one routine every update uses to write into a coarser number format.
+
+A value x between two neighbours lo < x < hi of the target grid becomes hi with probability
+(x - lo) / (hi - lo) and lo otherwise, so E[round(x)] = x. A step far smaller than the grid's
+spacing therefore still moves a weight in expectation, where rounding to nearest would drop it:
+GaLore's update at lr 1e-5 and scale 0.25 moves a bf16 weight of 0.02 by much less than half its
+ulp (~6e-5). Grids: bfloat16 and float16 weights, and the integer codes of INT8 weights.
+
+Randomness comes from one generator per device, seeded from the run's seed; their states are in
+the checkpoint, so a resumed run draws the same bits and stays bit-identical.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lowmem_tune.optim.projector import is_fake
+
+_LOW_HALF = -(1 << 16)  # 0xFFFF0000 as int32: keeps a float32's top 16 bits, the bfloat16 ones
+
+
+class StochasticRounding:
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+        self._saved: dict[str, torch.Tensor] = {}
+        """States loaded for devices whose generator is made on first use."""
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if device.type == "meta":
+            return None
+        key = str(device)
+        if key not in self._generators:
+            generator = torch.Generator(device=device).manual_seed(self.seed)
+            if key in self._saved:
+                generator.set_state(self._saved.pop(key))
+            self._generators[key] = generator
+        return self._generators[key]
+
+    def uniform_like(self, x: torch.Tensor) -> torch.Tensor:
+        """U[0, 1) in float32, shaped like x, from this device's generator."""
+        generator = None if is_fake(x) else self._generator(x.device)
+        return torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+
+    def to_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """float32 `x` rounded stochastically to `dtype` (bfloat16 or float16; float32 passes)."""
+        if dtype == torch.float32:
+            return x
+        if dtype == torch.bfloat16:
+            # bfloat16 is the top half of a float32: add 16 random low bits to the magnitude, then
+            # truncate them. Carrying into bit 16 happens with probability (x - lo) / (hi - lo).
+            generator = None if is_fake(x) else self._generator(x.device)
+            noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+            bits = x.contiguous().view(torch.int32).add(noise).bitwise_and_(_LOW_HALF)
+            return bits.view(torch.float32).to(torch.bfloat16)
+        if dtype == torch.float16:
+            near = x.to(torch.float16)
+            gap = near.float() - x
+            other = torch.nextafter(near, torch.where(gap > 0, -torch.inf, torch.inf).to(torch.float16))
+            away = (other.float() - near.float()).abs()
+            take_other = self.uniform_like(x) * away < gap.abs()
+            return torch.where(take_other, other, near)
+        raise ValueError(f"no stochastic rounding to {dtype}")
+
+    def to_grid(self, v: torch.Tensor) -> torch.Tensor:
+        """float32 `v` rounded stochastically to whole numbers (INT8 weight codes): floor(v + U)."""
+        return (v + self.uniform_like(v)).floor_()
+
+    def state_dict(self) -> dict[str, Any]:
+        states = {key: g.get_state() for key, g in self._generators.items()}
+        return {"seed": self.seed, "generators": {**self._saved, **states}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = int(state["seed"])
+        self._generators.clear()
+        self._saved = dict(state["generators"])

@@ -1,0 +1,57 @@
+"""Writing an update into a 16-bit weight with stochastic rounding, a block of rows at a time.
+
+The update is formed in float32 for one block (so the working copy is one block, never the whole
+matrix), added to the block's float32 value and rounded back with `StochasticRounding`. Weight
+decay follows the optimizer's convention: after the update (galore-torch, our Adam) or before it
+(bitsandbytes' kernel and torch.optim.AdamW).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import torch
+
+from lowmem_tune.optim.rounding import StochasticRounding
+
+BLOCK_ELEMENTS = 1 << 20
+"""Values per block: a 4 MiB float32 working copy, plus as much for the update and the noise."""
+
+RowsUpdate = Callable[[int, int], torch.Tensor]
+"""update(start, rows): the float32 update of rows start .. start + rows (the step before the lr)."""
+
+
+def row_blocks(weight: torch.Tensor, align: int = 1) -> Iterator[tuple[int, int]]:
+    """(start, rows) blocks covering dim 0 of `weight`, each holding a multiple of `align` values
+    (bitsandbytes' 8-bit state is blockwise in flat order) except possibly the last."""
+    per_row = math.prod(weight.shape[1:])
+    rows = max(1, BLOCK_ELEMENTS // max(per_row, 1))
+    step = align // math.gcd(per_row, align)
+    rows = -(-rows // step) * step
+    total = weight.shape[0]
+    for start in range(0, total, rows):
+        yield start, min(rows, total - start)
+
+
+class RoundingWriter:
+    def __init__(self, rounding: StochasticRounding) -> None:
+        self.rounding = rounding
+
+    @staticmethod
+    def applies_to(weight: torch.Tensor) -> bool:
+        return weight.dtype in (torch.bfloat16, torch.float16)
+
+    @torch.no_grad()
+    def apply(self, weight: torch.Tensor, update: RowsUpdate, lr: float, weight_decay: float = 0.0,
+              decay_first: bool = False, align: int = 1) -> None:
+        """weight <- round(w - lr * update - lr * wd * (...)), decaying w before or after the update."""
+        for start, rows in row_blocks(weight, align):
+            block = weight.narrow(0, start, rows)
+            value = block.float()
+            if weight_decay and decay_first:
+                value.mul_(1 - lr * weight_decay)
+            value.add_(update(start, rows), alpha=-lr)
+            if weight_decay and not decay_first:
+                value.add_(value, alpha=-lr * weight_decay)
+            block.copy_(self.rounding.to_dtype(value, weight.dtype))

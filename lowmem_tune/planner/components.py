@@ -1,0 +1,126 @@
+"""Bytes of the pieces a training step holds: optimizer states, activations, logits, GaLore's
+projectors, accumulators and sketches, stochastic rounding's working blocks. The constants were
+measured on fake tensors (`plan --verify`, `benchmarks/planner_accuracy.py`), not taken from
+papers: per token and decoder layer, HF Llama with SDPA keeps the fp32 copy of each RMSNorm input
+(4h), the norm's two 16-bit outputs (2·2h), gate, up, SiLU and product (4·I), q and the attention
+output (2·q_dim), k and v (2·kv_dim) and the fp32 log-sum-exp (4·heads); with activation
+checkpointing only each layer's input (h) stays, plus one layer's working set while it is
+recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lowmem_tune.planner.architecture import Architecture, LinearShape
+
+BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizer block: one fp32 absmax per 256 values
+MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 moments in bitsandbytes and GaLoreAdamW
+SKETCH_OVERSAMPLE = 8  # optim/subspace.py: k = r + 8 columns, l = 2k + 1 rows
+ROUNDING_BLOCK = 1 << 20  # optim/writer.py: values written per block with stochastic rounding
+
+
+@dataclass(frozen=True)
+class Workload:
+    seq_len: int
+    micro_batch_size: int
+    gradient_checkpointing: bool
+    dtype_bytes: int = 2  # bf16
+    gradient_accumulation: int = 2
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_len * self.micro_batch_size
+
+    @property
+    def dtype(self) -> str:
+        return {2: "bfloat16", 4: "float32"}[self.dtype_bytes]
+
+
+def adam_state_bytes(numel: int, kind: str, dtype_bytes: int) -> int:
+    """Two Adam moments of a tensor: 'plain' in the weights' dtype (torch AdamW), 'fp32'
+    (GaLoreAdamW's 32-bit path), '8bit' (bitsandbytes blockwise: uint8 + fp32 absmax per block;
+    tensors under 4096 values stay fp32)."""
+    if kind == "plain":
+        return 2 * numel * dtype_bytes
+    if kind == "fp32" or numel < MIN_8BIT_SIZE:
+        return 2 * numel * 4
+    return 2 * (numel + 4 * -(-numel // BLOCKSIZE))
+
+
+def layer_activation_bytes(arch: Architecture, w: Workload) -> int:
+    """Bytes one decoder layer keeps for backward without checkpointing (see module docstring)."""
+    h, d = arch.hidden_size, w.dtype_bytes
+    per_token = (2 * (4 * h + 2 * d * h) + 4 * d * arch.intermediate_size
+                 + 2 * d * arch.q_dim + 2 * d * arch.kv_dim + 4 * arch.num_heads + 8)
+    return w.tokens * per_token
+
+
+def frozen_layer_activation_bytes(arch: Architecture, w: Workload) -> int:
+    """A frozen decoder layer that gradients still pass through (LISA / OwLore) keeps less: no
+    linear saves its input for a weight gradient, so the two norm outputs, the attention output's
+    copy for o_proj and the MLP product are not kept (measured: 4·d·h + d·I per token fewer)."""
+    d = w.dtype_bytes
+    return layer_activation_bytes(arch, w) - w.tokens * d * (4 * arch.hidden_size + arch.intermediate_size)
+
+
+def layer_backward_extra_bytes(arch: Architecture, w: Workload) -> int:
+    """Gradient temporaries alive at once inside one layer's backward (MLP: two I-sized)."""
+    return w.tokens * (2 * w.dtype_bytes * arch.intermediate_size + 4 * arch.hidden_size)
+
+
+def logits_bytes(arch: Architecture, w: Workload) -> int:
+    """16-bit logits, their fp32 upcast and log-softmax (forward) and the fp32 gradient being
+    formed at the start of backward: ~(d + 12)·V per token."""
+    return w.tokens * arch.vocab_size * (w.dtype_bytes + 12)
+
+
+def activation_bytes(arch: Architecture, w: Workload, trained_from_layer: int = 0,
+                     frozen_layers: int = 0) -> tuple[int, int]:
+    """(kept activations, transient working set) at the backward peak.
+
+    Layers below the first trainable one (with frozen embeddings) keep nothing; `frozen_layers`
+    of the others keep a frozen layer's smaller set (without checkpointing)."""
+    layers = arch.num_layers - trained_from_layer
+    h, d = arch.hidden_size, w.dtype_bytes
+    final_norm = w.tokens * d * h  # the lm_head's input (measured: the norm's fp32 copy is gone by then)
+    if w.gradient_checkpointing:
+        kept = layers * w.tokens * d * h + final_norm
+        working = layer_activation_bytes(arch, w) + layer_backward_extra_bytes(arch, w)
+        return kept, working
+    kept = ((layers - frozen_layers) * layer_activation_bytes(arch, w)
+            + frozen_layers * frozen_layer_activation_bytes(arch, w) + final_norm)
+    return kept, layer_backward_extra_bytes(arch, w)
+
+
+def galore_matrix(lin: LinearShape, rank: int, d: int, bits: int) -> tuple[int, int, int, int]:
+    """(projector, moments, accumulator, step temporaries) bytes of one GaLore matrix ('std')."""
+    m, n = lin.out_features, lin.in_features
+    r = min(rank, m, n)
+    low = r * max(m, n)
+    moments = adam_state_bytes(low, "8bit" if bits == 8 else "fp32", d)
+    # step: the fp32 low-rank gradient and the direction (fp32), the direction cast to the weights' dtype
+    temp = low * (4 + 4 + d)
+    return r * min(m, n) * d, moments, 4 * low, temp
+
+
+def sketch_bytes(lin: LinearShape, rank: int) -> int:
+    """The two float32 sketches of one matrix's gradient at a basis step (rule `sketch`), or the
+    gradient itself when that is smaller (optim/subspace.py's sketch_shape)."""
+    d, big = min(lin.out_features, lin.in_features), max(lin.out_features, lin.in_features)
+    k = min(rank + SKETCH_OVERSAMPLE, d)
+    l = 2 * k + 1
+    return 4 * min(d * big, d * k + l * big)
+
+
+def sketch_finish_bytes(lin: LinearShape, rank: int) -> int:
+    """Temporaries of turning one matrix's sketch into its basis: Q, X and the k x D product."""
+    d, big = min(lin.out_features, lin.in_features), max(lin.out_features, lin.in_features)
+    k = min(rank + SKETCH_OVERSAMPLE, d)
+    return 4 * (d * k + 2 * k * big)
+
+
+def rounding_bytes(largest: int, dtype_bytes: int) -> int:
+    """Stochastic rounding's working block: the float32 value, update and random bits, and the
+    rounded block, for at most ROUNDING_BLOCK values (none for float32 weights)."""
+    return 0 if dtype_bytes == 4 else min(largest, ROUNDING_BLOCK) * (4 + 4 + 4 + dtype_bytes)

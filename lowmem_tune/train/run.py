@@ -1,0 +1,306 @@
+"""The training run, top to bottom: `setup()`, `train()` (the loop over optimizer steps, with
+checkpoints and the held-out loss), `finish()` (final model and evaluation), `cleanup()`.
+
+One optimizer step: the strategy acts at the boundary (LISA / OwLore resample layers), k
+micro-batches run forward and backward, the updater steps once, and the loss, the gradient norm
+and whatever else the updater measured come to the host in one synchronization.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from lowmem_tune.atomic import write_json_atomic, write_text_atomic
+from lowmem_tune.catalog import resolve_model
+from lowmem_tune.data import calibration_sequences, eval_batches
+from lowmem_tune.errors import UserError
+from lowmem_tune.events import (
+    CheckpointSaved,
+    EvalLoss,
+    EvalResult,
+    EventSink,
+    FanOut,
+    Info,
+    RunFinished,
+    RunStarted,
+    StepMetrics,
+)
+from lowmem_tune.hardware import nvml_index_of_torch_device
+from lowmem_tune.modeling import (
+    activation_checkpointing_enabled,
+    disable_activation_checkpointing,
+    enable_activation_checkpointing,
+    load_model,
+    pick_device,
+    resolve_dtype,
+)
+from lowmem_tune.optim import SVDFailure
+from lowmem_tune.profile import Profile
+from lowmem_tune.strategies import StrategyContext, build_strategy
+from lowmem_tune.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lowmem_tune.train.control import RunControl
+from lowmem_tune.train.run_files import RunFilesSink
+from lowmem_tune.train.schedule import lr_at
+from lowmem_tune.train.setup import checkpoint_to_resume, model_identity, prepare_data, quiet_library_progress
+
+
+@dataclass
+class RunOutcome:
+    status: str  # completed, stopped, failed
+    step: int
+    """Steps completed; for a failed run, the step that failed."""
+    exit_code: int
+    final_dir: Path | None = None
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def run_training(profile: Profile, resume: bool, sink: EventSink, control: RunControl | None = None) -> RunOutcome:
+    """Run a profile to the end (or to a stop request). Emits events to `sink` and the run files."""
+    run = TrainingRun(profile, resume, sink, control or RunControl())
+    try:
+        run.setup()
+        return run.train()
+    finally:
+        run.cleanup()
+
+
+class TrainingRun:
+    """One run of a profile: the model, strategy, updater, data stream, events and current step."""
+
+    def __init__(self, profile: Profile, resume: bool, sink: EventSink, control: RunControl) -> None:
+        self.profile, self.control = profile, control
+        self.run_dir = Path(profile.output.dir)
+        self.resume_from = checkpoint_to_resume(self.run_dir, resume)
+        self.sink = sink
+        self.files: RunFilesSink | None = None
+        self.updater = None
+        self.step = 0
+        self.eval_results: dict[str, Any] = {"baseline": None, "final": None}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        p = self.profile
+        quiet_library_progress()
+        self.device = pick_device(p.hardware.device, p.hardware.gpu_index)
+        self.dtype = resolve_dtype(p.model.dtype, self.device)
+        if self.device.type == "cpu":
+            # Denormal floats (tiny second moments in bitsandbytes' CPU kernels) made 8-bit AdamW steps
+            # 40x slower after a few dozen steps; flushing them to zero changes nothing we can measure.
+            torch.set_flush_denormal(True)
+        torch.manual_seed(p.train.seed)
+        resolved = resolve_model(p.model.name)
+        self.data = prepare_data(p, resolved, self.run_dir)
+        self.stream = self.data.stream
+        self.model = load_model(resolved, p.model.init, self.dtype, self.device, p.model.attn_implementation,
+                                seed=p.train.seed)
+        self.strategy = build_strategy(p)
+        self.files = RunFilesSink(self.run_dir, self.resume_from.step if self.resume_from else None)
+        self.events = FanOut(self.sink, self.files)
+        train_items = self.data.train_items
+        ctx = StrategyContext(
+            device=self.device, dtype=self.dtype, run_dir=self.run_dir, model_id=model_identity(p, resolved),
+            calibration_batches=lambda n, length: calibration_sequences(train_items, n, length), events=self.events,
+        )
+        self.model = self.strategy.prepare_model(self.model, ctx)
+        if p.train.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        if p.eval.tasks and p.eval.baseline and self.resume_from is None:
+            self.eval_results["baseline"] = self.evaluate("baseline")
+            write_json_atomic(self.run_dir / "eval.json", self.eval_results)
+        self.updater = self.strategy.build_updater(self.model, ctx)
+        if self.resume_from is not None:
+            state = load_checkpoint(self.resume_from, self.model)
+            self.updater.load_state_dict(state["updater"])
+            self.strategy.load_state_dict(state["strategy"])
+            self.stream.load_state_dict(state["data"])
+            set_rng_state(state["rng"])
+            self.step = int(state["step"])
+            self.eval_results = state.get("eval_results", self.eval_results)
+            self.events.emit(Info(f"resumed from {self.resume_from.path} at step {self.step}"))
+        write_text_atomic(self.run_dir / "profile.yaml", p.to_yaml())
+        self.planned_peak = self._planned_peak()
+        cuda = self.device.type == "cuda"
+        self.events.emit(RunStarted(
+            run_dir=str(self.run_dir), model=resolved.name, strategy=p.strategy.name, device=str(self.device),
+            gpu_name=torch.cuda.get_device_name(self.device) if cuda else None, total_steps=p.train.max_steps,
+            start_step=self.step, num_layers=self.model.config.num_hidden_layers, planned_peak_bytes=self.planned_peak,
+            gpu_total_bytes=torch.cuda.get_device_properties(self.device).total_memory if cuda else None,
+            gpu_nvml_index=nvml_index_of_torch_device(self.device.index) if cuda else None,
+            strategy_info=self.strategy.describe(),
+        ))
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> RunOutcome:
+        t = self.profile.train
+        began, last_saved = time.perf_counter(), self.step
+        start_step = self.step
+        try:
+            while self.step < t.max_steps and not (self.control.stop_requested or self.control.abort_requested):
+                metrics = self.train_step()
+                done = self.step - start_step
+                elapsed = time.perf_counter() - began
+                metrics.update(elapsed_s=elapsed, eta_s=elapsed / done * (t.max_steps - self.step))
+                self.events.emit(StepMetrics(metrics))
+                if self.data.heldout_items and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                    self.events.emit(EvalLoss(self.step, self.eval_loss()))
+                wants_save = self.step % t.save_every == 0 or self.control.take_checkpoint_request()
+                if wants_save or (self.control.stop_requested and self.step != last_saved):
+                    self.save_checkpoint()
+                    last_saved = self.step
+        except (NonFiniteLoss, SVDFailure) as err:
+            return self._failed(f"{err}; the last good checkpoint is kept in {self.run_dir / 'checkpoints'}")
+        except torch.cuda.OutOfMemoryError:
+            return self._failed(self._out_of_memory_message())
+        if self.control.abort_requested:
+            self.events.emit(RunFinished("stopped", self.step, "aborted"))
+            return RunOutcome("stopped", self.step, 130)
+        if self.control.stop_requested and self.step != last_saved:
+            self.save_checkpoint()
+        if self.step < t.max_steps:
+            self.events.emit(RunFinished("stopped", self.step, f"stopped at step {self.step}; continue with --resume"))
+            return RunOutcome("stopped", self.step, 0)
+        return self.finish()
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its metrics (one host synchronization)."""
+        t = self.profile.train
+        step_began = time.perf_counter()
+        self.strategy.on_step_start(self.step, self.model, self.updater)
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for _ in range(t.gradient_accumulation):
+            batch = self.stream.next_batch()
+            tokens += int(batch["attention_mask"].sum())  # on the host, before the copy
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            loss = self.model(**batch).loss
+            (loss / t.gradient_accumulation).backward()
+            loss_sum += loss.detach()
+        lr = lr_at(self.step, base_lr=t.lr, max_steps=t.max_steps, warmup_steps=t.warmup_steps,
+                   scheduler=t.scheduler, min_lr_ratio=t.min_lr_ratio)
+        self.updater.set_lr(lr)
+        measured = {"loss": loss_sum / t.gradient_accumulation, **self.updater.step()}
+        host = dict(zip(measured, torch.stack([v.float().to(self.device) for v in measured.values()]).tolist()))
+        if not math.isfinite(host["loss"]):
+            raise NonFiniteLoss(f"loss became {host['loss']} at step {self.step + 1}; lower train.lr or check the data")
+        self.step += 1
+        seconds = time.perf_counter() - step_began
+        return {
+            "step": self.step, "total_steps": t.max_steps, "epoch": round(self.stream.epoch_progress, 4),
+            **host, "lr": lr, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
+            "percentage": round(100.0 * self.step / t.max_steps, 2),
+            **self._memory_metrics(), **self.updater.metrics(), **self.strategy.step_metrics(),
+        }
+
+    def save_checkpoint(self) -> None:
+        began = time.perf_counter()
+        state = {
+            "step": self.step, "updater": self.updater.state_dict(), "strategy": self.strategy.state_dict(),
+            "data": self.stream.state_dict(), "rng": rng_state(), "eval_results": self.eval_results,
+        }
+        path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, state,
+                               self.profile.train.keep_checkpoints)
+        self.events.emit(CheckpointSaved(self.step, str(path), time.perf_counter() - began))
+
+    # ------------------------------------------------------------------ the end
+    def finish(self) -> RunOutcome:
+        final_dir = None
+        if self.profile.output.save_final:
+            final_dir = self.run_dir / "final"
+            self._save_final(final_dir)
+            self.events.emit(Info(f"final model saved to {final_dir}"))
+        if self.profile.eval.tasks:
+            self.eval_results["final"] = self.evaluate("final")
+            write_json_atomic(self.run_dir / "eval.json", self.eval_results)
+        self.events.emit(RunFinished("completed", self.step, "", str(final_dir) if final_dir else None))
+        return RunOutcome("completed", self.step, 0, final_dir)
+
+    def cleanup(self) -> None:
+        if self.updater is not None:
+            self.updater.close()
+        if self.files is not None:
+            self.files.close()
+
+    def _failed(self, message: str) -> RunOutcome:
+        failed_at = self.step + 1  # the step being computed when it failed
+        self.events.emit(RunFinished("failed", failed_at, message))
+        return RunOutcome("failed", failed_at, 1)
+
+    # ------------------------------------------------------------------ pieces
+    def evaluate(self, stage: str) -> dict[str, Any]:
+        from lowmem_tune.evaluation import evaluate_tasks
+
+        e = self.profile.eval
+        results = evaluate_tasks(self.model, self.data.tokenizer, e.tasks, limit=e.limit, num_fewshot=e.num_fewshot,
+                                 batch_size=e.batch_size, data_files=e.data_files)
+        self.events.emit(EvalResult(stage, results))
+        return results
+
+    @torch.no_grad()
+    def eval_loss(self) -> float:
+        was_training = self.model.training
+        self.model.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        t = self.profile.train
+        for batch in eval_batches(self.data.heldout_items, t.micro_batch_size, self.data.pad_id, t.eval_batches):
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            total += self.model(**batch).loss * n
+            count += n
+        self.model.train(was_training)
+        return float(total) / max(count, 1)
+
+    def _save_final(self, final_dir: Path) -> None:
+        tmp = final_dir.with_name(f".{final_dir.name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if activation_checkpointing_enabled(self.model):
+            disable_activation_checkpointing(self.model)  # the training is over; generation wants the cache
+        self.model.config.use_cache = True
+        self.strategy.save_final(self.model, tmp)
+        self.data.tokenizer.save_pretrained(tmp)
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        tmp.rename(final_dir)
+
+    def _planned_peak(self) -> int | None:
+        """What `plan` predicts for this profile, shown beside the measured memory (GPU runs only)."""
+        if self.device.type != "cuda":
+            return None
+        from lowmem_tune.planner.estimate import estimate_profile
+
+        try:
+            return estimate_profile(self.profile, torch.finfo(self.dtype).bits // 8).total
+        except (UserError, KeyError, ValueError):  # an architecture the planner cannot summarize
+            return None
+
+    def _memory_metrics(self) -> dict[str, int]:
+        if self.device.type == "cuda":
+            return {"cuda_allocated": torch.cuda.memory_allocated(self.device),
+                    "cuda_peak": torch.cuda.max_memory_allocated(self.device),
+                    "cuda_reserved": torch.cuda.memory_reserved(self.device)}
+        return {"rss": psutil.Process().memory_info().rss}
+
+    def _out_of_memory_message(self) -> str:
+        predicted = f"the plan predicts {self.planned_peak / 2**30:.1f} GiB" if self.planned_peak else "no plan estimate"
+        where = ""
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            peak = torch.cuda.max_memory_allocated(self.device)
+            where = f"; the GPU has {total / 2**30:.1f} GiB, {peak / 2**30:.1f} GiB was allocated at the peak"
+        return (
+            f"CUDA out of memory at step {self.step + 1} ({predicted} for this profile{where}) — see "
+            "`lowmem-tune plan`, then lower train.micro_batch_size or data.max_seq_len, turn on "
+            "train.activation_checkpointing, or lower strategy.rank / strategy.sampled_layers"
+        )

@@ -1,0 +1,107 @@
+"""What a run needs before its first step: the output directory checked, the data tokenized and
+batched, the tokenizer, the model's identity for caches, and quiet libraries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from lowmem_tune.catalog import ResolvedModel
+from lowmem_tune.data import BatchStream, load_examples, split_heldout, tokenize_examples, train_local_tokenizer
+from lowmem_tune.errors import UserError
+from lowmem_tune.modeling import load_tokenizer
+from lowmem_tune.profile import Profile
+from lowmem_tune.train.checkpoint import CheckpointInfo, latest_checkpoint, remove_partial_writes
+
+LOCAL_TOKENIZER_VOCAB = 512
+
+
+@dataclass
+class RunData:
+    tokenizer: PreTrainedTokenizerBase
+    pad_id: int
+    train_items: list[Any]
+    heldout_items: list[Any]
+    stream: BatchStream
+
+
+def prepare_data(profile: Profile, resolved: ResolvedModel, run_dir: Path) -> RunData:
+    """Examples loaded and split, the tokenizer, tokenized items and the seeded batch stream."""
+    examples = load_examples(profile.data)
+    train_examples, heldout_examples = split_heldout(examples, profile.data.heldout, profile.train.seed)
+    tokenizer = tokenizer_for(profile, resolved, run_dir, [e.prompt + e.response for e in train_examples])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_items, heldout_items = (
+        tokenize_examples(exs, tokenizer, profile.data.max_seq_len, profile.data.train_on_prompt, profile.data.packing)
+        for exs in (train_examples, heldout_examples)
+    )
+    if len(train_items) < profile.train.micro_batch_size:
+        raise UserError(
+            f"data: {len(train_items)} training examples are fewer than train.micro_batch_size "
+            f"({profile.train.micro_batch_size}); lower the batch or add data"
+        )
+    stream = BatchStream(train_items, profile.train.micro_batch_size, profile.train.seed, profile.data.shuffle, pad_id)
+    return RunData(tokenizer, pad_id, train_items, heldout_items, stream)
+
+
+def tokenizer_for(profile: Profile, resolved: ResolvedModel, run_dir: Path, texts: list[str]) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; a random-init model without one gets a small tokenizer trained on the
+    run's data, saved in the run directory so a resumed run uses the very same one."""
+    source = profile.model.tokenizer or (resolved.pretrained_path if profile.model.init == "pretrained" else None)
+    if source is not None:
+        tokenizer = load_tokenizer(source)
+    else:
+        saved = run_dir / "tokenizer"
+        if (saved / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(str(saved))
+        else:
+            vocab = min(LOCAL_TOKENIZER_VOCAB, resolved.config.vocab_size)
+            tokenizer = train_local_tokenizer(texts, vocab)
+            tokenizer.save_pretrained(saved)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if len(tokenizer) > resolved.config.vocab_size:
+        raise UserError(
+            f"model.tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {resolved.config.vocab_size}"
+        )
+    return tokenizer
+
+
+def model_identity(profile: Profile, resolved: ResolvedModel) -> str:
+    """What the model's weights are, for caches (outlier ratios, spectra)."""
+    if profile.model.init == "random":
+        return f"{resolved.name}-random-seed{profile.train.seed}"
+    return f"{resolved.pretrained_path}@{profile.model.revision or 'main'}"
+
+
+def checkpoint_to_resume(run_dir: Path, resume: bool) -> CheckpointInfo | None:
+    """The checkpoint `--resume` continues from; refuses to start over a run that exists."""
+    checkpoints_dir = run_dir / "checkpoints"
+    remove_partial_writes(checkpoints_dir)
+    latest = latest_checkpoint(checkpoints_dir)
+    if resume:
+        if latest is None:
+            raise UserError(f"--resume: no checkpoint in {checkpoints_dir} (start without --resume)")
+        return latest
+    if latest is not None or (run_dir / "final").exists():
+        raise UserError(
+            f"output.dir {run_dir} already holds a run; continue it with --resume, or choose another "
+            "output.dir (--set output.dir=...)"
+        )
+    return None
+
+
+def quiet_library_progress() -> None:
+    """transformers, datasets and the hub draw tqdm bars ("Loading weights", "Writing model
+    shards") on stderr: noise in the headless lines, and torn text under the dashboard, which
+    shows our own progress."""
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
