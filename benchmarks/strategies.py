@@ -25,7 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-STRATEGIES = ["full", "adamw8bit", "galore", "fira", "lisa", "owlore", "welore"]
+sys.path.insert(0, str(ROOT))  # the checkout's package, installed or not
+from lowmem_tune.profile import STRATEGY_NAMES  # noqa: E402
 
 
 def run_one(profile: Path, entry: str, steps: int | None, out: Path) -> dict:
@@ -64,7 +65,7 @@ def summarize(run: dict, warmup: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", type=Path, default=ROOT / "profiles" / "demo.yaml")
-    parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGY_NAMES))
     parser.add_argument("--steps", type=int, default=None, help="override train.max_steps")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--output", default="strategies", help="results file stem in benchmarks/results/")

@@ -10,6 +10,7 @@ import click
 
 from lowmem_tune import __version__
 from lowmem_tune.errors import UserError
+from lowmem_tune.profile import STRATEGY_NAMES
 
 
 class _Group(click.Group):
@@ -43,7 +44,7 @@ def probe(as_json: bool) -> None:
 @click.option("--gpu", default="auto", show_default=True, help="auto, a preset (rtx4090, ...) or a size (24GB, 24GiB).")
 @click.option("--gpu-index", default=0, show_default=True, help="Which GPU --gpu auto reads.")
 @click.option("--margin", default=0.10, show_default=True, help="Share of usable memory kept free.")
-@click.option("--strategy", default=None, help="Pin the strategy (full, adamw8bit, galore, fira, lisa, owlore, welore).")
+@click.option("--strategy", type=click.Choice(STRATEGY_NAMES), default=None, help="Pin the strategy.")
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per sequence.")
 @click.option("--micro-batch-size", default=None, type=int, help="Pin the micro batch size.")
 @click.option("--prefer", type=click.Choice(["quality", "speed", "memory"]), default="quality", show_default=True)
@@ -97,7 +98,8 @@ def monitor(run_dir: Path) -> None:
 
 @main.command(name="eval")
 @click.option("--dataset", "dataset", required=True, help="A task (boolq, piqa, ...) or a suite (commonsense, welore).")
-@click.option("--model", "model", required=True, help="Model directory, catalog name or hub id.")
+@click.option("--model", "model", default=None,
+              help="Model directory, catalog name or hub id (default: the latest run's final/ under ./runs).")
 @click.option("--data-file", "data_files", multiple=True, metavar="[TASK=]PATH",
               help="Local JSON / JSONL / parquet in the task's schema (TASK=PATH for suites).")
 @click.option("--limit", type=int, default=None, help="Evaluate the first N examples of each task.")
@@ -105,7 +107,7 @@ def monitor(run_dir: Path) -> None:
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write results JSON.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-def eval_(dataset: str, model: str, data_files: tuple[str, ...], limit: int | None, num_fewshot: int | None,
+def eval_(dataset: str, model: str | None, data_files: tuple[str, ...], limit: int | None, num_fewshot: int | None,
           batch_size: int, output: Path | None, device: str) -> None:
     """Evaluate a model on tasks scored the way the field scores them."""
     from lowmem_tune.evaluation import eval_command

@@ -293,3 +293,22 @@ def test_cli_bare_data_file_needs_a_task_name_for_suites(model_dir):
     result = CliRunner().invoke(main, ["eval", "--dataset", "welore", "--model", str(model_dir),
                                        "--data-file", str(fixture_path("svamp"))])
     assert result.exit_code == 2 and "TASK=PATH" in result.output
+
+
+def test_cli_without_model_evaluates_the_latest_runs_final_and_says_which(model_dir, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["eval", "--dataset", "boolq", "--device", "cpu"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "no --model given" in lines[0] and "--model DIR" in lines[0]
+    for name, stamp in (("older", 1_000_000_000), ("newer", 2_000_000_000)):
+        final = tmp_path / "runs" / name / "final"
+        shutil.copytree(model_dir, final)
+        os.utime(final / "config.json", (stamp, stamp))
+    result = CliRunner().invoke(main, ["eval", "--dataset", "boolq", "--device", "cpu", "--limit", "4",
+                                       "--data-file", str(fixture_path("boolq"))])
+    assert result.exit_code == 0, result.output
+    assert "evaluating runs/newer/final (the latest run's final model" in " ".join(result.output.split())
+    assert "boolq" in result.output

@@ -299,10 +299,28 @@ def test_resume_mid_interval_restores_active_layers_and_trajectory(inactive_stat
 
 
 def test_adamw8bit_inside_sampled_layers():
-    model = tiny_llama()
-    strat = build_strategy(make_profile(optimizer="adamw8bit"))
+    """bitsandbytes' 8-bit AdamW trains the sampled layers and the always-trained tensors: its
+    blockwise uint8 state exists for exactly those (large enough) tensors, and only they move."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                         max_position_embeddings=64))  # q/o_proj: 4096 values, 8-bit state
+    strat = build_strategy(make_profile(optimizer="adamw8bit", sampled_layers=1))
     ctx = StrategyContext(device=torch.device("cpu"), dtype=torch.float32)
     strat.prepare_model(model, ctx)
     updater = strat.build_updater(model, ctx)
+    assert isinstance(updater.optimizer, bnb.optim.AdamW8bit)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
     train_step(0, model, strat, updater)
-    assert updater.state_bytes() > 0
+    (active,) = strat.step_metrics()["active_layers"]
+    trained = {id(p) for p in strat.always_trained + strat.layer_params[active]}
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert {id(p) for p in updater.optimizer.state} == trained
+    for param, state in updater.optimizer.state.items():
+        if param.numel() >= 4096:  # bitsandbytes' min_8bit_size
+            assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8, names[id(param)]
+    assert any(p.numel() >= 4096 for p in updater.optimizer.state)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) != (id(p) in trained), name

@@ -139,8 +139,16 @@ def test_ratios_are_cached_per_model_calibration_and_threshold(tmp_path):
 
 
 def test_unidentified_models_are_not_cached(tmp_path):
-    compute_outlier_ratios(tiny_llama(), calibration(), 5.0, "test", "", tmp_path)
-    assert not (tmp_path / "outliers").exists()
+    """Without a model id nothing is written anywhere in the cache, and a second call computes the
+    ratios again (a miss); the same call with an id writes one entry and then hits it."""
+    model = tiny_llama()
+    first, hit = compute_outlier_ratios(model, calibration(), 5.0, "test", "", tmp_path)
+    assert not hit and not any(tmp_path.rglob("*"))
+    again, hit = compute_outlier_ratios(model, calibration(), 5.0, "test", "", tmp_path)
+    assert not hit and again == first and not any(tmp_path.rglob("*"))
+    compute_outlier_ratios(model, calibration(), 5.0, "test", "model-a", tmp_path)
+    _, hit = compute_outlier_ratios(model, calibration(), 5.0, "test", "model-a", tmp_path)
+    assert hit and len([p for p in tmp_path.rglob("*") if p.is_file()]) == 1
 
 
 def _owlore(tmp_path: Path, model: LlamaForCausalLM, **strategy):

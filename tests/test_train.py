@@ -45,6 +45,14 @@ class Recorder:
         self.events.append(event)
 
 
+def write_profile(tmp_path: Path, raw: dict) -> Path:
+    import yaml
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {m["step"]: m["loss"] for m in map(json.loads, lines)}
@@ -209,3 +217,55 @@ def test_sigint_then_resume_matches_an_uninterrupted_run(tmp_path):
     reference = profile_from_dict(tiny_profile(tmp_path / "ref", train={"max_steps": 20, "save_every": 1000}))
     run_training(reference, resume=False, sink=Recorder())
     assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+
+
+def test_a_non_finite_loss_fails_the_run_at_the_step_it_happened(tmp_path):
+    """lr 1e30 without clipping: step 1's update overflows the weights, so step 2's loss is NaN."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "run", str(write_profile(tmp_path, tiny_profile(out))), "--headless", "--set", "train.lr=1e30",
+        "--set", "train.warmup_steps=0", "--set", "train.max_grad_norm=null", "--set", "train.save_every=1"])
+    assert result.exit_code == 1
+    summary = [line for line in result.output.splitlines() if line.startswith("run failed")]
+    assert summary == [summary[0]] and summary[0].startswith("run failed at step 2: loss became nan at step 2")
+    assert "the last good checkpoint is" in summary[0] and "step-1" in summary[0]
+    finished = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()][-1]
+    assert finished["type"] == "RunFinished" and finished["status"] == "failed" and finished["step"] == 2
+    assert list(losses(out)) == [1]
+    assert [c.step for c in [latest_checkpoint(out / "checkpoints")]] == [1]
+
+
+def test_out_of_memory_fails_the_run_at_the_step_it_happened(tmp_path):
+    from lowmem_tune.train.run import TrainingRun
+
+    recorder = Recorder()
+    run = TrainingRun(profile_from_dict(tiny_profile(tmp_path / "run")), False, recorder, RunControl())
+    run.setup()
+    forward, calls = run.model.forward, []
+
+    def forward_until_out_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 4:  # two micro-batches a step: the 5th forward is step 3's first
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    run.model.forward = forward_until_out_of_memory
+    try:
+        outcome = run.train()
+    finally:
+        run.cleanup()
+    assert (outcome.status, outcome.step, outcome.exit_code) == ("failed", 3, 1)
+    finished = recorder.events[-1]
+    assert isinstance(finished, RunFinished) and finished.step == 3
+    assert finished.message.startswith("CUDA out of memory at step 3") and "lower train.micro_batch_size" in finished.message
+
+
+def test_headless_lines_have_no_library_progress_bars_and_one_line_per_evaluation(tmp_path):
+    raw = tiny_profile(tmp_path / "run", eval={"tasks": ["synthetic-boolq"], "baseline": True, "limit": 8})
+    result = CliRunner().invoke(main, ["run", str(write_profile(tmp_path, raw)), "--headless"])
+    assert result.exit_code == 0, result.output
+    for noise in ("Writing model shards", "Loading weights", "it/s", "%|"):
+        assert noise not in result.output
+    baseline = [line for line in result.output.splitlines() if "baseline" in line]
+    assert len(baseline) == 1 and baseline[0].startswith("baseline eval: synthetic-boolq acc=")
+    assert len([line for line in result.output.splitlines() if "final eval" in line]) == 1

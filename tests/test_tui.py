@@ -24,7 +24,7 @@ from lowmem_tune.tui import DashboardApp, MonitorApp, QueueFeed, RunDirFeed, mon
 from lowmem_tune.profile import Profile
 from lowmem_tune.tui.live import LiveRun
 from lowmem_tune.tui.pacing import RedrawPacer
-from lowmem_tune.tui.state import Series
+from lowmem_tune.tui.state import RunState, Series
 from lowmem_tune.tui.widgets import LossChart, MemoryPanel, StrategyPanel
 
 NUM_LAYERS = 8
@@ -349,3 +349,65 @@ def test_the_memory_panel_polls_the_nvml_index_the_run_reports(nvml_index):
                 assert polled and set(polled) == {nvml_index}
 
     asyncio.run(scenario())
+
+
+def test_summary_line_after_the_dashboard_carries_the_accuracies():
+    from lowmem_tune.tui import summary_line
+
+    state = RunState()
+    for event in (started(), step(20, active=[1]),
+                  EvalResult("baseline", {"tasks": {"synthetic-boolq": {"acc": 0.495, "n": 200}}}),
+                  EvalResult("final", {"tasks": {"synthetic-boolq": {"acc": 1.0, "n": 200}}}),
+                  RunFinished("completed", 20, "", "runs/test/final")):
+        state.apply(event)
+    line = summary_line(state)
+    assert "run completed at step 20" in line and "synthetic-boolq acc 0.495 → 1.000" in line
+    assert "model saved to runs/test/final" in line
+
+
+def test_the_loss_chart_turns_logarithmic_past_two_decades():
+    from lowmem_tune.tui.chart import render_line_chart
+
+    def text(rows):
+        return ["".join(run for run, _ in row) for row in rows]
+
+    falling = [(s, 10.0 * 0.9 ** s) for s in range(80)]  # 10 down to about 0.002
+    log_rows = text(render_line_chart(falling, [], 60, 12))
+    assert log_rows[-1].lstrip().startswith("log y")
+    top, bottom = (float(row.split("┤")[0]) for row in (log_rows[0], log_rows[-2]))
+    assert top == pytest.approx(10.0) and bottom == pytest.approx(10.0 * 0.9 ** 79, rel=0.05)
+    # on a log axis a geometric decay is a straight line: the curve reaches the middle rows half way
+    middle = len(log_rows) // 2 - 1
+    first_dot = min(i for i, ch in enumerate(log_rows[middle]) if 0x2800 < ord(ch) <= 0x28FF)
+    assert 0.3 < (first_dot - 8) / 52 < 0.7
+    narrow = text(render_line_chart([(s, 3.0 - 0.01 * s) for s in range(80)], [], 60, 12))
+    assert not narrow[-1].lstrip().startswith("log y")
+
+
+def test_a_real_run_on_the_dashboard_logs_no_library_progress_bars_and_one_baseline_line(tmp_path):
+    from lowmem_tune.profile import profile_from_dict
+
+    profile = profile_from_dict({
+        "model": {"name": "tiny-llama", "init": "random"}, "hardware": {"device": "cpu"},
+        "strategy": {"name": "full"},
+        "data": {"dataset": "synthetic-boolq", "num_examples": 64, "max_seq_len": 48, "heldout": 8},
+        "train": {"max_steps": 3, "micro_batch_size": 4, "activation_checkpointing": False, "save_every": 100},
+        "output": {"dir": str(tmp_path / "run")},
+        "eval": {"tasks": ["synthetic-boolq"], "baseline": True, "limit": 8},
+    })
+    run = LiveRun(profile, resume=False)
+
+    async def scenario() -> str:
+        app = DashboardApp(run.feed, control=run.control)
+        async with app.run_test(size=(200, 60)) as pilot:
+            run.start()
+            await wait_for(pilot, lambda: app.state.finished is not None, timeout=60)
+            await pilot.pause(1.2)
+            return log_text(app)
+
+    text = asyncio.run(scenario())
+    assert run.finish() == 0
+    assert "runcompletedatstep3" in text
+    for noise in ("Writingmodelshards", "Loadingweights", "it/s", "%|"):
+        assert noise not in text
+    assert text.count("baseline") == 1 and "baselineeval:synthetic-boolqacc=" in text

@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 
 from lowmem_tune.catalog import resolve_model
-from lowmem_tune.compress import compress_model, compressed_ranks, copy_tokenizer, load_compressed, save_compressed, save_merged
+from lowmem_tune.compress import (
+    compress_model,
+    compressed_ranks,
+    copy_tokenizer,
+    load_compressed,
+    save_compressed,
+    save_merged,
+)
 from lowmem_tune.errors import UserError
 from lowmem_tune.modeling import load_model, pick_device
 from lowmem_tune.resources import cache_dir

@@ -57,7 +57,19 @@ def _load_tokenizer(resolved):
     return load_tokenizer(resolved.pretrained_path)
 
 
-def eval_command(dataset: str, model: str, data_files: tuple[str, ...] = (), limit: int | None = None,
+RUNS_DIR = Path("runs")
+
+
+def latest_final_model(runs: Path = RUNS_DIR) -> Path:
+    """The most recently written RUN/final/ under `runs` (what `eval` evaluates without --model)."""
+    finals = [p for p in runs.glob("*/final") if (p / "config.json").is_file()] if runs.is_dir() else []
+    if not finals:
+        raise UserError(f"eval: no --model given and no run under ./{runs} has a final/ model "
+                        "(train one with `lowmem-tune run`, or pass --model DIR)")
+    return max(finals, key=lambda p: (p / "config.json").stat().st_mtime_ns)
+
+
+def eval_command(dataset: str, model: str | None, data_files: tuple[str, ...] = (), limit: int | None = None,
                  num_fewshot: int | None = None, batch_size: int = 8, output: Path | None = None,
                  device: str = "auto") -> None:
     from rich.console import Console
@@ -79,6 +91,10 @@ def eval_command(dataset: str, model: str, data_files: tuple[str, ...] = (), lim
     for task in tasks:
         load_card(task)  # unknown names fail before the model loads
     files = parse_data_files(data_files, tasks)
+    if model is None:
+        model = str(latest_final_model())
+        Console(stderr=True).print(f"evaluating {model} (the latest run's final model under ./{RUNS_DIR}; "
+                                   "--model chooses another)", highlight=False)
     resolved = resolve_model(model)
     torch_device = pick_device(device)
     tokenizer = _load_tokenizer(resolved)

@@ -46,7 +46,7 @@ from lowmem_tune.optim.adam_step import dense_step, galore_step
 from lowmem_tune.optim.moments import MIN_8BIT_SIZE, moments_for, storage_of
 from lowmem_tune.optim.offload import is_parked, park, unpark
 from lowmem_tune.optim.persistence import TRANSIENT, galore_state_dict, load_galore_state_dict
-from lowmem_tune.optim.projector import GaLoreProjector, is_fake
+from lowmem_tune.optim.projector import GaLoreProjector
 from lowmem_tune.optim.rounding import StochasticRounding
 from lowmem_tune.optim.subspace import BASIS_RULES, RangeSketch, low_rank_from_sketch, refresh
 from lowmem_tune.optim.timing import SectionTimer

@@ -5,16 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lowmem_tune.errors import UserError
 from lowmem_tune.hardware import GpuTarget
 from lowmem_tune.planner.architecture import Architecture
 from lowmem_tune.planner.estimate import Estimate, Settings, Workload, estimate
+from lowmem_tune.profile import STRATEGY_NAMES
 
 if TYPE_CHECKING:
     from lowmem_tune.profile import Profile
-
-ESTIMATED = ("full", "adamw8bit", "galore", "fira", "lisa", "owlore", "welore")
-"""Strategies with an analytic estimate (welore's: a model already compressed at assumed ranks)."""
 
 ORDER = {
     # full-parameter methods first, then layer sampling
@@ -22,8 +19,10 @@ ORDER = {
     # fewest trained weights / cheapest steps first
     "speed": ("full", "adamw8bit", "lisa", "owlore", "galore", "fira"),
     # re-sorted by total below; welore only on request (its estimate is of a compressed model)
-    "memory": tuple(name for name in ESTIMATED if name != "welore"),
+    "memory": tuple(name for name in STRATEGY_NAMES if name != "welore"),
 }
+"""The candidates `plan` weighs without --strategy, in order of preference (every strategy has an
+estimate; welore's is of a model already compressed at assumed ranks)."""
 MICRO_BATCHES = (16, 8, 4, 2, 1)
 TARGET_SEQUENCES_PER_STEP = 16
 RANKS = {"quality": (256, 128), "speed": (128,), "memory": (128,)}
@@ -106,10 +105,6 @@ def search(arch: Architecture, gpu: GpuTarget, usable: int, seq_len: int, micro_
            prefer: str, strategy: str | None) -> tuple[list[Candidate], Candidate | None]:
     """One candidate per strategy (the pinned one only, with --strategy) and the chosen one."""
     dtype_bytes = 2 if gpu.bf16 else 4
-    if strategy is not None and strategy not in ESTIMATED:
-        raise UserError(
-            f"--strategy {strategy}: no memory estimate for it yet (estimated: {', '.join(ESTIMATED)})"
-        )
     names = (strategy,) if strategy else ORDER[prefer]
     candidates = [best_for(name, arch, usable, seq_len, micro_batch, prefer, dtype_bytes) for name in names]
     if prefer == "memory":

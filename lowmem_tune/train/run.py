@@ -45,7 +45,7 @@ from lowmem_tune.modeling import (
 from lowmem_tune.optim import SVDFailure
 from lowmem_tune.profile import Profile
 from lowmem_tune.strategies import StrategyContext, build_strategy
-from lowmem_tune.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lowmem_tune.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lowmem_tune.train.control import RunControl
 from lowmem_tune.train.run_files import RunFilesSink
 from lowmem_tune.train.schedule import lr_at
@@ -159,7 +159,9 @@ class TrainingRun:
                     self.save_checkpoint()
                     last_saved = self.step
         except (NonFiniteLoss, SVDFailure) as err:
-            return self._failed(f"{err}; the last good checkpoint is kept in {self.run_dir / 'checkpoints'}")
+            kept = latest_checkpoint(self.run_dir / "checkpoints")
+            return self._failed(f"{err}; " + (f"the last good checkpoint is {kept.path} (step {kept.step})" if kept
+                                              else "no checkpoint had been written yet"))
         except torch.cuda.OutOfMemoryError:
             return self._failed(self._out_of_memory_message())
         if self.control.abort_requested:

@@ -40,21 +40,34 @@ def monitor_command(run_dir: Path) -> None:
 
 def _print_summary(state: RunState) -> None:
     """The dashboard's alternate screen is gone once it closes: leave the outcome in the terminal."""
+    line = summary_line(state)
+    if line is not None:
+        Console(stderr=True).print(line, highlight=False)
+
+
+def summary_line(state: RunState) -> str | None:
+    """One line: how the run ended, its losses, each task's accuracy (baseline → final), where
+    the model and the last checkpoint are."""
     finished = state.finished
     if finished is None:
-        return
-    console = Console(stderr=True)
+        return None
     loss = state.train_loss.last
     parts = [f"run {finished.status} at step {finished.step}"]
     if loss is not None:
         parts.append(f"train loss {loss:.4f}")
     if state.eval_loss.last is not None:
         parts.append(f"eval loss {state.eval_loss.last:.4f}")
+    stages = {stage: event.results.get("tasks", {}) for stage, event in state.eval_results.items()}
+    for task in stages.get("final") or stages.get("baseline") or {}:
+        accuracies = [f"{stages[stage][task]['acc']:.3f}" for stage in ("baseline", "final")
+                      if task in stages.get(stage, {})]
+        parts.append(f"{task} acc {' → '.join(accuracies)}")
     if finished.final_dir:
         parts.append(f"model saved to {finished.final_dir}")
     if state.last_checkpoint is not None:
         parts.append(f"last checkpoint {state.last_checkpoint.path}")
-    console.print("lowmem-tune: " + " · ".join(parts))
+    return "lowmem-tune: " + " · ".join(parts)
 
 
-__all__ = ["DashboardApp", "MonitorApp", "QueueFeed", "RunDirFeed", "monitor_command", "run_with_dashboard"]
+__all__ = ["DashboardApp", "MonitorApp", "QueueFeed", "RunDirFeed", "monitor_command", "run_with_dashboard",
+           "summary_line"]

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 # Bit of each dot in a braille cell, indexed [row][column] (Unicode braille patterns, U+2800).
 _DOT_BITS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))
 _LABEL_WIDTH = 8
+LOG_SCALE_SPAN = 100.0
+"""max / min of the values above which the y axis turns logarithmic."""
 
 Points = Sequence[tuple[float, float]]
 Row = list[tuple[str, str]]  # runs of (text, style); style "" is the widget's own
@@ -61,11 +63,19 @@ def render_line_chart(
     line: Points, dots: Points, width: int, height: int, line_style: str = "cyan", dot_style: str = "magenta"
 ) -> list[Row]:
     """`line` drawn as a connected curve and `dots` as markers, in `width` x `height` cells
-    (including the axis labels), one `Row` per terminal line. Non-finite values are left out."""
+    (including the axis labels), one `Row` per terminal line. Non-finite values are left out.
+    When the values span more than two decades (a loss from 10 down to 0.01) the y axis is
+    logarithmic, so the end of training is not a flat line at the bottom; the axis says so."""
     line_points, dot_points = _finite(line), _finite(dots)
     if not line_points and not dot_points:
         return [[("waiting for the first step…", "dim")]]
     plot_width, plot_height = max(width - _LABEL_WIDTH, 4), max(height - 1, 2)
+    values = [y for _, y in line_points + dot_points]
+    log_scale = min(values) > 0 and max(values) > LOG_SCALE_SPAN * min(values)
+    if log_scale:
+        line_points = [(x, math.log10(y)) for x, y in line_points]
+        dot_points = [(x, math.log10(y)) for x, y in dot_points]
+    shown = (lambda v: 10 ** v) if log_scale else (lambda v: v)
 
     xs = [x for x, _ in line_points + dot_points]
     ys = [y for _, y in line_points + dot_points]
@@ -99,9 +109,9 @@ def render_line_chart(
     rows: list[Row] = []
     for row in range(plot_height):
         if row == 0:
-            label = format_value(y_hi - pad)
+            label = format_value(shown(y_hi - pad))
         elif row == plot_height - 1:
-            label = format_value(y_lo + pad)
+            label = format_value(shown(y_lo + pad))
         else:
             label = ""
         runs: Row = [(f"{label:>{_LABEL_WIDTH - 1}}┤" if label else " " * (_LABEL_WIDTH - 1) + "│", "dim")]
@@ -119,7 +129,8 @@ def render_line_chart(
         rows.append(runs)
     first, last = f"{x_lo:g}", f"{max(xs):g}"
     gap = max(plot_width - len(first) - len(last), 1)
-    rows.append([(" " * _LABEL_WIDTH + first + " " * gap + last, "dim")])
+    axis = f"{'log y':>{_LABEL_WIDTH - 1}} " if log_scale else " " * _LABEL_WIDTH
+    rows.append([(axis + first + " " * gap + last, "dim")])
     return rows
 
 

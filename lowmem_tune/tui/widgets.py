@@ -18,6 +18,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import RichLog, Sparkline, Static
 
+from lowmem_tune import hardware
 from lowmem_tune.events import (
     CheckpointSaved,
     EvalLoss,
@@ -28,7 +29,6 @@ from lowmem_tune.events import (
     RunStarted,
     RunWarning,
 )
-from lowmem_tune import hardware
 from lowmem_tune.hardware import GiB, GpuStats
 from lowmem_tune.train import format_results
 from lowmem_tune.tui.chart import block_strip, format_value, render_line_chart
