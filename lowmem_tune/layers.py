@@ -4,6 +4,7 @@ every layer above can use it."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -22,6 +23,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     """The linear projections of one decoder layer by short name (q_proj, ..., down_proj)."""
     return {name.rsplit(".", 1)[-1]: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
+
+
+def dense_weight(linear: nn.Linear) -> torch.Tensor:
+    """A linear's weight values: its own, or the dequantized copy of an INT8 one (quantize.py)."""
+    dequantized = getattr(linear, "dequantized_weight", None)
+    return dequantized() if dequantized is not None else linear.weight
 
 
 def is_norm(module: nn.Module) -> bool:

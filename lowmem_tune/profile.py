@@ -27,6 +27,8 @@ StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
 GALORE_INSIDE = ("galore", "fira", "lisa", "owlore", "welore")
 """Strategies that run GaLore (for LISA / OwLore / WeLore: with `optimizer: galore`, the default)."""
 LAYER_SAMPLING = ("lisa", "owlore")
+INT8_CAPABLE = ("galore", "fira", "lisa", "owlore")
+"""Strategies that can train with INT8 decoder weights (LISA / OwLore with GaLore inside)."""
 ONE = at_least(1)
 
 
@@ -70,8 +72,14 @@ class StrategySection:
     mode then keeps until the step; `first_micro_batch`, the exact SVD of the first micro-batch's
     gradient (the rule before the sketch; kept to compare, see README)."""
     rounding: Literal["stochastic", "nearest"] = knob("stochastic", applies=GALORE_INSIDE)
-    """How updates are written into 16-bit weights: stochastically rounded (unbiased: a step
-    smaller than half a bf16 ulp still moves the weight in expectation) or to nearest."""
+    """How updates are written into 16-bit (and INT8) weights: stochastically rounded (unbiased: a
+    step smaller than half a bf16 ulp, or an INT8 code step, still moves the weight in
+    expectation) or to nearest."""
+    weight_bits: Literal[16, 8] = knob(16, applies=INT8_CAPABLE)
+    """8: decoder linear weights stored as int8 codes with a scale per group (quantize.py); the
+    16-bit copy of a weight exists only inside its own layer's forward and backward."""
+    group_size: int = knob(256, bounds=ONE, applies=INT8_CAPABLE)
+    """Input features per INT8 scale; must divide every decoder linear's input width."""
     fira_limiter: float = knob(1.01, bounds=at_least(1), applies=("fira",))
     # Layer sampling (LISA, OwLore)
     sampled_layers: int = knob(2, bounds=ONE, applies=LAYER_SAMPLING)
@@ -245,6 +253,10 @@ def _find_profile(path: Path) -> Path:
 def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> Profile:
     profile = build(Profile, raw, source)
     _check_strategy_keys(raw, source)
+    s = profile.strategy
+    if s.weight_bits == 8 and s.name in LAYER_SAMPLING and s.optimizer != "galore":
+        raise UserError(f"{source}: strategy.weight_bits 8 with {s.name} needs strategy.optimizer: galore "
+                        f"(INT8 weights take GaLore's updates; got optimizer {s.optimizer})")
     if len(profile.train.betas) != 2:
         raise UserError(f"{source}: train.betas: expected two numbers in [0, 1), got {profile.train.betas}")
     if not profile.output.dir:

@@ -68,7 +68,33 @@ def test_must_show_reads_the_rows(gpu_7b):
         {"id": "owlore-512", "fits": False, "peak_allocated_bytes": None},
         {"id": "galore-512-uncapped", "tokens_per_s": 900.0},
         {"id": "adamw8bit-512-uncapped", "tokens_per_s": 1000.0},
+        {"id": "galore-int8-512", "fits": True, "peak_allocated_bytes": 11 * 10**9},
     ]
     held = [h for _, h, _ in gpu_7b.must_show(rows)]
-    assert held == [True, False, True]
-    assert [h for _, h, _ in gpu_7b.must_show(rows[:1])] == [True, None, None]
+    assert held == [True, False, False, True]  # the INT8 row is over its 10 GB
+    assert [h for _, h, _ in gpu_7b.must_show(rows[:1])] == [True, None, None, None]
+
+
+def test_cpu_smoke_children_import_the_checkouts_package_without_an_install(tmp_path):
+    """A copy of the checkout, run with PYTHONPATH unset: the child must import the copy's package
+    (what it does on a GPU machine where nothing is installed), and report both tokens/s."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    root = SCRIPT.parent.parent
+    checkout = tmp_path / "checkout"
+    for part in ("lowmem_tune", "profiles", "evaluate"):
+        shutil.copytree(root / part, checkout / part, ignore=shutil.ignore_patterns("__pycache__"))
+    (checkout / "benchmarks").mkdir()
+    shutil.copy(SCRIPT, checkout / "benchmarks" / SCRIPT.name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(checkout / "benchmarks" / SCRIPT.name), "--cpu-smoke", "--only",
+                           "galore-128"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = next(line for line in done.stdout.splitlines() if line.startswith("results: ")).split()[1].rstrip(",")
+    (row,) = json.loads(Path(results).read_text())["rows"]
+    assert row["status"] == "completed", row
+    assert Path(row["package"]) == (checkout / "lowmem_tune").resolve()
+    assert row["tokens_per_s"] > 0 and row["tokens_per_s_all"] > 0 and 0 <= row["refresh_share"] < 1

@@ -12,7 +12,7 @@ import torch
 from lowmem_tune.optim.fira import fira_residual
 from lowmem_tune.optim.moments import BLOCKSIZE, Blockwise8bitMoments, storage_of
 from lowmem_tune.optim.projector import GaLoreProjector
-from lowmem_tune.optim.writer import RoundingWriter
+from lowmem_tune.optim.writer import RoundingWriter, WeightStore
 
 
 def _rounds(writer: RoundingWriter | None, p: torch.Tensor) -> bool:
@@ -49,8 +49,9 @@ def dense_step(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], gr
 
 
 def galore_step(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], low: torch.Tensor,
-                writer: RoundingWriter | None, fira: bool, fira_limiter: float) -> None:
-    """AdamW in a GaLore matrix's subspace, projected back (plus Fira's residual)."""
+                writer: RoundingWriter | None, fira: bool, fira_limiter: float, store: WeightStore | None = None) -> None:
+    """AdamW in a GaLore matrix's subspace, projected back (plus Fira's residual), written into the
+    weight or handed to its `store` (INT8 weights)."""
     lr, wd = group["lr"], group["weight_decay"]
     proj: GaLoreProjector = state["projector"]
     direction = storage_of(state).direction(state, low, group["betas"], group["eps"])
@@ -58,11 +59,14 @@ def galore_step(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], l
     if fira:
         residual, state["fira_prev"] = fira_residual(p.grad, proj.project_back(low), low, direction, proj.sides,
                                                      state.get("fira_prev"), fira_limiter)
-    if _rounds(writer, p):
-        def update(start: int, rows: int) -> torch.Tensor:
-            out = proj.back_projected_rows(direction, start, rows)
-            return out if residual is None else out.add_(residual.narrow(0, start, rows))
+    def update(start: int, rows: int) -> torch.Tensor:
+        out = proj.back_projected_rows(direction, start, rows)
+        return out if residual is None else out.add_(residual.narrow(0, start, rows))
 
+    if store is not None:
+        store.apply_update(update, lr, wd, writer.rounding if writer is not None else None)
+        return
+    if _rounds(writer, p):
         writer.apply(p, update, lr, wd)
         return
     if residual is not None:

@@ -16,6 +16,7 @@ from lowmem_tune.optim.galore_adamw import GaLoreAdamW
 from lowmem_tune.optim.layerwise import GaLoreUpdater
 from lowmem_tune.optim.rounding import StochasticRounding
 from lowmem_tune.optim.updater import StandardUpdater, Updater
+from lowmem_tune.optim.writer import WeightStore
 from lowmem_tune.profile import Profile
 
 OPTIMIZERS = ("galore", "fira", "adamw", "adamw8bit")
@@ -23,8 +24,10 @@ OPTIMIZERS = ("galore", "fira", "adamw", "adamw8bit")
 
 def build_updater(optimizer: str, matrices: Sequence[nn.Parameter], others: Sequence[nn.Parameter], profile: Profile,
                   names: Mapping[nn.Parameter, str] | None = None, fake: bool = False,
-                  inform: Callable[[str], None] | None = None) -> Updater:
+                  inform: Callable[[str], None] | None = None,
+                  stores: Mapping[nn.Parameter, WeightStore] | None = None) -> Updater:
     """An updater over `matrices` (through GaLore, for galore / fira) and `others` (AdamW).
+    `stores` holds the matrices whose values live elsewhere (INT8 weights, by gradient handle).
 
     Frozen parameters may be included: they train once they require grad (layer sampling)."""
     t, s = profile.train, profile.strategy
@@ -49,6 +52,6 @@ def build_updater(optimizer: str, matrices: Sequence[nn.Parameter], others: Sequ
         groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay, bits=s.bits,
         moments=s.moments, variant=optimizer, fira_limiter=s.fira_limiter, stagger=True, param_names=names,
         svd=s.svd, rounding=StochasticRounding(t.seed) if s.rounding == "stochastic" else None, inform=inform,
-        micro_batches=t.gradient_accumulation,
+        micro_batches=t.gradient_accumulation, stores=stores,
     )
     return GaLoreUpdater(opt, t.max_grad_norm, layerwise=s.layerwise)

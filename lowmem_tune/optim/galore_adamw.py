@@ -48,9 +48,9 @@ from lowmem_tune.optim.offload import is_parked, park, unpark
 from lowmem_tune.optim.persistence import TRANSIENT, galore_state_dict, load_galore_state_dict
 from lowmem_tune.optim.projector import GaLoreProjector
 from lowmem_tune.optim.rounding import StochasticRounding
-from lowmem_tune.optim.subspace import BASIS_RULES, RangeSketch, low_rank_from_sketch, refresh
+from lowmem_tune.optim.subspace import BASIS_RULES, RangeSketch, SketchRoom, low_rank_from_sketch, refresh
 from lowmem_tune.optim.timing import SectionTimer
-from lowmem_tune.optim.writer import RoundingWriter
+from lowmem_tune.optim.writer import RoundingWriter, WeightStore
 
 MOMENT_POLICIES = ("keep", "project", "reset")
 VARIANTS = ("galore", "fira")
@@ -75,6 +75,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         rounding: StochasticRounding | None = None,
         inform: Callable[[str], None] | None = None,
         micro_batches: int = 1,
+        stores: Mapping[torch.nn.Parameter, WeightStore] | None = None,
     ) -> None:
         if bits not in (8, 32):
             raise ValueError(f"bits must be 8 or 32, got {bits}")
@@ -90,12 +91,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # Fira keeps every full gradient for its residual anyway: its basis is their exact SVD.
         self.rule = "exact" if variant == "fira" and svd == "sketch" else svd
         self.micro_batches = micro_batches
+        self._stores = {id(p): store for p, store in (stores or {}).items()}
         self.writer = RoundingWriter(rounding) if rounding is not None else None
         self._inform, self._told = inform, False
         self.global_step = 0
         self.refreshed_last_step = 0
         self.refresh_timer = SectionTimer()
         self._refreshed = 0  # since the last step
+        self.sketch_room = SketchRoom()
         self._names = {id(p): name for p, name in (param_names or {}).items()}
         galore = [p for g in self.param_groups if "rank" in g for p in g["params"] if p.ndim == 2]
         for group in (g for g in self.param_groups if "rank" in g):
@@ -187,17 +190,34 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state = self._state(p)
         proj: GaLoreProjector = state["projector"]
         if "basis_taken" in state:  # more micro-batches than expected: project them, in both modes
-            state["grad_acc"].add_(proj.project(grad).float())
+            state["grad_acc"].add_(_low_rank(proj, grad))
             return True
+        if "deferred" in state:
+            return True  # its first basis waits for a later step; this step's gradient is dropped
         if not proj.due(self.global_step):
             return False
         if "sketch" not in state:
             d, big = proj.orient(grad).shape
-            state["sketch"] = RangeSketch(d, big, proj.rank, self._seed(p), grad)
+            sketch = RangeSketch(d, big, proj.rank, self._seed(p), grad)
+            if proj.needs_basis() and self.micro_batches > 1 and not self._room_for(sketch.nbytes()):
+                state["deferred"] = True
+                return True
+            state["sketch"] = sketch
         state["sketch"].add(proj.orient(grad))
         if state["sketch"].micro_batches == self.micro_batches:
             self._finish_sketch(p, state)
         return True
+
+    def _room_for(self, nbytes: int) -> bool:
+        def waiting() -> int:  # what the matrices still without a basis will hold once they have one
+            return sum(self.new_projector(q).held_bytes(q.element_size()) for q in self.params()
+                       if self.is_galore(q) and q.requires_grad and self._needs_basis(q))
+
+        return self.sketch_room.admits(self.global_step, nbytes, waiting)
+
+    def _needs_basis(self, p: torch.Tensor) -> bool:
+        state = self.state.get(p)
+        return not state or is_parked(state) or state["projector"].needs_basis()
 
     def _finish_sketch(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         q, x = state.pop("sketch").factors()
@@ -215,7 +235,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state = self._state(p)
         grad = p.grad
         if not self.sketch_grad(p, grad):
-            low = state["projector"].project(grad).float()
+            low = _low_rank(state["projector"], grad)
             state["grad_acc"] = low if "grad_acc" not in state else state["grad_acc"].add_(low)
         squared = _sq_norm(grad)
         state["full_sq"] = squared if "full_sq" not in state else state["full_sq"].add_(squared)
@@ -245,9 +265,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
-                if p.grad is None and not (state and ("grad_acc" in state or "sketch" in state)):
+                if p.grad is None and not (state and ("grad_acc" in state or "sketch" in state or "deferred" in state)):
                     continue
                 state = self._state(p)
+                if state.pop("deferred", False):  # no basis yet and no room for its sketch: next step
+                    p.grad = None
+                    state.pop("full_sq", None), state.pop("micro", None)
+                    continue
                 if self.is_galore(p):
                     low, full = self._low_rank_gradient(p, state)
                     full_sq.extend(full)
@@ -270,7 +294,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if p.grad is not None and p.grad is not grad:
                     p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
             if self.is_galore(p):
-                galore_step(p, group, state, grad, self.writer, self.variant == "fira", self.fira_limiter)
+                galore_step(p, group, state, grad, self.writer, self.variant == "fira", self.fira_limiter,
+                            self._stores.get(id(p)))
             else:
                 dense_step(p, group, state, grad, self.writer)
             p.grad = None
@@ -293,7 +318,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             self._finish_sketch(p, state)
         low = state.pop("grad_acc", None)
         if p.grad is not None and not (self.rule == "sketch" and "basis_taken" in state):
-            projected = proj.project(p.grad).float()
+            projected = _low_rank(proj, p.grad)
             low = projected if low is None else low.add_(projected)
         state.pop("basis_taken", None)
         if self.variant != "fira":
@@ -357,6 +382,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         load_galore_state_dict(self, state_dict)
+
+
+def _low_rank(proj: GaLoreProjector, grad: torch.Tensor) -> torch.Tensor:
+    """The projected gradient in at least float32 (float64 gradients keep their precision)."""
+    return proj.project(grad).to(torch.promote_types(grad.dtype, torch.float32))
 
 
 def _sq_norm(t: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lowmem_tune.optim.projector import is_fake
+from lowmem_tune.optim.projector import as_contiguous, is_fake
 
 BLOCKSIZE = 256  # bitsandbytes' block size for 8-bit optimizer states (CPU and CUDA)
 MIN_8BIT_SIZE = 4096  # smaller tensors keep float32 moments, as in bitsandbytes' optimizers
@@ -100,7 +100,7 @@ class Blockwise8bitMoments:
         """Count a step and return the normalized direction m̂ / (sqrt(v̂) + eps), in float32."""
         state["step"] += 1
         direction = torch.zeros(grad.shape, dtype=torch.float32, device=grad.device)
-        cls.update_range(state, grad.contiguous(), direction, 0, betas, eps, lr=-1.0, weight_decay=0.0)
+        cls.update_range(state, as_contiguous(grad), direction, 0, betas, eps, lr=-1.0, weight_decay=0.0)
         return direction
 
     @classmethod

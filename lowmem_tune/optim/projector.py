@@ -44,6 +44,12 @@ def is_fake(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, FakeTensor)
 
 
+def as_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """`t` in row-major layout. A clone rather than `.contiguous()`: the same copy, and it also runs
+    on fake CUDA tensors, where the device-placement tests check every step without a GPU."""
+    return t if t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
+
+
 class GaLoreProjector:
     """Projection of one matrix's gradients into a rank-r subspace (see module docstring)."""
 
@@ -99,6 +105,14 @@ class GaLoreProjector:
     def steps_to_refresh(self, step: int) -> int:
         return (self.phase - step) % self.update_proj_gap
 
+    def held_bytes(self, element_size: int) -> int:
+        """The float32 accumulator of a low-rank gradient and the basis (in weights of
+        `element_size` bytes) that this matrix holds once it has a basis."""
+        m, n = self.shape
+        basis_rows = {("left",): m, ("right",): n}.get(self.sides, m + n)
+        low_m, low_n = self.low_rank_shape()
+        return 4 * low_m * low_n + basis_rows * self.rank * element_size
+
     def low_rank_shape(self) -> tuple[int, int]:
         m, n = self.shape
         r = self.rank
@@ -123,11 +137,11 @@ class GaLoreProjector:
                            dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Install B (d x r, zero columns beyond the supported ones); returns the previous (left, right)."""
         old = (self.left, self.right)
-        basis = basis.to(dtype).contiguous()
+        basis = as_contiguous(basis.to(dtype))
         if self.sides == ("left",):
             self.left = basis
         else:
-            self.right = basis.T.contiguous()
+            self.right = as_contiguous(basis.T)
         self.fill_exhausted = self.incomplete() and supported == self.supported
         self.supported = supported
         self.top_singular_value = top_singular_value
@@ -138,7 +152,7 @@ class GaLoreProjector:
     def set_two_sided_basis(self, left: torch.Tensor, right: torch.Tensor, top_singular_value: float,
                             dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         old = (self.left, self.right)
-        self.left, self.right = left.to(dtype).contiguous(), right.to(dtype).contiguous()
+        self.left, self.right = as_contiguous(left.to(dtype)), as_contiguous(right.to(dtype))
         self.supported, self.top_singular_value = self.rank, top_singular_value
         self.refreshes += 1
         self.stale = False

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lowmem_tune.optim.projector import is_fake
+from lowmem_tune.optim.projector import as_contiguous, is_fake
 
 _LOW_HALF = -(1 << 16)  # 0xFFFF0000 as int32: keeps a float32's top 16 bits, the bfloat16 ones
 
@@ -53,7 +53,7 @@ class StochasticRounding:
             # truncate them. Carrying into bit 16 happens with probability (x - lo) / (hi - lo).
             generator = None if is_fake(x) else self._generator(x.device)
             noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
-            bits = x.contiguous().view(torch.int32).add(noise).bitwise_and_(_LOW_HALF)
+            bits = as_contiguous(x).view(torch.int32).add(noise).bitwise_and_(_LOW_HALF)
             return bits.view(torch.float32).to(torch.bfloat16)
         if dtype == torch.float16:
             near = x.to(torch.float16)

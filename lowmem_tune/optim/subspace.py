@@ -33,7 +33,7 @@ from typing import Callable, Union
 
 import torch
 
-from lowmem_tune.optim.projector import GaLoreProjector, SVDFailure, is_fake
+from lowmem_tune.optim.projector import GaLoreProjector, SVDFailure, as_contiguous, is_fake
 
 BASIS_RULES = ("sketch", "exact", "randomized", "first_micro_batch")
 OVERSAMPLE = 8
@@ -114,6 +114,26 @@ class RangeSketch:
 
     def nbytes(self) -> int:
         return 4 * (self.y.numel() + (0 if self.w is None else self.w.numel()))
+
+
+class SketchRoom:
+    """How many first-basis sketches one step may open when they must live through several
+    micro-batches (with one micro-batch a sketch becomes a basis inside its own hook). They may
+    take what the accumulators and projectors of the matrices still without a basis will hold, so
+    first bases never need more memory than training with them; one sketch is always admitted.
+    The matrices over it take their first basis at a later step (their gradient is dropped)."""
+
+    def __init__(self) -> None:
+        self.step, self.room, self.opened = -1, 0, 0
+
+    def admits(self, step: int, nbytes: int, waiting_bytes: Callable[[], int]) -> bool:
+        if self.step != step:
+            self.step, self.room, self.opened = step, waiting_bytes(), 0
+        if self.opened and nbytes > self.room:
+            return False
+        self.room -= nbytes
+        self.opened += 1
+        return True
 
 
 def _decompose(matrix: torch.Tensor, count: int, method: str, seed: int, name: str, shape: tuple[int, ...],
@@ -204,4 +224,4 @@ def refresh(proj: GaLoreProjector, gradient: Gradient, rule: str, dtype: torch.d
 def low_rank_from_sketch(proj: GaLoreProjector, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The step's low-rank gradient Bᵀ Q X, shaped as `proj.project` would give it."""
     oriented = (proj.oriented_basis().float().T @ q) @ x
-    return oriented if proj.sides == ("left",) else oriented.T.contiguous()
+    return oriented if proj.sides == ("left",) else as_contiguous(oriented.T)

@@ -9,7 +9,7 @@ decay follows the optimizer's convention: after the update (galore-torch, our Ad
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -20,6 +20,13 @@ BLOCK_ELEMENTS = 1 << 20
 
 RowsUpdate = Callable[[int, int], torch.Tensor]
 """update(start, rows): the float32 update of rows start .. start + rows (the step before the lr)."""
+
+
+class WeightStore(Protocol):
+    """A matrix whose values are not its parameter's (INT8 weights: the parameter is a gradient
+    handle); the optimizer hands it the update instead of writing the parameter."""
+
+    def apply_update(self, update: RowsUpdate, lr: float, weight_decay: float, rounding: Any | None) -> None: ...
 
 
 def row_blocks(weight: torch.Tensor, align: int = 1) -> Iterator[tuple[int, int]]:

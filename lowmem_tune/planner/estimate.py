@@ -30,7 +30,7 @@ from lowmem_tune.planner.components import (
     sketch_finish_bytes,
 )
 from lowmem_tune.planner.welore_ranks import AssumedLrc, assumed_lrcs
-from lowmem_tune.profile import StrategySection, strategy_knobs
+from lowmem_tune.profile import INT8_CAPABLE, StrategySection, strategy_knobs
 
 COMPONENTS = ("weights", "gradients", "optimizer", "projectors", "activations", "logits", "overhead")
 _DEFAULTS = StrategySection()
@@ -49,6 +49,8 @@ class Settings:
     svd: str = _DEFAULTS.svd
     rounding: str = _DEFAULTS.rounding
     update_proj_gap: int = _DEFAULTS.update_proj_gap
+    weight_bits: int = _DEFAULTS.weight_bits
+    group_size: int = _DEFAULTS.group_size
 
     def for_strategy(self, strategy: str) -> dict[str, Any]:
         """Only the knobs that strategy reads."""
@@ -84,6 +86,7 @@ class _Parts:
     basis_held: int = 0  # at a basis step, across micro-batches: sketches or full gradients instead of
     # the accumulators and projectors (every GaLore matrix of a strategy takes its basis at one step)
     basis_transient: int = 0  # a sketch made and turned into a basis within one hook
+    layer_transient: int = 0  # an INT8 layer's weight, dequantized inside its forward and backward
     trained_from_layer: int = 0
     frozen_layers: int = 0  # layers gradients pass through without training them (lisa, owlore)
     lrc_activation_bytes: int = 0  # what WeLore's factors keep on top of frozen layers
@@ -137,8 +140,10 @@ def _galore(parts: _Parts, matrices: list[tuple[LinearShape, int]], dense: list[
         parts.step_temp += 2 * 4 * biggest.out_features * biggest.in_features
     if rule == "sketch":
         finish = max(sketch_bytes(lin, s.rank) + sketch_finish_bytes(lin, s.rank) for lin, _ in matrices)
-        if k > 1:
-            parts.basis_held = sum(n * sketch_bytes(lin, s.rank) for lin, n in matrices)
+        if k > 1:  # first-basis sketches get the room the accumulators and projectors will take (SketchRoom)
+            sketches = sum(n * sketch_bytes(lin, s.rank) for lin, n in matrices)
+            room = sum(n * (x[0] + x[2]) for _, n, x in per) + max(sketch_bytes(lin, s.rank) for lin, _ in matrices)
+            parts.basis_held = min(sketches, room)
         parts.basis_transient = finish
         parts.step_temp = max(parts.step_temp, finish)
         return parts
@@ -156,6 +161,12 @@ def _galore(parts: _Parts, matrices: list[tuple[LinearShape, int]], dense: list[
 def _parts(strategy: str, arch: Architecture, s: Settings, w: Workload) -> _Parts:
     d = w.dtype_bytes
     parts = _Parts(weights=arch.params * d)
+    if s.weight_bits == 8 and strategy in INT8_CAPABLE:
+        linear = sum(lin.out_features * lin.in_features for lin in arch.linears) * arch.num_layers
+        scales = sum(lin.out_features * lin.in_features // s.group_size for lin in arch.linears) * arch.num_layers
+        parts.weights = (arch.params - linear) * d + linear + 4 * scales
+        parts.layer_transient = d * max(lin.out_features * lin.in_features for lin in arch.linears)
+        parts.notes.append(f"INT8 decoder weights, a scale per {s.group_size} inputs")
     layer_tensors = [lin.out_features * lin.in_features for lin in arch.linears] + _layer_small_tensors(arch)
     all_tensors = _non_layer_tensors(arch) + layer_tensors * arch.num_layers
     largest = max(all_tensors)
@@ -250,6 +261,7 @@ def estimate(strategy: str, arch: Architecture, settings: Settings, workload: Wo
         kept_acts += p.lrc_activation_bytes
     logits = logits_bytes(arch, workload)
     # the logits' backward finishes before any layer's backward (or recompute) starts
+    working += p.layer_transient
     act_overhead = max(working - logits, 0)
     held = p.dense_grads + p.accumulators
     state = {"optimizer": p.optimizer, "projectors": p.projectors}
@@ -284,7 +296,7 @@ def estimate_profile(profile: Any, dtype_bytes: int) -> Estimate:
     s, t = profile.strategy, profile.train
     settings = Settings(rank=s.rank, sampled_layers=s.sampled_layers, optimizer=s.optimizer, bits=s.bits,
                         layerwise=s.layerwise, rank_reduction=s.rank_reduction, svd=s.svd, rounding=s.rounding,
-                        update_proj_gap=s.update_proj_gap)
+                        update_proj_gap=s.update_proj_gap, weight_bits=s.weight_bits, group_size=s.group_size)
     workload = Workload(profile.data.max_seq_len, t.micro_batch_size, t.activation_checkpointing, dtype_bytes,
                         t.gradient_accumulation)
     return estimate(s.name, resolve_architecture(profile.model.name), settings, workload)

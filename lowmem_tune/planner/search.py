@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,14 +47,22 @@ class Candidate:
                 "activation_checkpointing": self.workload.gradient_checkpointing}
 
 
-def _settings_grid(strategy: str, prefer: str) -> list[Settings]:
-    if strategy in ("full", "adamw8bit"):
+def int8_group_size(arch: Architecture, limit: int = 256) -> int:
+    """The largest group size up to `limit` that divides every decoder linear's input width."""
+    width = math.gcd(*(lin.in_features for lin in arch.linears))
+    return max(d for d in range(1, min(width, limit) + 1) if width % d == 0)
+
+
+def _settings_grid(strategy: str, prefer: str, arch: Architecture) -> list[Settings]:
+    """In order of preference. INT8 weights come after 16-bit ones (their quality cost is
+    measured, README), except with --prefer memory."""
+    if strategy in ("full", "adamw8bit", "welore"):
         return [Settings()]
+    bits = (8, 16) if prefer == "memory" else (16, 8)
+    group = int8_group_size(arch)
     if strategy in ("galore", "fira"):
-        return [Settings(rank=r) for r in RANKS[prefer]]
-    if strategy == "welore":
-        return [Settings()]
-    return [Settings(sampled_layers=g) for g in SAMPLED_LAYERS[prefer]]
+        return [Settings(rank=r, weight_bits=b, group_size=group) for b in bits for r in RANKS[prefer]]
+    return [Settings(sampled_layers=g, weight_bits=b, group_size=group) for b in bits for g in SAMPLED_LAYERS[prefer]]
 
 
 def _workloads(seq_len: int, micro_batch: int | None, prefer: str, dtype_bytes: int) -> list[Workload]:
@@ -73,7 +82,7 @@ def best_for(strategy: str, arch: Architecture, usable: int, seq_len: int, micro
              prefer: str, dtype_bytes: int) -> Candidate:
     """The preferred fitting settings of one strategy, else its smallest configuration."""
     smallest: tuple[Estimate, Workload] | None = None
-    for settings in _settings_grid(strategy, prefer):
+    for settings in _settings_grid(strategy, prefer, arch):
         for workload in _workloads(seq_len, micro_batch, prefer, dtype_bytes):
             est = estimate(strategy, arch, settings, workload)
             if est.total <= usable:
@@ -130,6 +139,8 @@ def build_profile(model: str, candidate: Candidate, gpu_spec: str, margin: float
     strategy: dict[str, Any] = {"name": candidate.strategy}
     strategy.update({k: v for k, v in s.items() if k in ("rank", "bits", "layerwise", "sampled_layers", "optimizer",
                                                           "rank_reduction")})
+    if s.get("weight_bits") == 8:
+        strategy.update(weight_bits=8, group_size=s["group_size"])
     recipe = RECIPES.get(candidate.strategy, {})
     raw = {
         "model": {"name": model, "dtype": w.dtype},

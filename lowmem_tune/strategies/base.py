@@ -19,6 +19,7 @@ from lowmem_tune.events import EventSink, Info
 from lowmem_tune.layers import decoder_layers, layer_linears
 from lowmem_tune.optim import Updater, build_updater
 from lowmem_tune.profile import Profile
+from lowmem_tune.quantize import dense_state_dict, int8_layers, quantize_decoder
 from lowmem_tune.resources import cache_dir as default_cache_dir
 
 
@@ -60,6 +61,7 @@ class Strategy(ABC):
     def prepare_model(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         """Rewrite the model if the method needs to and set requires_grad. Default: all trainable,
         but embeddings, final norm and lm_head when `train_embeddings: false`."""
+        self.quantize(model, ctx)
         model.requires_grad_(True)
         if self.cfg.train_embeddings is False:
             for module in embedding_modules(model):
@@ -80,10 +82,17 @@ class Strategy(ABC):
         chosen = {id(p) for p in matrices}
         return matrices, [p for p in params if id(p) not in chosen]
 
+    def quantize(self, model: nn.Module, ctx: StrategyContext) -> None:
+        """With `weight_bits: 8`, the decoder linears become INT8, a layer at a time as they move
+        to the device (a 16-bit model is loaded on the CPU for that; see quantize.py)."""
+        if getattr(self.cfg, "weight_bits", 16) == 8 and not int8_layers(model):
+            quantize_decoder(model, self.cfg.group_size, ctx.device)
+
     def build_updater(self, model: nn.Module, ctx: StrategyContext) -> Updater:
         matrices, others = self.parameter_groups(model)
         names = {p: name for name, p in model.named_parameters()}
-        return build_updater(self.optimizer, matrices, others, self.profile, names, ctx.fake, ctx.info)
+        return build_updater(self.optimizer, matrices, others, self.profile, names, ctx.fake, ctx.info,
+                             int8_layers(model))
 
     def on_step_start(self, step: int, model: nn.Module, updater: Updater) -> None:
         """Called before the micro-batches of optimizer step `step` (0-based)."""
@@ -104,8 +113,14 @@ class Strategy(ABC):
         pass
 
     def save_final(self, model: nn.Module, out_dir: Path) -> None:
-        """Write the finetuned model loadable by `from_pretrained` (safetensors)."""
-        model.save_pretrained(out_dir, safe_serialization=True)
+        """Write the finetuned model loadable by `from_pretrained` (safetensors); INT8 weights
+        are written dequantized, in the compute dtype, so `final/` is a plain transformers model."""
+        int8 = int8_layers(model)
+        if int8:
+            dtype = next(iter(int8)).dtype
+            model.save_pretrained(out_dir, state_dict=dense_state_dict(model, dtype), safe_serialization=True)
+        else:
+            model.save_pretrained(out_dir, safe_serialization=True)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -129,6 +129,7 @@ class LayerSamplingStrategy(Strategy):
         return self.cfg.optimizer
 
     def prepare_model(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
+        self.quantize(model, ctx)
         layers = decoder_layers(model)
         model.requires_grad_(False)
         self.always_trained = (unique_parameters(embedding_modules(model)) if self.cfg.train_embeddings is not False

@@ -31,7 +31,7 @@ from torch import nn
 
 from lowmem_tune.atomic import write_json_atomic
 from lowmem_tune.errors import UserError
-from lowmem_tune.layers import decoder_layers, layer_linears
+from lowmem_tune.layers import decoder_layers, dense_weight, layer_linears
 
 DEFAULT_THRESHOLD = 13.0
 RANDOM_TOKENS_NOTE = "random token ids (no tokenizer for this model)"
@@ -111,7 +111,7 @@ def layer_outlier_counts(model: nn.Module, norms: dict[tuple[int, str], torch.Te
         linears = layer_linears(layer)
 
         def scores(name: str) -> torch.Tensor:
-            return linears[name].weight.detach().float().abs() * norms[(index, name)].unsqueeze(0)
+            return dense_weight(linears[name]).detach().float().abs() * norms[(index, name)].unsqueeze(0)
 
         total = sum(scores(name).sum().item() for name in linears)
         count = sum(linears[name].weight.numel() for name in linears)

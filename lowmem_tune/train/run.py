@@ -102,7 +102,9 @@ class TrainingRun:
         resolved = resolve_model(p.model.name)
         self.data = prepare_data(p, resolved, self.run_dir)
         self.stream = self.data.stream
-        self.model = load_model(resolved, p.model.init, self.dtype, self.device, p.model.attn_implementation,
+        # INT8 weights: a 16-bit checkpoint is quantized a layer at a time on its way to the device
+        load_on = torch.device("cpu") if p.strategy.weight_bits == 8 and p.model.init == "pretrained" else self.device
+        self.model = load_model(resolved, p.model.init, self.dtype, load_on, p.model.attn_implementation,
                                 seed=p.train.seed)
         self.strategy = build_strategy(p)
         self.files = RunFilesSink(self.run_dir, self.resume_from.step if self.resume_from else None)

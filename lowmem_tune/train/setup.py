@@ -72,9 +72,10 @@ def tokenizer_for(profile: Profile, resolved: ResolvedModel, run_dir: Path, text
 
 def model_identity(profile: Profile, resolved: ResolvedModel) -> str:
     """What the model's weights are, for caches (outlier ratios, spectra)."""
+    weights = f"-int8-g{profile.strategy.group_size}" if profile.strategy.weight_bits == 8 else ""
     if profile.model.init == "random":
-        return f"{resolved.name}-random-seed{profile.train.seed}"
-    return f"{resolved.pretrained_path}@{profile.model.revision or 'main'}"
+        return f"{resolved.name}-random-seed{profile.train.seed}{weights}"
+    return f"{resolved.pretrained_path}@{profile.model.revision or 'main'}{weights}"
 
 
 def checkpoint_to_resume(run_dir: Path, resume: bool) -> CheckpointInfo | None:

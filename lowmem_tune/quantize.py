@@ -1,0 +1,191 @@
+"""Decoder weights in 8 bits while training (`strategy.weight_bits: 8`).
+
+Every nn.Linear inside the decoder layers becomes an `Int8Linear`: its weight is int8 codes with
+one float32 scale per group of `group_size` input features of a row (symmetric: w = code ·
+scale, codes in [-127, 127]). The compute-dtype copy of a weight is made inside the layer's own
+forward and backward and freed when they return, so no 16-bit copy of the model exists at any
+time. Embeddings, final norm and lm_head keep the compute dtype.
+
+Gradients: the module's `weight` is a gradient handle, a parameter of the weight's shape backed
+by one element (stride 0), so autograd, the backward hooks and GaLore see an ordinary matrix
+while it costs no memory; the full gradient the layer's backward produces goes into GaLore's
+low-rank accumulator in the hook and is freed, as for a 16-bit weight.
+
+Updates (`Int8Linear.apply_update`, called by the optimizer with the projected-back update): a block of
+rows is dequantized, the update added and the result requantized with stochastic rounding (the
+run's seeded `StochasticRounding`, so resume is bit-exact), or to nearest with
+`strategy.rounding: nearest`. A group keeps its scale unless the new values outgrow it, so a code
+that receives no update stays exactly where it is; a group that outgrows its scale is rescaled,
+with some headroom.
+
+Loading: a 16-bit checkpoint is loaded on the CPU and each decoder layer is quantized as it moves
+to the device, one layer at a time. Checkpoints store codes and scales; `dense_state_dict` gives
+the plain (dequantized) weights that `final/` is saved with.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lowmem_tune.errors import UserError
+from lowmem_tune.layers import decoder_layers
+
+QMAX = 127
+GROWTH = 127 / 120
+"""A group that outgrows its scale gets this much headroom (7 codes at the edge), so a weight
+pushed outward step after step rescales its group rarely, not at every step."""
+ROW_BLOCK_ELEMENTS = 1 << 20  # values requantized at a time: the float32 working copy is 4 MiB
+
+
+class Int8Linear(nn.Linear):
+    """An nn.Linear whose weight is int8 `codes` (out x in) with float32 `scales` (out x
+    in/group_size), both buffers (so in state_dict and checkpoints); `weight` is the gradient
+    handle (see module docstring), left out of state_dict."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, group_size: int, bias: nn.Parameter | None,
+                 dtype: torch.dtype) -> None:
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = codes.shape
+        self.group_size = group_size
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.weight = nn.Parameter(torch.empty(1, dtype=dtype, device=codes.device).expand(*codes.shape))
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> Int8Linear:
+        """Rounded to nearest at load (the smallest error for a fixed scale: absmax / 127 per group)."""
+        weight = linear.weight.detach()
+        rows, width = weight.shape
+        grouped = weight.float().reshape(rows, width // group_size, group_size)
+        scales = (grouped.abs().amax(dim=-1) / QMAX).clamp_(min=torch.finfo(torch.float32).tiny)
+        codes = (grouped / scales[..., None]).round_().clamp_(-QMAX, QMAX).to(torch.int8)
+        quantized = cls(codes.reshape(rows, width), scales, group_size, linear.bias, weight.dtype)
+        quantized.weight.requires_grad_(linear.weight.requires_grad)
+        return quantized
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Int8LinearFunction.apply(x, self.weight, self.bias, self)
+
+    def dequantized(self, dtype: torch.dtype, start: int = 0, rows: int | None = None) -> torch.Tensor:
+        """Rows start .. start + rows of code · scale, in `dtype` (one copy, scaled in place)."""
+        rows = self.out_features - start if rows is None else rows
+        out = self.codes.narrow(0, start, rows).to(dtype).reshape(rows, -1, self.group_size)
+        out.mul_(self.scales.narrow(0, start, rows).to(dtype)[..., None])
+        return out.reshape(rows, self.in_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.dequantized(self.weight.dtype)
+
+    @torch.no_grad()
+    def apply_update(self, update: Callable[[int, int], torch.Tensor], lr: float, weight_decay: float,
+                     rounding: Any | None) -> None:
+        """w <- w - lr * update, then decoupled decay (w <- w - lr wd w), requantized block by block:
+        with `rounding` (a StochasticRounding) unbiased onto the codes, else to nearest."""
+        block = max(1, ROW_BLOCK_ELEMENTS // self.in_features)
+        for start in range(0, self.out_features, block):
+            rows = min(block, self.out_features - start)
+            codes, scales = self.codes.narrow(0, start, rows), self.scales.narrow(0, start, rows)
+            old = codes.float().reshape(rows, -1, self.group_size)
+            value = old * scales[..., None]
+            delta = update(start, rows).float().reshape(old.shape).mul_(-lr)
+            if weight_decay:
+                delta.sub_(value + delta, alpha=lr * weight_decay)
+            needed = (value + delta).abs_().amax(dim=-1) / QMAX
+            grown = torch.where(needed > scales, needed * GROWTH, scales)
+            # where the scale is unchanged, an untouched code stays exactly on its grid point
+            target = old.mul_((scales / grown)[..., None]).add_(delta.div_(grown[..., None]))
+            target = rounding.to_grid(target) if rounding is not None else target.round_()
+            codes.copy_(target.clamp_(-QMAX, QMAX).reshape(rows, self.in_features).to(torch.int8))
+            scales.copy_(grown)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "weight", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + "weight" in missing_keys:
+            missing_keys.remove(prefix + "weight")
+
+
+class _Int8LinearFunction(torch.autograd.Function):
+    """y = x Wᵀ + b with W dequantized in forward and again in backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, handle: torch.Tensor, bias: torch.Tensor | None, layer: Int8Linear):
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x)
+        return F.linear(x, layer.dequantized(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ ctx.layer.dequantized(grad_out.dtype)
+        flat_out = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = flat_out.T @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = flat_out.sum(dim=0)
+        return grad_x, grad_w, grad_b, None
+
+
+def check_group_size(model: nn.Module, group_size: int) -> None:
+    """A one-line error when `group_size` does not divide every decoder linear's input width."""
+    for index, layer in enumerate(decoder_layers(model)):
+        for name, linear in layer.named_modules():
+            if isinstance(linear, nn.Linear) and linear.in_features % group_size:
+                raise UserError(
+                    f"strategy.group_size {group_size} does not divide the rows of model.layers.{index}.{name} "
+                    f"({linear.out_features} x {linear.in_features}): choose a divisor of {linear.in_features}, "
+                    f"e.g. {_largest_divisor(linear.in_features, group_size)}"
+                )
+
+
+def _largest_divisor(width: int, limit: int) -> int:
+    return max(d for d in range(1, min(width, limit) + 1) if width % d == 0)
+
+
+def quantize_decoder(model: nn.Module, group_size: int, device: torch.device) -> None:
+    """Replace every decoder linear by an Int8Linear, one layer at a time as it moves to `device`;
+    the rest of the model follows (the layers are on `device` already, so `.to` leaves their
+    gradient handles as they are)."""
+    check_group_size(model, group_size)
+    for layer in decoder_layers(model):
+        _move(layer, device)
+        for parent in list(layer.modules()):
+            for child_name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, child_name, Int8Linear.from_linear(child, group_size))
+    _move(model, device)
+
+
+def _move(module: nn.Module, device: torch.device) -> None:
+    """`module.to(device)` unless it is there already (under `plan --verify`'s fake tensors a
+    no-op `.to` still tries to swap every parameter, which fails)."""
+    if any(t.device != device for t in (*module.parameters(), *module.buffers())):
+        module.to(device)
+
+
+def int8_layers(model: nn.Module) -> dict[nn.Parameter, Int8Linear]:
+    """Each Int8Linear by its gradient handle: what the optimizer writes updates through."""
+    return {m.weight: m for m in model.modules() if isinstance(m, Int8Linear)}
+
+
+def dense_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's weights as a plain transformers model has them, on the CPU: each Int8Linear's
+    weight dequantized to `dtype` (one matrix at a time on its device), everything else as is."""
+    dense = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith((".codes", ".scales"))}
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            dense[f"{name}.weight"] = module.dequantized(dtype).cpu()
+    return dense
