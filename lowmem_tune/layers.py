@@ -35,6 +35,14 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith("RMSNorm")
 
 
+def move_to(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module.to(device)` unless it is there already (under `plan --verify`'s fake tensors a no-op
+    `.to` still tries to swap every parameter, which fails)."""
+    if any(t.device != device for t in (*module.parameters(), *module.buffers())):
+        module.to(device)
+    return module
+
+
 def build_empty_model(config: PretrainedConfig) -> PreTrainedModel:
     """The architecture on the meta device: shapes and dtypes, no memory."""
     from accelerate import init_empty_weights

@@ -90,6 +90,9 @@ class StrategySection:
     calibration_samples: int = knob(32, bounds=ONE, applies=("owlore",))
     calibration_seq_len: int = knob(256, bounds=ONE, applies=("owlore",))
     calibration_file: str | None = knob(None, applies=("owlore",))
+    embedding_rank: int | None = knob(None, bounds=ONE, applies=("galore", "lisa", "owlore"))
+    """Train the embeddings and lm_head through GaLore at this rank (their gradients and states are
+    then rank-sized: for a 128k vocabulary that is what makes 8B models fit); null: full-rank AdamW."""
     train_embeddings: bool | None = None
     """Train embeddings, final norm and lm_head. null: the method's own default — on for every
     method but WeLore (LRC-only finetuning of a pretrained model keeps them frozen)."""

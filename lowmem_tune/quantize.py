@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowmem_tune.errors import UserError
-from lowmem_tune.layers import decoder_layers
+from lowmem_tune.layers import decoder_layers, move_to
 
 QMAX = 127
 GROWTH = 127 / 120
@@ -161,19 +161,12 @@ def quantize_decoder(model: nn.Module, group_size: int, device: torch.device) ->
     gradient handles as they are)."""
     check_group_size(model, group_size)
     for layer in decoder_layers(model):
-        _move(layer, device)
+        move_to(layer, device)
         for parent in list(layer.modules()):
             for child_name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
                     setattr(parent, child_name, Int8Linear.from_linear(child, group_size))
-    _move(model, device)
-
-
-def _move(module: nn.Module, device: torch.device) -> None:
-    """`module.to(device)` unless it is there already (under `plan --verify`'s fake tensors a
-    no-op `.to` still tries to swap every parameter, which fails)."""
-    if any(t.device != device for t in (*module.parameters(), *module.buffers())):
-        module.to(device)
+    move_to(model, device)
 
 
 def int8_layers(model: nn.Module) -> dict[nn.Parameter, Int8Linear]:

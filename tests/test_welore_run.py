@@ -38,3 +38,46 @@ def test_welore_run_resumes_exactly_and_saves_a_loadable_compressed_final(tmp_pa
                        torch.device("cpu"))
     lrc = {m["name"]: m["rank"] for m in table["matrices"] if m["lrc"]}
     assert {name: module.rank for name, module in lowrank_modules(final).items()} == lrc
+
+
+def test_a_planned_welore_profile_compresses_once_and_a_second_run_reads_the_cache(tmp_path, monkeypatch):
+    """`plan --strategy welore -o` for a local model: the run compresses (on the CPU, where the
+    dense model was loaded) and caches the compressed model; a second run loads it from the cache
+    and does no factorization."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_tune.cli import main
+    from lowmem_tune.compress import lowrank
+    from lowmem_tune.data import train_local_tokenizer
+    from lowmem_tune.events import Info
+    from lowmem_tune.profile import load_profile
+
+    torch.manual_seed(0)
+    source = tmp_path / "model"
+    AutoModelForCausalLM.from_config(resolve_model("tiny-llama").config).save_pretrained(source)
+    tokenizer = train_local_tokenizer(["the red box holds 3 coins", "is the blue box empty? yes"] * 50, 200)
+    tokenizer.save_pretrained(source)
+    plan = tmp_path / "welore.yaml"
+    result = CliRunner().invoke(main, ["plan", "--model", str(source), "--gpu", "16GiB", "--strategy", "welore",
+                                       "--seq-len", "48", "-o", str(plan)])
+    assert result.exit_code == 0, result.output
+    overrides = ["data.dataset=synthetic-boolq", "data.num_examples=64", "data.heldout=0", "eval.tasks=[]",
+                 "train.max_steps=3", "train.micro_batch_size=4", "train.gradient_accumulation=1",
+                 "hardware.device=cpu", "strategy.optimizer=adamw"]
+    profile = load_profile(plan, overrides + [f"output.dir={tmp_path / 'first'}"])
+    assert profile.strategy.name == "welore" and profile.strategy.rank_reduction == 0.3
+    first = Recorder()
+    assert run_training(profile, False, first).status == "completed"
+    assert not any("read from the cache" in e.message for e in first.events if isinstance(e, Info))
+
+    def no_factorizing(*args, **kwargs):
+        raise AssertionError("factorized again")
+
+    monkeypatch.setattr(lowrank.LowRankLinear, "from_linear", no_factorizing)
+    second = Recorder()
+    profile = load_profile(plan, overrides + [f"output.dir={tmp_path / 'second'}"])
+    assert run_training(profile, False, second).status == "completed"
+    assert any("read from the cache" in e.message for e in second.events if isinstance(e, Info))
+    assert json.loads((tmp_path / "second" / "strategy.json").read_text())["lrc"] == \
+        json.loads((tmp_path / "first" / "strategy.json").read_text())["lrc"]

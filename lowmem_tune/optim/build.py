@@ -25,9 +25,11 @@ OPTIMIZERS = ("galore", "fira", "adamw", "adamw8bit")
 def build_updater(optimizer: str, matrices: Sequence[nn.Parameter], others: Sequence[nn.Parameter], profile: Profile,
                   names: Mapping[nn.Parameter, str] | None = None, fake: bool = False,
                   inform: Callable[[str], None] | None = None,
-                  stores: Mapping[nn.Parameter, WeightStore] | None = None) -> Updater:
-    """An updater over `matrices` (through GaLore, for galore / fira) and `others` (AdamW).
-    `stores` holds the matrices whose values live elsewhere (INT8 weights, by gradient handle).
+                  stores: Mapping[nn.Parameter, WeightStore] | None = None,
+                  embeddings: Sequence[nn.Parameter] = ()) -> Updater:
+    """An updater over `matrices` (through GaLore, for galore / fira), `embeddings` (through
+    GaLore at strategy.embedding_rank) and `others` (AdamW). `stores` holds the matrices whose
+    values live elsewhere (INT8 weights, by gradient handle).
 
     Frozen parameters may be included: they train once they require grad (layer sampling)."""
     t, s = profile.train, profile.strategy
@@ -44,8 +46,10 @@ def build_updater(optimizer: str, matrices: Sequence[nn.Parameter], others: Sequ
         return StandardUpdater(opt, params, t.max_grad_norm)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    groups = [{"params": list(matrices), "rank": s.rank, "update_proj_gap": s.update_proj_gap, "scale": s.scale,
-               "proj_type": s.proj_type}]
+    galore = {"update_proj_gap": s.update_proj_gap, "scale": s.scale, "proj_type": s.proj_type}
+    groups = [{"params": list(matrices), "rank": s.rank, **galore}]
+    if embeddings:
+        groups.append({"params": list(embeddings), "rank": s.embedding_rank, **galore})
     if others:
         groups.append({"params": list(others)})
     opt = GaLoreAdamW(

@@ -16,7 +16,7 @@ from lowmem_tune.errors import UserError
 from lowmem_tune.hardware import format_bytes, reserve_bytes, resolve_gpu, usable_bytes
 from lowmem_tune.planner.architecture import Architecture, resolve_architecture
 from lowmem_tune.planner.estimate import COMPONENTS
-from lowmem_tune.planner.search import Candidate, build_profile, search
+from lowmem_tune.planner.search import Candidate, build_profile, nearest_fixes, search
 
 
 def plan_command(model: str, gpu: str, gpu_index: int, margin: float, strategy: str | None, seq_len: int,
@@ -30,6 +30,9 @@ def plan_command(model: str, gpu: str, gpu_index: int, margin: float, strategy: 
     usable = usable_bytes(target.total_bytes, margin, target.used_by_others_bytes)
     arch = resolve_architecture(model)
     candidates, chosen = search(arch, target, usable, seq_len, micro_batch_size, prefer, strategy)
+    fixes = {} if chosen is not None else {
+        c.strategy: nearest_fixes(arch, target, margin, seq_len, micro_batch_size, prefer, c.strategy)
+        for c in candidates}
     report = {
         "model": {"name": arch.name, "params": arch.params, "layers": arch.num_layers,
                   "hidden_size": arch.hidden_size, "vocab_size": arch.vocab_size},
@@ -38,13 +41,14 @@ def plan_command(model: str, gpu: str, gpu_index: int, margin: float, strategy: 
         "workload": _workload(chosen or candidates[0]),
         "candidates": [_candidate_json(c) for c in candidates],
         "chosen": None if chosen is None else _candidate_json(chosen),
+        "nearest_fixes": fixes,
     }
     profile = None
     if chosen is not None:
         profile = build_profile(model, chosen, gpu, margin, seq_len)
     if verify:
         if chosen is None:
-            raise UserError("nothing fits, so there is no plan to verify (try --gpu with more memory or --seq-len lower)")
+            raise UserError("nothing fits, so there is no plan to verify (`plan` without --verify says what would)")
         from lowmem_tune.planner.verify import verify_profile
 
         result = verify_profile(profile)
@@ -72,12 +76,14 @@ def _candidate_json(c: Candidate) -> dict[str, Any]:
             "peak_at": c.estimate.phase, "notes": c.estimate.notes, "memory": c.estimate.memory}
 
 
-_SHORT = {"weights": "weights", "gradients": "grads", "optimizer": "optim", "projectors": "proj",
-          "activations": "acts", "logits": "logits", "overhead": "other"}
+_SHORT = {"weights": "wts", "gradients": "grad", "optimizer": "opt", "projectors": "proj",
+          "activations": "act", "logits": "logit", "overhead": "other"}
+"""Column heads that keep the table within 80 columns; --json has the full names."""
 
 
 def _print_tables(report: dict[str, Any], arch: Architecture, candidates: list[Candidate],
                   chosen: Candidate | None, output: Path | None) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -89,8 +95,9 @@ def _print_tables(report: dict[str, Any], arch: Architecture, candidates: list[C
         f"{format_bytes(g['usable_bytes'])} usable after {format_bytes(g['reserve_bytes'])} CUDA reserve "
         f"(context, cuBLAS workspace, allocator slack) and a {g['margin']:.0%} margin"
     )
-    table = Table(title=f"Peak memory per strategy (GiB), seq len {report['workload']['seq_len']}")
-    table.add_column("strategy")
+    table = Table(title=f"Peak memory per strategy (GiB), seq len {report['workload']['seq_len']}",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("strategy", no_wrap=True)
     for name in COMPONENTS:
         table.add_column(_SHORT.get(name, name), justify="right")
     table.add_column("total", justify="right")
@@ -106,7 +113,10 @@ def _print_tables(report: dict[str, Any], arch: Architecture, candidates: list[C
         settings = ", ".join(f"{k}={v}" for k, v in c.settings().items())
         console.print(f"  [bold]{c.strategy}[/] [{settings}]: {c.why}{notes}", highlight=False)
     if chosen is None:
-        console.print("[red]Nothing fits.[/] Lower --seq-len, or plan for a larger GPU.")
+        console.print("[red]Nothing fits.[/] What would, per strategy:")
+        for name, fixes in report["nearest_fixes"].items():
+            console.print(f"  {name}: {' or '.join(fixes) if fixes else 'none of the cards in the presets'}",
+                          highlight=False)
         return
     console.print(f"[bold green]Chosen:[/] {chosen.strategy} — " + ", ".join(f"{k}={v}" for k, v in chosen.settings().items()))
     if "verify" in report:

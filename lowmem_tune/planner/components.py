@@ -18,6 +18,7 @@ BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizer block: one fp32 absmax per 256 
 MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 moments in bitsandbytes and GaLoreAdamW
 SKETCH_OVERSAMPLE = 8  # optim/subspace.py: k = r + 8 columns, l = 2k + 1 rows
 ROUNDING_BLOCK = 1 << 20  # optim/writer.py: values written per block with stochastic rounding
+LOSS_CHUNK_TOKENS = 1024  # loss.py: positions whose logits exist at once
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,13 @@ def layer_backward_extra_bytes(arch: Architecture, w: Workload) -> int:
     return w.tokens * (2 * w.dtype_bytes * arch.intermediate_size + 4 * arch.hidden_size)
 
 
-def logits_bytes(arch: Architecture, w: Workload) -> int:
-    """16-bit logits, their fp32 upcast and log-softmax (forward) and the fp32 gradient being
-    formed at the start of backward: ~(d + 12)·V per token."""
-    return w.tokens * arch.vocab_size * (w.dtype_bytes + 12)
+def logits_bytes(arch: Architecture, w: Workload, head_trained: bool = True) -> int:
+    """What the chunked loss (loss.py) holds: one chunk's float32 logits and log-softmax and its
+    16-bit gradient, the gradient of the hidden states, and — formed in the loss's forward — the
+    head's gradient when the head trains."""
+    chunk = min(w.tokens, LOSS_CHUNK_TOKENS)
+    head = arch.vocab_size * arch.hidden_size * w.dtype_bytes if head_trained else 0
+    return chunk * arch.vocab_size * (8 + 2 * w.dtype_bytes) + w.tokens * arch.hidden_size * w.dtype_bytes + head
 
 
 def activation_bytes(arch: Architecture, w: Workload, trained_from_layer: int = 0,

@@ -51,6 +51,8 @@ class Settings:
     update_proj_gap: int = _DEFAULTS.update_proj_gap
     weight_bits: int = _DEFAULTS.weight_bits
     group_size: int = _DEFAULTS.group_size
+    train_embeddings: bool | None = _DEFAULTS.train_embeddings
+    embedding_rank: int | None = _DEFAULTS.embedding_rank
 
     def for_strategy(self, strategy: str) -> dict[str, Any]:
         """Only the knobs that strategy reads."""
@@ -117,32 +119,36 @@ def _svd_bytes(lin: LinearShape) -> int:
     return 4 * (m * n + min(m, n) * (m + n + 1))
 
 
-def _galore(parts: _Parts, matrices: list[tuple[LinearShape, int]], dense: list[int], s: Settings, w: Workload,
+Matrices = list[tuple[LinearShape, int, int]]
+"""GaLore matrices as (shape, how many, rank)."""
+
+
+def _galore(parts: _Parts, matrices: Matrices, dense: list[int], s: Settings, w: Workload,
             variant: str = "galore") -> _Parts:
-    """GaLore-AdamW over `matrices` ((shape, how many)) and AdamW over the `dense` tensors; all of
-    the matrices take a basis at the same step (step 0, or a new layer sample)."""
+    """GaLore-AdamW over `matrices` and AdamW over the `dense` tensors; all of the matrices take a
+    basis at the same step (step 0, or a new layer sample)."""
     d, k = w.dtype_bytes, w.gradient_accumulation
     kind = "8bit" if s.bits == 8 else "fp32"
     parts.dense_grads += sum(dense) * d
     parts.optimizer += _dense_optimizer(dense, kind, d)
-    per = [(lin, n, galore_matrix(lin, s.rank, d, s.bits)) for lin, n in matrices]
-    parts.projectors += sum(n * x[0] for _, n, x in per)
-    parts.optimizer += sum(n * x[1] for _, n, x in per)
-    full = sum(n * lin.out_features * lin.in_features * d for lin, n, _ in per)
-    biggest = max((lin for lin, _ in matrices), key=lambda lin: lin.out_features * lin.in_features)
-    parts.step_temp = max(parts.step_temp, max(x[3] for _, _, x in per))
+    per = [(lin, n, r, galore_matrix(lin, r, d, s.bits)) for lin, n, r in matrices]
+    parts.projectors += sum(n * x[0] for _, n, _, x in per)
+    parts.optimizer += sum(n * x[1] for _, n, _, x in per)
+    full = sum(n * lin.out_features * lin.in_features * d for lin, n, _, _ in per)
+    biggest = max((lin for lin, _, _ in matrices), key=lambda lin: lin.out_features * lin.in_features)
+    parts.step_temp = max(parts.step_temp, max(x[3] for *_, x in per))
     rule = "exact" if variant == "fira" and s.svd == "sketch" else s.svd
     if variant == "fira" or not s.layerwise:
         parts.dense_grads += full  # kept until the step (Fira needs them for its residual)
     else:
-        parts.accumulators += sum(n * x[2] for _, n, x in per)
+        parts.accumulators += sum(n * x[2] for _, n, _, x in per)
     if variant == "fira":  # residual G - P Pᵀ G and its scaled copy, fp32, at full size
         parts.step_temp += 2 * 4 * biggest.out_features * biggest.in_features
     if rule == "sketch":
-        finish = max(sketch_bytes(lin, s.rank) + sketch_finish_bytes(lin, s.rank) for lin, _ in matrices)
+        finish = max(sketch_bytes(lin, r) + sketch_finish_bytes(lin, r) for lin, _, r in matrices)
         if k > 1:  # first-basis sketches get the room the accumulators and projectors will take (SketchRoom)
-            sketches = sum(n * sketch_bytes(lin, s.rank) for lin, n in matrices)
-            room = sum(n * (x[0] + x[2]) for _, n, x in per) + max(sketch_bytes(lin, s.rank) for lin, _ in matrices)
+            sketches = sum(n * sketch_bytes(lin, r) for lin, n, r in matrices)
+            room = sum(n * (x[0] + x[2]) for _, n, _, x in per) + max(sketch_bytes(lin, r) for lin, _, r in matrices)
             parts.basis_held = min(sketches, room)
         parts.basis_transient = finish
         parts.step_temp = max(parts.step_temp, finish)
@@ -150,12 +156,29 @@ def _galore(parts: _Parts, matrices: list[tuple[LinearShape, int]], dense: list[
     # the SVD of one matrix's gradient, at the step (or in the hook, for the first micro-batch rule)
     parts.step_temp = max(parts.step_temp, _svd_bytes(biggest))
     if s.layerwise and variant != "fira":
-        count = sum(n for _, n in matrices)
+        count = sum(n for _, n, _ in matrices)
         refreshing = -(-count // s.update_proj_gap)  # staggered: about n / T matrices a step
         parts.dense_grads += refreshing * biggest.out_features * biggest.in_features * d
         if rule != "first_micro_batch":
             parts.basis_held = full
     return parts
+
+
+def _head_and_embeddings(arch: Architecture, s: Settings, strategy: str) -> tuple[list[int], Matrices]:
+    """(dense tensors, GaLore matrices) of the embeddings, final norm and lm_head: trained
+    full-rank, through GaLore at embedding_rank, or frozen (nothing)."""
+    if not _embeddings_train(strategy, s):
+        return [], []
+    tables = [LinearShape("embed_tokens", arch.vocab_size, arch.hidden_size, False)]
+    if arch.lm_head_params:
+        tables.append(LinearShape("lm_head", arch.vocab_size, arch.hidden_size, False))
+    if s.embedding_rank is not None and "embedding_rank" in strategy_knobs(strategy):
+        return [arch.final_norm_params], [(t, 1, s.embedding_rank) for t in tables]
+    return _non_layer_tensors(arch), []
+
+
+def _embeddings_train(strategy: str, s: Settings) -> bool:
+    return s.train_embeddings is not False and not (strategy == "welore" and s.train_embeddings is None)
 
 
 def _parts(strategy: str, arch: Architecture, s: Settings, w: Workload) -> _Parts:
@@ -170,10 +193,12 @@ def _parts(strategy: str, arch: Architecture, s: Settings, w: Workload) -> _Part
     layer_tensors = [lin.out_features * lin.in_features for lin in arch.linears] + _layer_small_tensors(arch)
     all_tensors = _non_layer_tensors(arch) + layer_tensors * arch.num_layers
     largest = max(all_tensors)
+    heads, head_matrices = _head_and_embeddings(arch, s, strategy)
     if strategy in ("full", "adamw8bit"):
         kind = "plain" if strategy == "full" else "8bit"
-        parts.dense_grads = arch.params * d
-        parts.optimizer = _dense_optimizer(all_tensors, kind, d)
+        trained = heads + layer_tensors * arch.num_layers
+        parts.dense_grads = sum(trained) * d
+        parts.optimizer = _dense_optimizer(trained, kind, d)
         # torch AdamW (single-tensor path) makes sqrt(v) and its quotient at the largest tensor;
         # bitsandbytes updates in place
         parts.step_temp = 2 * largest * d if kind == "plain" else 0
@@ -181,8 +206,9 @@ def _parts(strategy: str, arch: Architecture, s: Settings, w: Workload) -> _Part
     if s.rounding == "stochastic":
         parts.step_temp = rounding_bytes(largest, d)
     if strategy in ("galore", "fira"):
-        dense = _non_layer_tensors(arch) + _layer_small_tensors(arch) * arch.num_layers
-        return _galore(parts, [(lin, arch.num_layers) for lin in arch.linears], dense, s, w, strategy)
+        dense = heads + _layer_small_tensors(arch) * arch.num_layers
+        decoder = [(lin, arch.num_layers, s.rank) for lin in arch.linears]
+        return _galore(parts, decoder + head_matrices, dense, s, w, strategy)
     if strategy in ("lisa", "owlore"):
         return _layer_sampling_parts(arch, s, w, parts)
     if strategy == "welore":
@@ -196,10 +222,11 @@ def _layer_sampling_parts(arch: Architecture, s: Settings, w: Workload, parts: _
     d = w.dtype_bytes
     gamma = min(s.sampled_layers, arch.num_layers)
     parts.frozen_layers = arch.num_layers - gamma
-    always = _non_layer_tensors(arch)
+    always, head_matrices = _head_and_embeddings(arch, s, "owlore")
     small = _layer_small_tensors(arch) * gamma
     if s.optimizer == "galore":
-        return _galore(parts, [(lin, gamma) for lin in arch.linears], always + small, s, w)
+        return _galore(parts, [(lin, gamma, s.rank) for lin in arch.linears] + head_matrices, always + small, s, w)
+    always = always + [m.out_features * m.in_features for m, _, _ in head_matrices]  # no GaLore: full rank
     matrices = [lin.out_features * lin.in_features for lin in arch.linears] * gamma
     kind = "plain" if s.optimizer == "adamw" else "8bit"
     trained = always + small + matrices
@@ -219,15 +246,20 @@ def _welore_parts(arch: Architecture, s: Settings, w: Workload, parts: _Parts) -
                               - x.rank * (x.linear.out_features + x.linear.in_features)) for x in lrcs)
     parts.weights = (arch.params - removed) * d
     norms = [arch.hidden_size] * (2 * arch.num_layers) + [arch.final_norm_params]
-    factors = [(LinearShape(x.linear.name, x.linear.out_features, x.rank, False), x.layers) for x in lrcs]
-    factors += [(LinearShape(x.linear.name, x.rank, x.linear.in_features, False), x.layers) for x in lrcs]
+    factors = [(LinearShape(x.linear.name, x.linear.out_features, x.rank, False), x.layers, s.rank) for x in lrcs]
+    factors += [(LinearShape(x.linear.name, x.rank, x.linear.in_features, False), x.layers, s.rank) for x in lrcs]
+    heads, _ = _head_and_embeddings(arch, s, "welore")
+    norms = norms + [t for t in heads if t != arch.final_norm_params]
     parts.lrc_activation_bytes = _welore_layer_extra(arch, lrcs, w)
     parts.frozen_layers = arch.num_layers
+    trainable = sum(n * (f.out_features * f.in_features) for f, n, _ in factors) + sum(norms)
+    parts.notes.append(f"gives up {s.rank_reduction:.0%} of the decoder's rank; trains {trainable:,} of "
+                       f"{arch.params - removed:,} parameters ({trainable / (arch.params - removed):.1%})")
     parts.notes.append(f"models a model already compressed (ERR {s.rank_reduction}): "
                        + ", ".join(f"{x.linear.name} rank {x.rank} x{x.layers}" for x in lrcs))
     if s.optimizer == "galore":
         return _galore(parts, factors, norms, s, w)
-    factor_sizes = [f.out_features * f.in_features for f, n in factors for _ in range(n)]
+    factor_sizes = [f.out_features * f.in_features for f, n, _ in factors for _ in range(n)]
     kind = "plain" if s.optimizer == "adamw" else "8bit"
     trained = norms + factor_sizes
     parts.dense_grads = sum(trained) * d
@@ -259,7 +291,7 @@ def estimate(strategy: str, arch: Architecture, settings: Settings, workload: Wo
     kept_acts, working = activation_bytes(arch, workload, p.trained_from_layer, p.frozen_layers)
     if not workload.gradient_checkpointing:
         kept_acts += p.lrc_activation_bytes
-    logits = logits_bytes(arch, workload)
+    logits = logits_bytes(arch, workload, head_trained=_embeddings_train(strategy, settings))
     # the logits' backward finishes before any layer's backward (or recompute) starts
     working += p.layer_transient
     act_overhead = max(working - logits, 0)
@@ -296,7 +328,8 @@ def estimate_profile(profile: Any, dtype_bytes: int) -> Estimate:
     s, t = profile.strategy, profile.train
     settings = Settings(rank=s.rank, sampled_layers=s.sampled_layers, optimizer=s.optimizer, bits=s.bits,
                         layerwise=s.layerwise, rank_reduction=s.rank_reduction, svd=s.svd, rounding=s.rounding,
-                        update_proj_gap=s.update_proj_gap, weight_bits=s.weight_bits, group_size=s.group_size)
+                        update_proj_gap=s.update_proj_gap, weight_bits=s.weight_bits, group_size=s.group_size,
+                        train_embeddings=s.train_embeddings, embedding_rank=s.embedding_rank)
     workload = Workload(profile.data.max_seq_len, t.micro_batch_size, t.activation_checkpointing, dtype_bytes,
                         t.gradient_accumulation)
     return estimate(s.name, resolve_architecture(profile.model.name), settings, workload)

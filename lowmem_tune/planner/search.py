@@ -15,18 +15,19 @@ if TYPE_CHECKING:
     from lowmem_tune.profile import Profile
 
 ORDER = {
-    # full-parameter methods first, then layer sampling
-    "quality": ("full", "adamw8bit", "fira", "galore", "owlore", "lisa"),
+    # full-parameter methods first, then layer sampling; WeLore (it removes rank) when nothing else fits
+    "quality": ("full", "adamw8bit", "fira", "galore", "owlore", "lisa", "welore"),
     # fewest trained weights / cheapest steps first
-    "speed": ("full", "adamw8bit", "lisa", "owlore", "galore", "fira"),
-    # re-sorted by total below; welore only on request (its estimate is of a compressed model)
-    "memory": tuple(name for name in STRATEGY_NAMES if name != "welore"),
+    "speed": ("full", "adamw8bit", "lisa", "owlore", "galore", "fira", "welore"),
+    # re-sorted by total below
+    "memory": STRATEGY_NAMES,
 }
-"""The candidates `plan` weighs without --strategy, in order of preference (every strategy has an
-estimate; welore's is of a model already compressed at assumed ranks)."""
+"""The candidates `plan` weighs without --strategy, in order of preference (welore's estimate is
+of a model already compressed at the rank reduction it searches)."""
 MICRO_BATCHES = (16, 8, 4, 2, 1)
 TARGET_SEQUENCES_PER_STEP = 16
 RANKS = {"quality": (256, 128), "speed": (128,), "memory": (128,)}
+RANK_REDUCTIONS = (0.3, 0.5, 0.7)  # WeLore: the smallest that fits is chosen
 SAMPLED_LAYERS = {"quality": (4, 2), "speed": (2, 1), "memory": (1,)}
 
 
@@ -53,16 +54,30 @@ def int8_group_size(arch: Architecture, limit: int = 256) -> int:
     return max(d for d in range(1, min(width, limit) + 1) if width % d == 0)
 
 
+GIVE_UP = ((16, "full"), (16, "galore"), (8, "full"), (8, "galore"), (16, "frozen"), (8, "frozen"))
+"""(weight bits, embeddings) in the order `--prefer quality` and `speed` give them up: GaLore on
+the embeddings first, then INT8 weights (every weight still trains), then frozen embeddings (some
+stop training). `--prefer memory` goes the other way."""
+
+
 def _settings_grid(strategy: str, prefer: str, arch: Architecture) -> list[Settings]:
-    """In order of preference. INT8 weights come after 16-bit ones (their quality cost is
-    measured, README), except with --prefer memory."""
-    if strategy in ("full", "adamw8bit", "welore"):
+    """A strategy's configurations in order of preference."""
+    if strategy in ("full", "adamw8bit"):
         return [Settings()]
-    bits = (8, 16) if prefer == "memory" else (16, 8)
+    if strategy == "welore":
+        return [Settings(rank_reduction=x) for x in RANK_REDUCTIONS]
     group = int8_group_size(arch)
-    if strategy in ("galore", "fira"):
-        return [Settings(rank=r, weight_bits=b, group_size=group) for b in bits for r in RANKS[prefer]]
-    return [Settings(sampled_layers=g, weight_bits=b, group_size=group) for b in bits for g in SAMPLED_LAYERS[prefer]]
+    grid = []
+    for bits, embeddings in GIVE_UP[::-1] if prefer == "memory" else GIVE_UP:
+        if embeddings == "galore" and strategy == "fira":
+            continue  # Fira keeps full gradients: GaLore on the embeddings would save nothing
+        for knob in (RANKS if strategy in ("galore", "fira") else SAMPLED_LAYERS)[prefer]:
+            rank = knob if strategy in ("galore", "fira") else Settings().rank
+            base = {"rank": rank} if strategy in ("galore", "fira") else {"sampled_layers": knob}
+            grid.append(Settings(**base, weight_bits=bits, group_size=group,
+                                 train_embeddings=False if embeddings == "frozen" else None,
+                                 embedding_rank=rank if embeddings == "galore" else None))
+    return grid
 
 
 def _workloads(seq_len: int, micro_batch: int | None, prefer: str, dtype_bytes: int) -> list[Workload]:
@@ -110,16 +125,55 @@ def _why_not(est: Estimate, workload: Workload, usable: int) -> str:
             f"{_gib(usable)} usable ({', '.join(f'{k} {_gib(parts[k])}' for k in biggest)})")
 
 
+def nearest_fixes(arch: Architecture, gpu: GpuTarget, margin: float, seq_len: int, micro_batch: int | None,
+                  prefer: str, strategy: str) -> list[str]:
+    """For a strategy that does not fit: the longest sequence that would, and the smallest card
+    preset that would at this sequence length (WeLore's rank reduction and INT8 weights are in
+    the search already: its smallest configuration uses them)."""
+    from lowmem_tune.hardware import PRESETS, usable_bytes
+
+    dtype_bytes = 2 if gpu.bf16 else 4
+    usable = usable_bytes(gpu.total_bytes, margin, gpu.used_by_others_bytes)
+    fixes = []
+    shorter = seq_len // 2
+    while shorter >= 64:
+        if best_for(strategy, arch, usable, shorter, micro_batch, prefer, dtype_bytes).fits:
+            fixes.append(f"--seq-len {shorter}")
+            break
+        shorter //= 2
+    for name, preset in sorted(PRESETS.items(), key=lambda item: item[1].total_bytes):
+        if preset.total_bytes <= gpu.total_bytes:
+            continue
+        room = usable_bytes(preset.total_bytes, margin)
+        if best_for(strategy, arch, room, seq_len, micro_batch, prefer, 2 if preset.bf16 else 4).fits:
+            fixes.append(f"--gpu {name} ({preset.total_bytes / 1024**3:.0f} GiB)")
+            break
+    return fixes
+
+
 def search(arch: Architecture, gpu: GpuTarget, usable: int, seq_len: int, micro_batch: int | None,
            prefer: str, strategy: str | None) -> tuple[list[Candidate], Candidate | None]:
     """One candidate per strategy (the pinned one only, with --strategy) and the chosen one."""
     dtype_bytes = 2 if gpu.bf16 else 4
     names = (strategy,) if strategy else ORDER[prefer]
     candidates = [best_for(name, arch, usable, seq_len, micro_batch, prefer, dtype_bytes) for name in names]
+    fitting = [c for c in candidates if c.fits]
     if prefer == "memory":
         candidates.sort(key=lambda c: c.estimate.total)
-    chosen = next((c for c in candidates if c.fits), None)
+        chosen = min(fitting, key=lambda c: c.estimate.total, default=None)
+    else:  # what a configuration gives up comes before which method it is
+        chosen = min(fitting, key=lambda c: (_given_up(c), names.index(c.strategy)), default=None)
     return candidates, chosen
+
+
+def _given_up(c: Candidate) -> int:
+    """Where a fitting configuration is in GIVE_UP (WeLore, which removes rank, after all)."""
+    if c.strategy == "welore":
+        return len(GIVE_UP)
+    s = c.estimate.settings
+    embeddings = ("frozen" if s.get("train_embeddings") is False else
+                  "galore" if s.get("embedding_rank") is not None else "full")
+    return GIVE_UP.index((s.get("weight_bits", 16), embeddings))
 
 
 # Published recipes for the knobs the planner does not search (REFERENCE.md §3): OwLore's
@@ -141,6 +195,7 @@ def build_profile(model: str, candidate: Candidate, gpu_spec: str, margin: float
                                                           "rank_reduction")})
     if s.get("weight_bits") == 8:
         strategy.update(weight_bits=8, group_size=s["group_size"])
+    strategy.update({k: s[k] for k in ("train_embeddings", "embedding_rank") if s.get(k) is not None})
     recipe = RECIPES.get(candidate.strategy, {})
     raw = {
         "model": {"name": model, "dtype": w.dtype},

@@ -186,6 +186,7 @@ def _run(profile: Profile, strategy, config, dtype, ctx, tracker, steps: int, n_
     import torch
     from transformers import AutoModelForCausalLM
 
+    from lowmem_tune.loss import chunkable, decoder_hidden, head_loss
     from lowmem_tune.modeling import enable_activation_checkpointing
     from lowmem_tune.strategies import trainable_parameters
 
@@ -209,10 +210,6 @@ def _run(profile: Profile, strategy, config, dtype, ctx, tracker, steps: int, n_
     if t.activation_checkpointing:
         enable_activation_checkpointing(model)
     model.train()
-    head = model.get_output_embeddings()
-    logits_hooks = [
-        head.register_forward_pre_hook(lambda *_: setattr(tracker, "category", "logits")),
-    ]
     with tracker.phase("optimizer", "build_updater"):
         updater = strategy.build_updater(model, ctx)
     ids = torch.randint(0, config.vocab_size, (t.micro_batch_size, profile.data.max_seq_len))
@@ -220,8 +217,12 @@ def _run(profile: Profile, strategy, config, dtype, ctx, tracker, steps: int, n_
         strategy.on_step_start(step, model, updater)
         for micro in range(n_micro):
             label = f"step {step + 1} micro-batch {micro + 1}"
+            batch = {"input_ids": ids, "labels": ids}
             with tracker.phase("activations", f"{label} forward"):
-                loss = model(input_ids=ids, labels=ids).loss
+                hidden = decoder_hidden(model, batch) if chunkable(model) else None
+            with tracker.phase("logits", f"{label} loss"):
+                loss = head_loss(model, hidden, ids) if hidden is not None else model(**batch).loss
+                del hidden
             with tracker.phase("overhead", f"{label} backward"):
                 loss.backward()
             del loss
@@ -231,6 +232,4 @@ def _run(profile: Profile, strategy, config, dtype, ctx, tracker, steps: int, n_
         with tracker.phase("optimizer", f"step {step + 1} optimizer step"):
             updater.set_lr(t.lr)
             updater.step()
-    for hook in logits_hooks:
-        hook.remove()
     updater.close()

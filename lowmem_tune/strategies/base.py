@@ -82,6 +82,21 @@ class Strategy(ABC):
         chosen = {id(p) for p in matrices}
         return matrices, [p for p in params if id(p) not in chosen]
 
+    def embedding_matrices(self, model: nn.Module, others: list[nn.Parameter]) -> list[nn.Parameter]:
+        """The embedding and head weights among `others` that train through GaLore at
+        `strategy.embedding_rank` (none when it is null)."""
+        if getattr(self.cfg, "embedding_rank", None) is None or self.optimizer != "galore":
+            return []
+        weights = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                   if m is not None}  # tied: one parameter
+        return [p for p in others if id(p) in weights]
+
+    @property
+    def loads_on_cpu(self) -> bool:
+        """Whether a pretrained checkpoint should be loaded on the CPU, for `prepare_model` to move
+        it to the device in smaller pieces (INT8 weights a layer at a time; WeLore compressed)."""
+        return getattr(self.cfg, "weight_bits", 16) == 8
+
     def quantize(self, model: nn.Module, ctx: StrategyContext) -> None:
         """With `weight_bits: 8`, the decoder linears become INT8, a layer at a time as they move
         to the device (a 16-bit model is loaded on the CPU for that; see quantize.py)."""
@@ -90,9 +105,11 @@ class Strategy(ABC):
 
     def build_updater(self, model: nn.Module, ctx: StrategyContext) -> Updater:
         matrices, others = self.parameter_groups(model)
+        embeddings = self.embedding_matrices(model, others)
+        others = [p for p in others if all(p is not e for e in embeddings)]
         names = {p: name for name, p in model.named_parameters()}
         return build_updater(self.optimizer, matrices, others, self.profile, names, ctx.fake, ctx.info,
-                             int8_layers(model))
+                             int8_layers(model), embeddings)
 
     def on_step_start(self, step: int, model: nn.Module, updater: Updater) -> None:
         """Called before the micro-batches of optimizer step `step` (0-based)."""

@@ -9,6 +9,9 @@ matrices are frozen. Under `plan --verify` (fake tensors) no SVD runs: the ranks
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from torch import nn
 from lowmem_tune.atomic import write_json_atomic
 from lowmem_tune.catalog import resolve_model
 from lowmem_tune.compress import (
+    weights_fingerprint,
     RankPlan,
     assumed_ranks_of,
     compress_model,
@@ -30,10 +34,23 @@ from lowmem_tune.compress import (
 )
 from lowmem_tune.compress.storage import trainable_summary
 from lowmem_tune.errors import UserError
-from lowmem_tune.layers import is_norm
+from lowmem_tune.layers import is_norm, move_to
 from lowmem_tune.strategies.base import Strategy, StrategyContext, trainable_parameters
 
 _SAME_ARCHITECTURE = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+COMPRESSED_CACHE = "welore-models"
+"""Beside the spectra in the cache directory: compressed models, by weights, ERR and min_ratio."""
+
+
+def _save_atomically(model: nn.Module, plan: RankPlan, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        save_compressed(model, plan, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class WeLore(Strategy):
@@ -47,7 +64,7 @@ class WeLore(Strategy):
     # ------------------------------------------------------------------ model
 
     def prepare_model(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
-        model = self._compressed(model, ctx)
+        model = move_to(self._compressed(model, ctx), ctx.device)
         model.requires_grad_(False)
         for module in lowrank_modules(model).values():
             module.requires_grad_(True)
@@ -87,12 +104,32 @@ class WeLore(Strategy):
             install_empty(model, self.plan.lrc_ranks)
             record_plan(model, self.plan)
             return model
+        return self._compress_dense(model, ctx)
+
+    def _compress_dense(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
+        """Compress the dense model where it is (the CPU, for a pretrained one: see `loads_on_cpu`;
+        each matrix's SVD runs on the device), cache the compressed model, and move it to the
+        device: the device never holds the dense model. A second run reads it from the cache."""
+        key = f"{weights_fingerprint(model)}-err{self.cfg.rank_reduction:g}-min{self.cfg.min_ratio:g}"
+        cached = Path(ctx.cache_dir) / COMPRESSED_CACHE / key
+        if (cached / "config.json").is_file():
+            ctx.info(f"WeLore: the compressed model read from the cache ({cached})")
+            model.to("meta")  # free the dense weights before loading the compressed ones
+            compressed = load_compressed(cached, ctx.dtype, ctx.device, self.profile.model.attn_implementation)
+            self.plan = plan_from_ranks(compressed, compressed_ranks(compressed.config), compressed.config.welore)
+            return compressed
         if self.profile.model.init == "random":
             ctx.info("WeLore on randomly initialized weights: the spectra are flat, so the ranks carry no structure")
-        ctx.info("WeLore: singular values of the decoder matrices (cached after the first run)")
+        ctx.info("WeLore: compressing (singular values cached; the compressed model too, after this run)")
         self.plan = compress_model(model, self.cfg.rank_reduction, self.cfg.min_ratio, ctx.cache_dir,
                                    svd_device=ctx.device, progress=False)
+        if not ctx.fake:
+            _save_atomically(model, self.plan, cached)
         return model
+
+    @property
+    def loads_on_cpu(self) -> bool:
+        return True
 
     def _load_directory(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         path = Path(self.cfg.compressed_model).expanduser()

@@ -34,6 +34,7 @@ from lowmem_tune.events import (
     StepMetrics,
 )
 from lowmem_tune.hardware import nvml_index_of_torch_device
+from lowmem_tune.loss import causal_lm_loss
 from lowmem_tune.modeling import (
     activation_checkpointing_enabled,
     disable_activation_checkpointing,
@@ -102,11 +103,10 @@ class TrainingRun:
         resolved = resolve_model(p.model.name)
         self.data = prepare_data(p, resolved, self.run_dir)
         self.stream = self.data.stream
-        # INT8 weights: a 16-bit checkpoint is quantized a layer at a time on its way to the device
-        load_on = torch.device("cpu") if p.strategy.weight_bits == 8 and p.model.init == "pretrained" else self.device
+        self.strategy = build_strategy(p)
+        load_on = torch.device("cpu") if self.strategy.loads_on_cpu and p.model.init == "pretrained" else self.device
         self.model = load_model(resolved, p.model.init, self.dtype, load_on, p.model.attn_implementation,
                                 seed=p.train.seed)
-        self.strategy = build_strategy(p)
         self.files = RunFilesSink(self.run_dir, self.resume_from.step if self.resume_from else None)
         self.events = FanOut(self.sink, self.files)
         train_items = self.data.train_items
@@ -188,7 +188,7 @@ class TrainingRun:
             batch = self.stream.next_batch()
             tokens += int(batch["attention_mask"].sum())  # on the host, before the copy
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            loss = self.model(**batch).loss
+            loss = causal_lm_loss(self.model, batch)
             (loss / t.gradient_accumulation).backward()
             loss_sum += loss.detach()
         lr = lr_at(self.step, base_lr=t.lr, max_steps=t.max_steps, warmup_steps=t.warmup_steps,
@@ -260,7 +260,7 @@ class TrainingRun:
         for batch in eval_batches(self.data.heldout_items, t.micro_batch_size, self.data.pad_id, t.eval_batches):
             n = int((batch["labels"][:, 1:] != -100).sum())
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            total += self.model(**batch).loss * n
+            total += causal_lm_loss(self.model, batch) * n
             count += n
         self.model.train(was_training)
         return float(total) / max(count, 1)
