@@ -241,7 +241,8 @@ def test_out_of_memory_fails_the_run_at_the_step_it_happened(tmp_path):
     recorder = Recorder()
     run = TrainingRun(profile_from_dict(tiny_profile(tmp_path / "run")), False, recorder, RunControl())
     run.setup()
-    forward, calls = run.model.forward, []
+    decoder = run.model.get_decoder()  # what the loss runs (loss.py)
+    forward, calls = decoder.forward, []
 
     def forward_until_out_of_memory(*args, **kwargs):
         calls.append(1)
@@ -249,7 +250,7 @@ def test_out_of_memory_fails_the_run_at_the_step_it_happened(tmp_path):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return forward(*args, **kwargs)
 
-    run.model.forward = forward_until_out_of_memory
+    decoder.forward = forward_until_out_of_memory
     try:
         outcome = run.train()
     finally:
