@@ -3,6 +3,7 @@ so that `lowmem-tune --help` and `plan` start fast."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -48,17 +49,21 @@ def probe(as_json: bool) -> None:
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per sequence.")
 @click.option("--micro-batch-size", default=None, type=int, help="Pin the micro batch size.")
 @click.option("--prefer", type=click.Choice(["quality", "speed", "memory"]), default="quality", show_default=True)
+@click.option("--gpus", default=1, show_default=True,
+              help="Data-parallel GPUs of this kind (`run --nproc-per-node`); memory is per GPU.")
 @click.option("--verify", is_flag=True, help="Measure one real step on fake tensors (no weights, no GPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the chosen plan as a profile YAML.")
 def plan(model: str, gpu: str, gpu_index: int, margin: float, strategy: str | None, seq_len: int,
-         micro_batch_size: int | None, prefer: str, verify: bool, as_json: bool, output: Path | None) -> None:
+         micro_batch_size: int | None, prefer: str, gpus: int, verify: bool, as_json: bool,
+         output: Path | None) -> None:
     """Estimate memory for every strategy and pick the best one that fits."""
     from lowmem_tune.planner import plan_command
 
     plan_command(model=model, gpu=gpu, gpu_index=gpu_index, margin=margin, strategy=strategy, seq_len=seq_len,
-                 micro_batch_size=micro_batch_size, prefer=prefer, verify=verify, as_json=as_json, output=output)
+                 micro_batch_size=micro_batch_size, prefer=prefer, gpus=gpus, verify=verify, as_json=as_json,
+                 output=output)
 
 
 @main.command()
@@ -66,16 +71,25 @@ def plan(model: str, gpu: str, gpu_index: int, margin: float, strategy: str | No
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a profile key (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in the output directory.")
 @click.option("--headless", is_flag=True, help="No dashboard: a progress bar, or plain lines when not a terminal.")
-def run(profile: Path, overrides: tuple[str, ...], resume: bool, headless: bool) -> None:
+@click.option("--nproc-per-node", type=int, default=None,
+              help="Train on N processes of this machine (one GPU each, or CPU processes) through torchrun.")
+def run(profile: Path, overrides: tuple[str, ...], resume: bool, headless: bool, nproc_per_node: int | None) -> None:
     """Train with a profile, checkpointing, and evaluate at the end."""
     from lowmem_tune.profile import load_profile
 
     notes: list[str] = []
     loaded = load_profile(profile, overrides, notes)
-    for note in notes:
+    if nproc_per_node is not None:
+        from lowmem_tune.train.distributed import launch
+
+        argv = [str(profile), *(a for o in overrides for a in ("--set", o)), *(["--resume"] if resume else []),
+                *(["--headless"] if headless else [])]
+        sys.exit(launch(nproc_per_node, argv))
+    rank = int(os.environ.get("RANK", 0))  # started by torchrun (or accelerate launch): one process speaks
+    for note in notes if rank == 0 else []:
         click.echo(note, err=True)
     try:
-        if headless or not sys.stdout.isatty():
+        if headless or not sys.stdout.isatty() or rank > 0:
             from lowmem_tune.train import run_headless
 
             sys.exit(run_headless(loaded, resume=resume))

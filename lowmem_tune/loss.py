@@ -23,10 +23,11 @@ CHUNK_TOKENS = 1024
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk_tokens: int) -> torch.Tensor:
-        """hidden (N x h), weight (V x h), targets (N,): the mean cross entropy of hidden @ weightᵀ."""
-        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+                target_count: int | None = None) -> torch.Tensor:
+        """hidden (N x h), weight (V x h), targets (N,): the cross entropy of hidden @ weightᵀ,
+        summed over the targets and divided by their count (or by `target_count`)."""
+        count = (targets != IGNORE_INDEX).sum().clamp(min=1) if target_count is None else max(target_count, 1)
         wants_hidden, wants_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
         grad_weight = torch.zeros_like(weight) if wants_weight else None
@@ -57,14 +58,16 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors  # scaled in place: no second copy of the head's gradient
         return (None if grad_hidden is None else grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)),
-                None if grad_weight is None else grad_weight.mul_(grad_loss.to(grad_weight.dtype)), None, None)
+                None if grad_weight is None else grad_weight.mul_(grad_loss.to(grad_weight.dtype)), None, None, None)
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, Any], chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """HF's causal-LM loss of `batch` (input_ids, attention_mask, labels), computed in chunks."""
+def causal_lm_loss(model: nn.Module, batch: dict[str, Any], chunk_tokens: int = CHUNK_TOKENS,
+                   target_count: int | None = None) -> torch.Tensor:
+    """HF's causal-LM loss of `batch` (input_ids, attention_mask, labels), computed in chunks: the
+    mean over its target tokens, or their sum over `target_count` (a share of a larger batch)."""
     if not chunkable(model):
-        return model(**batch).loss
-    return head_loss(model, decoder_hidden(model, batch), batch["labels"], chunk_tokens)
+        return model(**batch, num_items_in_batch=target_count).loss
+    return head_loss(model, decoder_hidden(model, batch), batch["labels"], chunk_tokens, target_count)
 
 
 def chunkable(model: nn.Module) -> bool:
@@ -79,9 +82,9 @@ def decoder_hidden(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
                                use_cache=False).last_hidden_state
 
 
-def head_loss(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-              chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+def head_loss(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS,
+              target_count: int | None = None) -> torch.Tensor:
     """The chunked cross entropy of the head's logits at each position against the next label."""
     flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     return ChunkedCrossEntropy.apply(flat, model.get_output_embeddings().weight, labels[:, 1:].reshape(-1),
-                                     chunk_tokens)
+                                     chunk_tokens, target_count)

@@ -9,7 +9,7 @@ from lowmem_tune.catalog import ResolvedModel
 from lowmem_tune.compress.storage import load_compressed
 from lowmem_tune.errors import UserError, one_line
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
 
 
 def pick_device(requested: str = "auto", gpu_index: int = 0) -> torch.device:

@@ -37,8 +37,9 @@ class ModelSection:
     name: str = "demo-llama"
     """Catalog name, hub id, local model directory, or a config.json."""
     init: Literal["pretrained", "random"] = "pretrained"
-    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
-    """auto: bfloat16 on a GPU that supports it, float32 on CPU (bf16 matmuls are slow there)."""
+    dtype: Literal["auto", "bfloat16", "float32", "float16", "float64"] = "auto"
+    """auto: bfloat16 on a GPU that supports it, float32 on CPU (bf16 matmuls are slow there);
+    float64 is for checks of exactness."""
     tokenizer: str | None = None
     revision: str | None = None
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"

@@ -105,3 +105,26 @@ def test_checkpointing_and_low_rank_save_memory():
     assert full.memory["optimizer"] == 2 * full.memory["weights"]  # two bf16 moments per weight
     galore = estimate("galore", arch, Settings(rank=128), w)
     assert galore.memory["optimizer"] < no_ckpt.memory["optimizer"] / 10
+
+
+def test_gpus_plans_per_gpu_memory_and_splits_the_batch(tmp_path):
+    one = json.loads(_plan("--model", "llama-2-7b", "--gpu", "rtx4090", "--micro-batch-size", "4", "--json").output)
+    two = json.loads(_plan("--model", "llama-2-7b", "--gpu", "rtx4090", "--micro-batch-size", "4", "--gpus", "2",
+                           "--json").output)
+    assert one["workload"]["gpus"] == 1 and two["workload"]["gpus"] == 2
+    assert two["workload"]["gradient_accumulation"] * 2 == one["workload"]["gradient_accumulation"]
+    assert two["workload"]["global_batch"] == one["workload"]["global_batch"] == 4 * one["workload"]["gradient_accumulation"]
+    assert two["chosen"]["strategy"] == one["chosen"]["strategy"]
+    out = tmp_path / "two.yaml"
+    text = _plan("--model", "llama-2-7b", "--gpu", "rtx4090", "--micro-batch-size", "4", "--gpus", "2", "-o", str(out))
+    assert text.exit_code == 0 and "--nproc-per-node 2" in " ".join(text.output.split())
+    assert load_profile(out).train.gradient_accumulation == two["workload"]["gradient_accumulation"]
+    _one_line_error(_plan("--model", "llama-2-7b", "--gpu", "rtx4090", "--gpus", "0"), "--gpus 0")
+
+
+@pytest.mark.parametrize("strategy", ["galore", "owlore", "full"])
+def test_several_gpus_cost_at_most_one_averaging_bucket(strategy):
+    arch = resolve_architecture("llama-2-7b")
+    single = estimate(strategy, arch, Settings(), Workload(512, 1, True, gradient_accumulation=4))
+    several = estimate(strategy, arch, Settings(), Workload(512, 1, True, gradient_accumulation=2, gpus=2))
+    assert 0 <= several.total - single.total <= 64 * 2**20

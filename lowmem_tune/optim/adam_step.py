@@ -39,7 +39,7 @@ def dense_step(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], gr
 
         writer.apply(p, direction, lr, wd, decay_first=True, align=BLOCKSIZE)
         return
-    direction = storage_of(state).direction(state, grad.float(), betas, eps)
+    direction = storage_of(state).direction(state, grad.to(torch.promote_types(grad.dtype, torch.float32)), betas, eps)
     if _rounds(writer, p):
         writer.apply(p, lambda start, rows: direction.narrow(0, start, rows), lr, wd)
         return

@@ -26,10 +26,13 @@ def build_updater(optimizer: str, matrices: Sequence[nn.Parameter], others: Sequ
                   names: Mapping[nn.Parameter, str] | None = None, fake: bool = False,
                   inform: Callable[[str], None] | None = None,
                   stores: Mapping[nn.Parameter, WeightStore] | None = None,
-                  embeddings: Sequence[nn.Parameter] = ()) -> Updater:
+                  embeddings: Sequence[nn.Parameter] = (),
+                  average: Callable[[list[torch.Tensor]], None] | None = None) -> Updater:
     """An updater over `matrices` (through GaLore, for galore / fira), `embeddings` (through
     GaLore at strategy.embedding_rank) and `others` (AdamW). `stores` holds the matrices whose
-    values live elsewhere (INT8 weights, by gradient handle).
+    values live elsewhere (INT8 weights, by gradient handle). `average` (several processes) is how
+    GaLore averages its state across them once per step; torch / bitsandbytes optimizers run under
+    DistributedDataParallel instead, set up by the training run.
 
     Frozen parameters may be included: they train once they require grad (layer sampling)."""
     t, s = profile.train, profile.strategy
@@ -56,6 +59,6 @@ def build_updater(optimizer: str, matrices: Sequence[nn.Parameter], others: Sequ
         groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay, bits=s.bits,
         moments=s.moments, variant=optimizer, fira_limiter=s.fira_limiter, stagger=True, param_names=names,
         svd=s.svd, rounding=StochasticRounding(t.seed) if s.rounding == "stochastic" else None, inform=inform,
-        micro_batches=t.gradient_accumulation, stores=stores,
+        micro_batches=t.gradient_accumulation, stores=stores, average=average,
     )
     return GaLoreUpdater(opt, t.max_grad_norm, layerwise=s.layerwise)

@@ -19,11 +19,12 @@ def fira_residual(grad: torch.Tensor, back_projected: torch.Tensor, low: torch.T
                   sides: tuple[str, ...], previous_norm: torch.Tensor | None,
                   limiter: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(phi ⊙ (G - P Pᵀ G), limited; its norm, to pass as `previous_norm` next step)."""
-    residual = grad.float() - back_projected.float()
+    wide = torch.promote_types(grad.dtype, torch.float32)
+    residual = grad.to(wide) - back_projected.to(wide)
     dim = {("left",): 0, ("right",): 1}.get(sides)  # R is r x n (one ratio per column) or m x r (per row)
     n_norm = torch.linalg.vector_norm(direction, dim=dim, keepdim=True)
     r_norm = torch.linalg.vector_norm(low, dim=dim, keepdim=True)
-    tiny = torch.finfo(torch.float32).tiny
+    tiny = torch.finfo(wide).tiny
     phi = torch.where(r_norm > 0, n_norm / r_norm.clamp(min=tiny), 0.0)
     residual.mul_(phi)
     norm = torch.linalg.vector_norm(residual)

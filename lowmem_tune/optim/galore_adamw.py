@@ -18,18 +18,10 @@ Moments when a matrix's subspace changes (`moments=`):
 - reset: zero both moments and restart the bias correction.
 Measured with `benchmarks/optimizer_step.py --moments`: keep won (README), so it is the default.
 
-Gradients reach the optimizer in one of two ways, with the same result:
-- `step()` / `step_clipped()` read p.grad (the ordinary, non-layerwise way);
-- `absorb_grad(p)` (a post-accumulate-grad hook, `GaLoreUpdater(layerwise=True)`) consumes one
-  micro-batch's gradient: it adds it to the matrix's sketch (a step where it takes a basis, rule
-  `sketch`) or projects it into a low-rank float32 accumulator, and frees it at once. Matrices
-  that take a basis from the accumulated gradient (rules exact / randomized) and Fira matrices
-  keep their full gradient until the step; other tensors accumulate as usual.
-
-Gradient clipping (`step_clipped(max_norm)`) uses the norm of the gradient the optimizer consumes:
-the low-rank gradient for a GaLore matrix, the full gradient for other tensors — exact in both
-modes for any accumulation. The full gradient's norm is reported as well where it is exact:
-whenever no GaLore matrix absorbed more than one micro-batch.
+Gradients come from p.grad at `step()` (ordinary mode) or, one micro-batch at a time, through
+`absorb_grad` in backward hooks (`layerwise.py`, which says what is kept when); clipping uses the
+norm of the gradient the optimizer consumes (low-rank for GaLore matrices), exact in both modes.
+With `average` (several processes) the step's gradient state is averaged across them first.
 
 State appears on a parameter's first gradient; `release(params, offload)` drops (or parks on the
 CPU) everything held for those parameters, and a parameter that comes back takes a new basis.
@@ -43,7 +35,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from lowmem_tune.optim.adam_step import dense_step, galore_step
-from lowmem_tune.optim.moments import MIN_8BIT_SIZE, moments_for, storage_of
+from lowmem_tune.optim.moments import MIN_8BIT_SIZE, carry_moments, moments_for
 from lowmem_tune.optim.offload import is_parked, park, unpark
 from lowmem_tune.optim.persistence import TRANSIENT, galore_state_dict, load_galore_state_dict
 from lowmem_tune.optim.projector import GaLoreProjector
@@ -76,6 +68,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         inform: Callable[[str], None] | None = None,
         micro_batches: int = 1,
         stores: Mapping[torch.nn.Parameter, WeightStore] | None = None,
+        average: Callable[[list[torch.Tensor]], None] | None = None,
     ) -> None:
         if bits not in (8, 32):
             raise ValueError(f"bits must be 8 or 32, got {bits}")
@@ -91,6 +84,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # Fira keeps every full gradient for its residual anyway: its basis is their exact SVD.
         self.rule = "exact" if variant == "fira" and svd == "sketch" else svd
         self.micro_batches = micro_batches
+        if average is not None and svd == "first_micro_batch":
+            raise ValueError("svd 'first_micro_batch' takes a basis from one process's gradient; with several "
+                             "processes use 'sketch' or 'exact'")
+        self.average = average
         self._stores = {id(p): store for p, store in (stores or {}).items()}
         self.writer = RoundingWriter(rounding) if rounding is not None else None
         self._inform, self._told = inform, False
@@ -136,7 +133,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if self.is_galore(p):
                 state["projector"] = self.new_projector(p)
                 shape = state["projector"].low_rank_shape()
-            state.update(moments_for(math.prod(shape), self.bits, self.min_8bit_size).create(shape, p.device))
+            state.update(moments_for(math.prod(shape), self.bits, self.min_8bit_size).create(
+                shape, p.device, torch.promote_types(p.dtype, torch.float32)))
         elif is_parked(state):
             self.state[p] = state = unpark(state, p.device)
             if "projector" in state:
@@ -199,13 +197,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if "sketch" not in state:
             d, big = proj.orient(grad).shape
             sketch = RangeSketch(d, big, proj.rank, self._seed(p), grad)
-            if proj.needs_basis() and self.micro_batches > 1 and not self._room_for(sketch.nbytes()):
+            lives_on = self.micro_batches > 1 or self.average is not None  # not turned into a basis in the hook
+            if proj.needs_basis() and lives_on and not self._room_for(sketch.nbytes()):
                 state["deferred"] = True
                 return True
             state["sketch"] = sketch
         state["sketch"].add(proj.orient(grad))
-        if state["sketch"].micro_batches == self.micro_batches:
-            self._finish_sketch(p, state)
+        if state["sketch"].micro_batches == self.micro_batches and self.average is None:
+            self._finish_sketch(p, state)  # several processes: at the step, once the sketches are averaged
         return True
 
     def _room_for(self, nbytes: int) -> bool:
@@ -258,6 +257,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
         Returns (norm of the consumed gradient, before clipping; norm of the full gradient or None
         where it is not exact), both as 0-d tensors so the caller decides when to synchronize."""
+        if self.average is not None:
+            self.average(self._gradient_state())
         pending: list[tuple[torch.Tensor, dict[str, Any], dict[str, Any], torch.Tensor]] = []
         consumed_sq: list[torch.Tensor] = []
         full_sq: list[torch.Tensor] = []
@@ -286,7 +287,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             zero = torch.zeros(())
             return zero, zero
         consumed = torch.stack(consumed_sq).sum().sqrt()
-        full = torch.stack(full_sq).sum().sqrt() if full_exact else None
+        # the full gradient's norm is exact for one micro-batch of one process only
+        full = torch.stack(full_sq).sum().sqrt() if full_exact and self.average is None else None
         coef = None if max_norm is None else (max_norm / (consumed + 1e-6)).clamp(max=1.0)
         for p, group, state, grad in pending:
             if coef is not None:
@@ -301,6 +303,18 @@ class GaLoreAdamW(torch.optim.Optimizer):
             p.grad = None
         self.global_step += 1
         return consumed, full
+
+    def _gradient_state(self) -> list[torch.Tensor]:
+        """What this process holds of the step's gradient: full gradients, low-rank accumulators and
+        sketches — linear in the gradient, so their averages across processes are those of the
+        whole batch. The same order in every process."""
+        tensors = []
+        for p in self.params():
+            state = self.state.get(p) or {}
+            tensors += [t for t in (p.grad, state.get("grad_acc")) if t is not None]
+            if "sketch" in state:
+                tensors += [t for t in (state["sketch"].y, state["sketch"].w) if t is not None]
+        return tensors
 
     def _low_rank_gradient(self, p: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """This step's low-rank gradient of a GaLore matrix, after any refresh it is due, and the
@@ -331,20 +345,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         with self.refresh_timer.section(p.device):
             change = refresh(proj, gradient, self.rule, p.dtype, self._seed(p), self._tell)
         self._refreshed += 1
-        if first or change.filled or self.moments == "keep" or state["step"] == 0:
-            return
-        storage = storage_of(state)
-        if self.moments == "reset":
-            state.update(storage.create(tuple(state["exp_avg"].shape), p.device))
-            state["step"] = 0
-            return
-        a, b = proj.rotation(change.old_left, change.old_right)
-        m, v = storage.read(state)
-        if a is not None:
-            m, v = a @ m, a.square() @ v
-        if b is not None:
-            m, v = m @ b, v @ b.square()
-        storage.write(state, m, v)
+        if not (first or change.filled or state["step"] == 0):
+            carry_moments(state, self.moments, *proj.rotation(change.old_left, change.old_right))
 
     # ------------------------------------------------------------------ lifecycle
     def release(self, params: Iterable[torch.Tensor], offload: bool = False) -> None:
@@ -391,5 +393,4 @@ def _low_rank(proj: GaLoreProjector, grad: torch.Tensor) -> torch.Tensor:
 
 def _sq_norm(t: torch.Tensor) -> torch.Tensor:
     """Squared norm, accumulated in at least float32 (no full-size upcast copy of a bf16 gradient)."""
-    wide = torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else None
-    return torch.linalg.vector_norm(t, dtype=wide).float().square()
+    return torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32)).square()

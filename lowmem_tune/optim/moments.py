@@ -30,9 +30,10 @@ MIN_8BIT_SIZE = 4096  # smaller tensors keep float32 moments, as in bitsandbytes
 
 class Fp32Moments:
     @staticmethod
-    def create(shape: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
-        return {"exp_avg": torch.zeros(shape, dtype=torch.float32, device=device),
-                "exp_avg_sq": torch.zeros(shape, dtype=torch.float32, device=device)}
+    def create(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """float32 moments (float64 for a float64 parameter)."""
+        return {"exp_avg": torch.zeros(shape, dtype=dtype, device=device),
+                "exp_avg_sq": torch.zeros(shape, dtype=dtype, device=device)}
 
     @staticmethod
     def read(state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +66,7 @@ def dynamic_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Blockwise8bitMoments:
     @staticmethod
-    def create(shape: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
+    def create(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         blocks = -(-math.prod(shape) // BLOCKSIZE)
         return {"exp_avg": torch.zeros(shape, dtype=torch.uint8, device=device),
                 "exp_avg_sq": torch.zeros(shape, dtype=torch.uint8, device=device),
@@ -137,3 +138,22 @@ def moments_for(numel: int, bits: int, min_8bit_size: int = MIN_8BIT_SIZE) -> ty
 
 def storage_of(state: dict[str, Any]) -> type:
     return Blockwise8bitMoments if state["exp_avg"].dtype == torch.uint8 else Fp32Moments
+
+
+def carry_moments(state: dict[str, Any], policy: str, left: torch.Tensor | None, right: torch.Tensor | None) -> None:
+    """What a matrix's moments become when its subspace changes (galore_adamw's `moments`): kept,
+    reset, or projected with the rotation R_new = left R_old right (v with its square)."""
+    if policy == "keep":
+        return
+    storage = storage_of(state)
+    if policy == "reset":
+        dtype = state["exp_avg"].dtype if storage is Fp32Moments else torch.float32
+        state.update(storage.create(tuple(state["exp_avg"].shape), state["exp_avg"].device, dtype))
+        state["step"] = 0
+        return
+    m, v = storage.read(state)
+    if left is not None:
+        m, v = left @ m, left.square() @ v
+    if right is not None:
+        m, v = m @ right, v @ right.square()
+    storage.write(state, m, v)

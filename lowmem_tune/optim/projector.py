@@ -202,8 +202,9 @@ class GaLoreProjector:
     def rotation(self, old_left: torch.Tensor | None, old_right: torch.Tensor | None,
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Maps low-rank coordinates in the old basis to the new one: R_new = A R_old B."""
-        a = self.left.T.float() @ old_left.float() if self.left is not None and old_left is not None else None
-        b = old_right.float() @ self.right.T.float() if self.right is not None and old_right is not None else None
+        wide = torch.promote_types((self.left if self.left is not None else self.right).dtype, torch.float32)
+        a = self.left.T.to(wide) @ old_left.to(wide) if self.left is not None and old_left is not None else None
+        b = old_right.to(wide) @ self.right.T.to(wide) if self.right is not None and old_right is not None else None
         return a, b
 
     # ------------------------------------------------------------------ persistence and placement

@@ -18,12 +18,12 @@ its staggered refresh is due, and when its basis has empty columns to fill (belo
   including directions a rank-deficient gradient does not support.
 
 Rank-deficient gradients (`sketch`, `exact`, `randomized`): a basis never holds a direction the
-gradient does not support. Directions whose singular value is below max(d, D) · eps(float32)
+gradient does not support. Directions whose singular value is below max(d, D) · eps
 times the largest one (numpy's matrix_rank tolerance) are left out and their columns stay zero —
 a zero column projects to a zero row of R, which Adam turns into a zero update. The matrix is then
 due at its next step, where the empty columns take the leading directions of that step's gradient
 outside the kept ones; kept columns (and their moments) are untouched. The decompositions run in
-float32.
+float32 (float64 for a float64 model).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ OVERSAMPLE = 8
 
 def top_singular_vectors(matrix: torch.Tensor, rank: int, method: str, seed: int = 0, side: str = "left",
                          oversample: int = OVERSAMPLE, power_iters: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-`rank` singular vectors of a float32 matrix on one side, as columns (U[:, :rank],
+    """The top-`rank` singular vectors of a matrix on one side, as columns (U[:, :rank],
     or Vh[:rank]ᵀ for side "right"), and the singular values S[:rank].
 
     `randomized` is the Halko-Martinsson-Tropp range finder with `oversample` extra columns and
@@ -65,12 +65,17 @@ def top_singular_vectors(matrix: torch.Tensor, rank: int, method: str, seed: int
     return vectors, s.narrow(0, 0, rank)
 
 
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """What decompositions and sketches run in: float32, or float64 for float64 gradients."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def gaussian(shape: tuple[int, int], seed: int, like: torch.Tensor) -> torch.Tensor:
-    """A float32 N(0, 1) matrix on `like`'s device, the same for the same seed."""
+    """An N(0, 1) matrix in `like`'s device and dtype, the same for the same seed."""
     if is_fake(like):
-        return like.new_empty(shape, dtype=torch.float32)
+        return like.new_empty(shape)
     generator = torch.Generator(device=like.device).manual_seed(seed)
-    return torch.randn(shape, generator=generator, device=like.device, dtype=torch.float32)
+    return torch.randn(shape, generator=generator, device=like.device, dtype=torch.float32).to(like.dtype)
 
 
 def sketch_shape(d: int, big: int, rank: int) -> tuple[int, int]:
@@ -90,12 +95,12 @@ class RangeSketch:
         self.seed = seed
         self.micro_batches = 0
         self.exact = self.l == 0
-        self.y = like.new_zeros((d, big) if self.exact else (d, self.k), dtype=torch.float32)
-        self.w = None if self.exact else like.new_zeros((self.l, big), dtype=torch.float32)
+        self.y = like.new_zeros((d, big) if self.exact else (d, self.k), dtype=wide(like.dtype))
+        self.w = None if self.exact else like.new_zeros((self.l, big), dtype=wide(like.dtype))
 
     def add(self, a: torch.Tensor) -> None:
         self.micro_batches += 1
-        a = a.float()
+        a = a.to(self.y.dtype)
         if self.exact:
             self.y.add_(a)
             return
@@ -105,7 +110,7 @@ class RangeSketch:
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q, X) with A ≈ Q X: Q (d x k) orthonormal, X (k x D); exactly (I, A) when summed exactly."""
         if self.exact:
-            return torch.eye(self.y.shape[0], dtype=torch.float32, device=self.y.device), self.y
+            return torch.eye(self.y.shape[0], dtype=self.y.dtype, device=self.y.device), self.y
         q = torch.linalg.qr(self.y).Q
         psi_q = gaussian((self.l, self.y.shape[0]), self.seed + 1, self.y) @ q
         q2, r2 = torch.linalg.qr(psi_q)
@@ -179,13 +184,14 @@ def refresh(proj: GaLoreProjector, gradient: Gradient, rule: str, dtype: torch.d
     """Give `proj` a new basis from this step's gradient, or fill its empty columns if it has some."""
     shape = tuple(proj.shape)
     if not proj.one_sided:  # two-sided (proj_type full): exact SVD of the full gradient
-        matrix = gradient.float()
+        matrix = gradient.to(wide(gradient.dtype))
         u, s = _decompose(matrix, proj.rank, "exact", seed, proj.name, shape)
         v, _ = _decompose(matrix, proj.rank, "exact", seed, proj.name, shape, side="right")
         old = proj.set_two_sided_basis(u, v.T, 0.0 if is_fake(s) else float(s[0]), dtype)
         return BasisUpdate(*old, filled=False)
     filling = proj.incomplete()
-    kept = proj.oriented_basis().narrow(1, 0, proj.supported).float() if filling else None
+    work = wide(gradient[1].dtype if isinstance(gradient, tuple) else gradient.dtype)
+    kept = proj.oriented_basis().narrow(1, 0, proj.supported).to(work) if filling else None
     if isinstance(gradient, tuple):  # candidates inside range(Q), scored through X
         q, x = gradient
         if kept is not None:
@@ -194,7 +200,7 @@ def refresh(proj: GaLoreProjector, gradient: Gradient, rule: str, dtype: torch.d
         u_small, s = _decompose(rc @ x, proj.rank, "exact", seed, proj.name, shape)
         u = qc @ u_small
     else:
-        matrix = gradient.float()
+        matrix = gradient.to(work)
         if kept is not None:  # deflate the kept directions, on the projected side
             a = proj.orient(matrix)
             a = a - kept @ (kept.T @ a)
@@ -208,7 +214,7 @@ def refresh(proj: GaLoreProjector, gradient: Gradient, rule: str, dtype: torch.d
         found, scale = min(need, u.shape[1]), float(s[0])
     else:
         scale = max(float(s[0]) if s.numel() else 0.0, proj.top_singular_value if filling else 0.0)
-        tolerance = max(proj.shape) * torch.finfo(torch.float32).eps * scale
+        tolerance = max(proj.shape) * torch.finfo(work).eps * scale
         found = min(need, int((s > tolerance).sum()))
     columns = ([] if kept is None else [kept]) + [u.narrow(1, 0, found)]
     supported = have + found
@@ -223,5 +229,5 @@ def refresh(proj: GaLoreProjector, gradient: Gradient, rule: str, dtype: torch.d
 
 def low_rank_from_sketch(proj: GaLoreProjector, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The step's low-rank gradient Bᵀ Q X, shaped as `proj.project` would give it."""
-    oriented = (proj.oriented_basis().float().T @ q) @ x
+    oriented = (proj.oriented_basis().to(q.dtype).T @ q) @ x
     return oriented if proj.sides == ("left",) else as_contiguous(oriented.T)

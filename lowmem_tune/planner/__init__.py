@@ -21,17 +21,19 @@ from lowmem_tune.planner.search import Candidate, build_profile, nearest_fixes, 
 
 def plan_command(model: str, gpu: str, gpu_index: int, margin: float, strategy: str | None, seq_len: int,
                  micro_batch_size: int | None, prefer: str, verify: bool, as_json: bool,
-                 output: Path | None) -> None:
+                 output: Path | None, gpus: int = 1) -> None:
     if seq_len <= 0:
         raise UserError(f"--seq-len {seq_len}: must be at least 1")
     if micro_batch_size is not None and micro_batch_size <= 0:
         raise UserError(f"--micro-batch-size {micro_batch_size}: must be at least 1")
+    if gpus <= 0:
+        raise UserError(f"--gpus {gpus}: must be at least 1")
     target = resolve_gpu(gpu, gpu_index)
     usable = usable_bytes(target.total_bytes, margin, target.used_by_others_bytes)
     arch = resolve_architecture(model)
-    candidates, chosen = search(arch, target, usable, seq_len, micro_batch_size, prefer, strategy)
+    candidates, chosen = search(arch, target, usable, seq_len, micro_batch_size, prefer, strategy, gpus)
     fixes = {} if chosen is not None else {
-        c.strategy: nearest_fixes(arch, target, margin, seq_len, micro_batch_size, prefer, c.strategy)
+        c.strategy: nearest_fixes(arch, target, margin, seq_len, micro_batch_size, prefer, c.strategy, gpus)
         for c in candidates}
     report = {
         "model": {"name": arch.name, "params": arch.params, "layers": arch.num_layers,
@@ -61,14 +63,15 @@ def plan_command(model: str, gpu: str, gpu_index: int, margin: float, strategy: 
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        _print_tables(report, arch, candidates, chosen, output)
+        _print_tables(report, arch, candidates, chosen, output, gpus)
 
 
 def _workload(c: Candidate) -> dict[str, Any]:
     w = c.workload
     return {"seq_len": w.seq_len, "micro_batch_size": w.micro_batch_size,
             "gradient_accumulation": w.gradient_accumulation,
-            "gradient_checkpointing": w.gradient_checkpointing, "dtype": w.dtype}
+            "gradient_checkpointing": w.gradient_checkpointing, "dtype": w.dtype, "gpus": w.gpus,
+            "global_batch": w.global_batch}
 
 
 def _candidate_json(c: Candidate) -> dict[str, Any]:
@@ -82,7 +85,7 @@ _SHORT = {"weights": "wts", "gradients": "grad", "optimizer": "opt", "projectors
 
 
 def _print_tables(report: dict[str, Any], arch: Architecture, candidates: list[Candidate],
-                  chosen: Candidate | None, output: Path | None) -> None:
+                  chosen: Candidate | None, output: Path | None, gpus: int) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -94,6 +97,7 @@ def _print_tables(report: dict[str, Any], arch: Architecture, candidates: list[C
         f"vocab {arch.vocab_size}\n[bold]GPU[/] {g['name']} ({g['source']}): {format_bytes(g['total_bytes'])} total, "
         f"{format_bytes(g['usable_bytes'])} usable after {format_bytes(g['reserve_bytes'])} CUDA reserve "
         f"(context, cuBLAS workspace, allocator slack) and a {g['margin']:.0%} margin"
+        + (f"; {gpus} of them, data parallel (memory per GPU)" if gpus > 1 else "")
     )
     table = Table(title=f"Peak memory per strategy (GiB), seq len {report['workload']['seq_len']}",
                   box=box.SIMPLE_HEAD, pad_edge=False)
@@ -118,7 +122,8 @@ def _print_tables(report: dict[str, Any], arch: Architecture, candidates: list[C
             console.print(f"  {name}: {' or '.join(fixes) if fixes else 'none of the cards in the presets'}",
                           highlight=False)
         return
-    console.print(f"[bold green]Chosen:[/] {chosen.strategy} — " + ", ".join(f"{k}={v}" for k, v in chosen.settings().items()))
+    console.print(f"[bold green]Chosen:[/] {chosen.strategy} — " + ", ".join(f"{k}={v}" for k, v in chosen.settings().items())
+                  + f"; {chosen.workload.global_batch} sequences per step over {gpus} GPUs" * (gpus > 1))
     if "verify" in report:
         v = report["verify"]
         console.print(
@@ -127,4 +132,5 @@ def _print_tables(report: dict[str, Any], arch: Architecture, candidates: list[C
             + ", ".join(f"{k} {format_bytes(b)}" for k, b in v["by_category"].items())
         )
     if output is not None:
-        console.print(f"Profile written to {output} (run it with `lowmem-tune run {output}`)")
+        launch = f" --nproc-per-node {gpus}" if gpus > 1 else ""
+        console.print(f"Profile written to {output} (run it with `lowmem-tune run {output}{launch}`)")

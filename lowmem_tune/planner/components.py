@@ -19,6 +19,7 @@ MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 moments in bitsandbytes and Ga
 SKETCH_OVERSAMPLE = 8  # optim/subspace.py: k = r + 8 columns, l = 2k + 1 rows
 ROUNDING_BLOCK = 1 << 20  # optim/writer.py: values written per block with stochastic rounding
 LOSS_CHUNK_TOKENS = 1024  # loss.py: positions whose logits exist at once
+AVERAGE_BUCKET_BYTES = 64 * 2**20  # train/distributed.py: tensors averaged in one all-reduce
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,17 @@ class Workload:
     gradient_checkpointing: bool
     dtype_bytes: int = 2  # bf16
     gradient_accumulation: int = 2
+    gpus: int = 1
+    """Data-parallel processes, one GPU each: the estimate is per GPU."""
 
     @property
     def tokens(self) -> int:
         return self.seq_len * self.micro_batch_size
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step, over all GPUs."""
+        return self.micro_batch_size * self.gradient_accumulation * self.gpus
 
     @property
     def dtype(self) -> str:

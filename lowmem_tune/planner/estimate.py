@@ -20,6 +20,7 @@ from typing import Any
 
 from lowmem_tune.planner.architecture import Architecture, LinearShape
 from lowmem_tune.planner.components import (
+    AVERAGE_BUCKET_BYTES,
     Workload,
     activation_bytes,
     adam_state_bytes,
@@ -146,13 +147,13 @@ def _galore(parts: _Parts, matrices: Matrices, dense: list[int], s: Settings, w:
         parts.step_temp += 2 * 4 * biggest.out_features * biggest.in_features
     if rule == "sketch":
         finish = max(sketch_bytes(lin, r) + sketch_finish_bytes(lin, r) for lin, _, r in matrices)
-        if k > 1:  # first-basis sketches get the room the accumulators and projectors will take (SketchRoom)
+        if k > 1 or w.gpus > 1:  # sketches that outlive their hook get the room accumulators will take (SketchRoom)
             sketches = sum(n * sketch_bytes(lin, r) for lin, n, r in matrices)
             room = sum(n * (x[0] + x[2]) for _, n, _, x in per) + max(sketch_bytes(lin, r) for lin, _, r in matrices)
             parts.basis_held = min(sketches, room)
         parts.basis_transient = finish
         parts.step_temp = max(parts.step_temp, finish)
-        return parts
+        return _averaging(parts, w)
     # the SVD of one matrix's gradient, at the step (or in the hook, for the first micro-batch rule)
     parts.step_temp = max(parts.step_temp, _svd_bytes(biggest))
     if s.layerwise and variant != "fira":
@@ -161,6 +162,16 @@ def _galore(parts: _Parts, matrices: Matrices, dense: list[int], s: Settings, w:
         parts.dense_grads += refreshing * biggest.out_features * biggest.in_features * d
         if rule != "first_micro_batch":
             parts.basis_held = full
+    return _averaging(parts, w)
+
+
+def _averaging(parts: _Parts, w: Workload) -> _Parts:
+    """Several GPUs: GaLore averages its state in buckets (train/distributed.py), one flat copy of
+    up to 64 MiB at the step; torch / bitsandbytes optimizers run under DDP with its buckets as
+    the gradients (gradient_as_bucket_view), which costs nothing more."""
+    if w.gpus > 1:
+        held = parts.dense_grads + parts.accumulators + parts.basis_held
+        parts.step_temp += min(held, AVERAGE_BUCKET_BYTES)
     return parts
 
 
@@ -321,7 +332,7 @@ def estimate(strategy: str, arch: Architecture, settings: Settings, workload: Wo
     return Estimate(strategy, settings.for_strategy(strategy), memory, phase, p.notes)
 
 
-def estimate_profile(profile: Any, dtype_bytes: int) -> Estimate:
+def estimate_profile(profile: Any, dtype_bytes: int, gpus: int = 1) -> Estimate:
     """The estimate for what a run profile will do (its model, strategy knobs and workload)."""
     from lowmem_tune.planner.architecture import resolve_architecture
 
@@ -331,5 +342,5 @@ def estimate_profile(profile: Any, dtype_bytes: int) -> Estimate:
                         update_proj_gap=s.update_proj_gap, weight_bits=s.weight_bits, group_size=s.group_size,
                         train_embeddings=s.train_embeddings, embedding_rank=s.embedding_rank)
     workload = Workload(profile.data.max_seq_len, t.micro_batch_size, t.activation_checkpointing, dtype_bytes,
-                        t.gradient_accumulation)
+                        t.gradient_accumulation, gpus)
     return estimate(s.name, resolve_architecture(profile.model.name), settings, workload)

@@ -80,25 +80,25 @@ def _settings_grid(strategy: str, prefer: str, arch: Architecture) -> list[Setti
     return grid
 
 
-def _workloads(seq_len: int, micro_batch: int | None, prefer: str, dtype_bytes: int) -> list[Workload]:
+def _workloads(seq_len: int, micro_batch: int | None, prefer: str, dtype_bytes: int, gpus: int) -> list[Workload]:
     sizes = (micro_batch,) if micro_batch else MICRO_BATCHES
     if prefer == "memory":
         sizes = tuple(sorted(sizes))
     grid = []
     for checkpointing in ((True,) if prefer == "memory" else (False, True)):
         for mb in sizes:
-            accumulation = max(1, TARGET_SEQUENCES_PER_STEP // mb)
-            grid.append(Workload(seq_len, mb, checkpointing, dtype_bytes, accumulation))
+            accumulation = max(1, TARGET_SEQUENCES_PER_STEP // (mb * gpus))
+            grid.append(Workload(seq_len, mb, checkpointing, dtype_bytes, accumulation, gpus))
     # speed: no checkpointing beats a larger micro batch; otherwise the larger micro batch first
     return grid if prefer != "quality" else sorted(grid, key=lambda w: (-w.micro_batch_size, w.gradient_checkpointing))
 
 
 def best_for(strategy: str, arch: Architecture, usable: int, seq_len: int, micro_batch: int | None,
-             prefer: str, dtype_bytes: int) -> Candidate:
+             prefer: str, dtype_bytes: int, gpus: int = 1) -> Candidate:
     """The preferred fitting settings of one strategy, else its smallest configuration."""
     smallest: tuple[Estimate, Workload] | None = None
     for settings in _settings_grid(strategy, prefer, arch):
-        for workload in _workloads(seq_len, micro_batch, prefer, dtype_bytes):
+        for workload in _workloads(seq_len, micro_batch, prefer, dtype_bytes, gpus):
             est = estimate(strategy, arch, settings, workload)
             if est.total <= usable:
                 return Candidate(est, workload, True, _why_fits(est, usable))
@@ -126,7 +126,7 @@ def _why_not(est: Estimate, workload: Workload, usable: int) -> str:
 
 
 def nearest_fixes(arch: Architecture, gpu: GpuTarget, margin: float, seq_len: int, micro_batch: int | None,
-                  prefer: str, strategy: str) -> list[str]:
+                  prefer: str, strategy: str, gpus: int = 1) -> list[str]:
     """For a strategy that does not fit: the longest sequence that would, and the smallest card
     preset that would at this sequence length (WeLore's rank reduction and INT8 weights are in
     the search already: its smallest configuration uses them)."""
@@ -137,7 +137,7 @@ def nearest_fixes(arch: Architecture, gpu: GpuTarget, margin: float, seq_len: in
     fixes = []
     shorter = seq_len // 2
     while shorter >= 64:
-        if best_for(strategy, arch, usable, shorter, micro_batch, prefer, dtype_bytes).fits:
+        if best_for(strategy, arch, usable, shorter, micro_batch, prefer, dtype_bytes, gpus).fits:
             fixes.append(f"--seq-len {shorter}")
             break
         shorter //= 2
@@ -145,18 +145,18 @@ def nearest_fixes(arch: Architecture, gpu: GpuTarget, margin: float, seq_len: in
         if preset.total_bytes <= gpu.total_bytes:
             continue
         room = usable_bytes(preset.total_bytes, margin)
-        if best_for(strategy, arch, room, seq_len, micro_batch, prefer, 2 if preset.bf16 else 4).fits:
+        if best_for(strategy, arch, room, seq_len, micro_batch, prefer, 2 if preset.bf16 else 4, gpus).fits:
             fixes.append(f"--gpu {name} ({preset.total_bytes / 1024**3:.0f} GiB)")
             break
     return fixes
 
 
 def search(arch: Architecture, gpu: GpuTarget, usable: int, seq_len: int, micro_batch: int | None,
-           prefer: str, strategy: str | None) -> tuple[list[Candidate], Candidate | None]:
+           prefer: str, strategy: str | None, gpus: int = 1) -> tuple[list[Candidate], Candidate | None]:
     """One candidate per strategy (the pinned one only, with --strategy) and the chosen one."""
     dtype_bytes = 2 if gpu.bf16 else 4
     names = (strategy,) if strategy else ORDER[prefer]
-    candidates = [best_for(name, arch, usable, seq_len, micro_batch, prefer, dtype_bytes) for name in names]
+    candidates = [best_for(name, arch, usable, seq_len, micro_batch, prefer, dtype_bytes, gpus) for name in names]
     fitting = [c for c in candidates if c.fits]
     if prefer == "memory":
         candidates.sort(key=lambda c: c.estimate.total)

@@ -43,6 +43,8 @@ class StrategyContext:
     events: EventSink = field(default_factory=_NullSink)
     fake: bool = False
     """True under `plan --verify` (FakeTensorMode): no real values, skip data-dependent work."""
+    average: Callable[[list[torch.Tensor]], None] | None = None
+    """With several processes: averages tensors across them in place (GaLore's low-rank state)."""
 
     def info(self, message: str) -> None:
         self.events.emit(Info(message))
@@ -109,7 +111,7 @@ class Strategy(ABC):
         others = [p for p in others if all(p is not e for e in embeddings)]
         names = {p: name for name, p in model.named_parameters()}
         return build_updater(self.optimizer, matrices, others, self.profile, names, ctx.fake, ctx.info,
-                             int8_layers(model), embeddings)
+                             int8_layers(model), embeddings, ctx.average)
 
     def on_step_start(self, step: int, model: nn.Module, updater: Updater) -> None:
         """Called before the micro-batches of optimizer step `step` (0-based)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from typing import Any, TextIO
 
 from lowmem_tune.events import (
@@ -20,6 +21,9 @@ from lowmem_tune.events import (
 )
 from lowmem_tune.profile import Profile
 from lowmem_tune.train.control import RunControl
+
+SAME_SIGNAL_S = 1.0
+"""A second stop signal sooner than this after the first is the same request, not an abort."""
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -129,10 +133,14 @@ class graceful_signals:
         self.control = control
         self.reporter = reporter
         self.previous: dict[int, Any] = {}
+        self.first = 0.0
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.control.stop_requested:
+            if time.monotonic() - self.first < SAME_SIGNAL_S:
+                return  # Ctrl-C reaches torchrun's workers twice: from the terminal, and from torchrun
             raise KeyboardInterrupt
+        self.first = time.monotonic()
         self.control.request_stop()
         self.reporter.emit(Info("stopping: saving a checkpoint at the end of this step (again to abort)"))
 

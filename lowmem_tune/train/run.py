@@ -34,7 +34,7 @@ from lowmem_tune.events import (
     StepMetrics,
 )
 from lowmem_tune.hardware import nvml_index_of_torch_device
-from lowmem_tune.loss import causal_lm_loss
+from lowmem_tune.loss import IGNORE_INDEX, causal_lm_loss
 from lowmem_tune.modeling import (
     activation_checkpointing_enabled,
     disable_activation_checkpointing,
@@ -48,6 +48,7 @@ from lowmem_tune.profile import Profile
 from lowmem_tune.strategies import StrategyContext, build_strategy
 from lowmem_tune.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lowmem_tune.train.control import RunControl
+from lowmem_tune.train.distributed import FailuresOnly, World, check_distributed, check_resume_world, data_parallel_loss
 from lowmem_tune.train.run_files import RunFilesSink
 from lowmem_tune.train.schedule import lr_at
 from lowmem_tune.train.setup import checkpoint_to_resume, model_identity, prepare_data, quiet_library_progress
@@ -88,12 +89,19 @@ class TrainingRun:
         self.updater = None
         self.step = 0
         self.eval_results: dict[str, Any] = {"baseline": None, "final": None}
+        self.world = World.from_env()
+        self.stopping = self.aborting = self.checkpoint_asked = False
+        """Requests every process agreed on at the last step (one stops, all stop at the same step)."""
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         p = self.profile
         quiet_library_progress()
-        self.device = pick_device(p.hardware.device, p.hardware.gpu_index)
+        world = self.world
+        self.device = pick_device(p.hardware.device, world.local_rank if world.distributed else p.hardware.gpu_index)
+        world.start(self.device.type)
+        if not world.main:
+            self.sink = FailuresOnly(world.rank)  # one process speaks and writes the run directory
         self.dtype = resolve_dtype(p.model.dtype, self.device)
         if self.device.type == "cpu":
             # Denormal floats (tiny second moments in bitsandbytes' CPU kernels) made 8-bit AdamW steps
@@ -101,28 +109,33 @@ class TrainingRun:
             torch.set_flush_denormal(True)
         torch.manual_seed(p.train.seed)
         resolved = resolve_model(p.model.name)
-        self.data = prepare_data(p, resolved, self.run_dir)
-        self.stream = self.data.stream
+        self.data = prepare_data(p, resolved, self.run_dir, world.size)
+        self.stream = self.data.stream  # global micro-batches: every process takes its rows
         self.strategy = build_strategy(p)
+        check_distributed(p, world)
         load_on = torch.device("cpu") if self.strategy.loads_on_cpu and p.model.init == "pretrained" else self.device
         self.model = load_model(resolved, p.model.init, self.dtype, load_on, p.model.attn_implementation,
                                 seed=p.train.seed)
-        self.files = RunFilesSink(self.run_dir, self.resume_from.step if self.resume_from else None)
-        self.events = FanOut(self.sink, self.files)
+        if world.main:
+            self.files = RunFilesSink(self.run_dir, self.resume_from.step if self.resume_from else None)
+        self.events = FanOut(self.sink, *([self.files] if self.files else []))
         train_items = self.data.train_items
         ctx = StrategyContext(
             device=self.device, dtype=self.dtype, run_dir=self.run_dir, model_id=model_identity(p, resolved),
             calibration_batches=lambda n, length: calibration_sequences(train_items, n, length), events=self.events,
+            average=world.average_ if world.distributed else None,
         )
         self.model = self.strategy.prepare_model(self.model, ctx)
         if p.train.activation_checkpointing:
             enable_activation_checkpointing(self.model)
-        if p.eval.tasks and p.eval.baseline and self.resume_from is None:
+        if p.eval.tasks and p.eval.baseline and self.resume_from is None and world.main:
             self.eval_results["baseline"] = self.evaluate("baseline")
             write_json_atomic(self.run_dir / "eval.json", self.eval_results)
         self.updater = self.strategy.build_updater(self.model, ctx)
+        self.loss = data_parallel_loss(self.model, self.updater, world, self.device)
         if self.resume_from is not None:
             state = load_checkpoint(self.resume_from, self.model)
+            check_resume_world(state, world, self.resume_from.path)
             self.updater.load_state_dict(state["updater"])
             self.strategy.load_state_dict(state["strategy"])
             self.stream.load_state_dict(state["data"])
@@ -130,7 +143,8 @@ class TrainingRun:
             self.step = int(state["step"])
             self.eval_results = state.get("eval_results", self.eval_results)
             self.events.emit(Info(f"resumed from {self.resume_from.path} at step {self.step}"))
-        write_text_atomic(self.run_dir / "profile.yaml", p.to_yaml())
+        if world.main:
+            write_text_atomic(self.run_dir / "profile.yaml", p.to_yaml())
         self.planned_peak = self._planned_peak()
         cuda = self.device.type == "cuda"
         self.events.emit(RunStarted(
@@ -148,16 +162,16 @@ class TrainingRun:
         began, last_saved = time.perf_counter(), self.step
         start_step = self.step
         try:
-            while self.step < t.max_steps and not (self.control.stop_requested or self.control.abort_requested):
+            while self.step < t.max_steps and not (self.stopping or self.aborting):
                 metrics = self.train_step()
                 done = self.step - start_step
                 elapsed = time.perf_counter() - began
                 metrics.update(elapsed_s=elapsed, eta_s=elapsed / done * (t.max_steps - self.step))
                 self.events.emit(StepMetrics(metrics))
-                if self.data.heldout_items and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                if self.data.heldout_items and (self.step % t.eval_every == 0 or self.step == t.max_steps) \
+                        and self.world.main:
                     self.events.emit(EvalLoss(self.step, self.eval_loss()))
-                wants_save = self.step % t.save_every == 0 or self.control.take_checkpoint_request()
-                if wants_save or (self.control.stop_requested and self.step != last_saved):
+                if self.step % t.save_every == 0 or self.checkpoint_asked or (self.stopping and self.step != last_saved):
                     self.save_checkpoint()
                     last_saved = self.step
         except (NonFiniteLoss, SVDFailure) as err:
@@ -166,11 +180,9 @@ class TrainingRun:
                                               else "no checkpoint had been written yet"))
         except torch.cuda.OutOfMemoryError:
             return self._failed(self._out_of_memory_message())
-        if self.control.abort_requested:
+        if self.aborting:
             self.events.emit(RunFinished("stopped", self.step, "aborted"))
             return RunOutcome("stopped", self.step, 130)
-        if self.control.stop_requested and self.step != last_saved:
-            self.save_checkpoint()
         if self.step < t.max_steps:
             self.events.emit(RunFinished("stopped", self.step, f"stopped at step {self.step}; continue with --resume"))
             return RunOutcome("stopped", self.step, 0)
@@ -182,20 +194,21 @@ class TrainingRun:
         step_began = time.perf_counter()
         self.strategy.on_step_start(self.step, self.model, self.updater)
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.promote_types(self.dtype, torch.float32))
         tokens = 0
-        for _ in range(t.gradient_accumulation):
-            batch = self.stream.next_batch()
-            tokens += int(batch["attention_mask"].sum())  # on the host, before the copy
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            loss = causal_lm_loss(self.model, batch)
+        for micro in range(t.gradient_accumulation):
+            batch = self.stream.next_batch()  # on the host: counting needs no device synchronization
+            tokens += int(batch["attention_mask"].sum())
+            targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            rows = self.world.rows(batch, t.micro_batch_size)
+            rows = {k: v.to(self.device, non_blocking=True) for k, v in rows.items()}
+            loss = self.loss(rows, targets, last=micro == t.gradient_accumulation - 1)
             (loss / t.gradient_accumulation).backward()
             loss_sum += loss.detach()
         lr = lr_at(self.step, base_lr=t.lr, max_steps=t.max_steps, warmup_steps=t.warmup_steps,
                    scheduler=t.scheduler, min_lr_ratio=t.min_lr_ratio)
         self.updater.set_lr(lr)
-        measured = {"loss": loss_sum / t.gradient_accumulation, **self.updater.step()}
-        host = dict(zip(measured, torch.stack([v.float().to(self.device) for v in measured.values()]).tolist()))
+        host = self._synchronize(loss_sum / t.gradient_accumulation, self.updater.step())
         if not math.isfinite(host["loss"]):
             raise NonFiniteLoss(f"loss became {host['loss']} at step {self.step + 1}; lower train.lr or check the data")
         self.step += 1
@@ -207,11 +220,27 @@ class TrainingRun:
             **self._memory_metrics(), **self.updater.metrics(), **self.strategy.step_metrics(),
         }
 
+    def _synchronize(self, loss: torch.Tensor, measured: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The step's one host synchronization: the loss (averaged over processes with the stop,
+        abort and checkpoint requests, so that all agree) and the updater's figures."""
+        c = self.control
+        shared = torch.stack([loss.float(), *(torch.tensor(float(flag), device=self.device) for flag in
+                                               (c.stop_requested, c.abort_requested, c.take_checkpoint_request()))])
+        self.world.sum_(shared)
+        local = [v.float().to(self.device).reshape(1) for v in measured.values()]
+        values = torch.cat([shared, *local]).tolist()
+        loss_value, stop, abort, checkpoint = values[:4]
+        self.stopping, self.aborting, self.checkpoint_asked = stop > 0, abort > 0, checkpoint > 0
+        return {"loss": loss_value / self.world.size, **dict(zip(measured, values[4:]))}
+
     def save_checkpoint(self) -> None:
+        if not self.world.main:  # every process holds the same state; the first one writes it
+            return
         began = time.perf_counter()
         state = {
             "step": self.step, "updater": self.updater.state_dict(), "strategy": self.strategy.state_dict(),
             "data": self.stream.state_dict(), "rng": rng_state(), "eval_results": self.eval_results,
+            "world_size": self.world.size,
         }
         path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, state,
                                self.profile.train.keep_checkpoints)
@@ -220,6 +249,8 @@ class TrainingRun:
     # ------------------------------------------------------------------ the end
     def finish(self) -> RunOutcome:
         final_dir = None
+        if not self.world.main:
+            return RunOutcome("completed", self.step, 0)
         if self.profile.output.save_final:
             final_dir = self.run_dir / "final"
             self._save_final(final_dir)
@@ -235,6 +266,7 @@ class TrainingRun:
             self.updater.close()
         if self.files is not None:
             self.files.close()
+        self.world.stop()
 
     def _failed(self, message: str) -> RunOutcome:
         failed_at = self.step + 1  # the step being computed when it failed
@@ -260,7 +292,7 @@ class TrainingRun:
         for batch in eval_batches(self.data.heldout_items, t.micro_batch_size, self.data.pad_id, t.eval_batches):
             n = int((batch["labels"][:, 1:] != -100).sum())
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            total += causal_lm_loss(self.model, batch) * n
+            total += causal_lm_loss(self.model, batch) * n  # the model itself: no collective in evaluation
             count += n
         self.model.train(was_training)
         return float(total) / max(count, 1)

@@ -28,8 +28,9 @@ class RunData:
     stream: BatchStream
 
 
-def prepare_data(profile: Profile, resolved: ResolvedModel, run_dir: Path) -> RunData:
-    """Examples loaded and split, the tokenizer, tokenized items and the seeded batch stream."""
+def prepare_data(profile: Profile, resolved: ResolvedModel, run_dir: Path, processes: int = 1) -> RunData:
+    """Examples loaded and split, the tokenizer, tokenized items and the seeded batch stream of
+    global micro-batches (micro batch size x `processes` rows)."""
     examples = load_examples(profile.data)
     train_examples, heldout_examples = split_heldout(examples, profile.data.heldout, profile.train.seed)
     tokenizer = tokenizer_for(profile, resolved, run_dir, [e.prompt + e.response for e in train_examples])
@@ -38,12 +39,13 @@ def prepare_data(profile: Profile, resolved: ResolvedModel, run_dir: Path) -> Ru
         tokenize_examples(exs, tokenizer, profile.data.max_seq_len, profile.data.train_on_prompt, profile.data.packing)
         for exs in (train_examples, heldout_examples)
     )
-    if len(train_items) < profile.train.micro_batch_size:
+    rows = profile.train.micro_batch_size * processes
+    if len(train_items) < rows:
         raise UserError(
             f"data: {len(train_items)} training examples are fewer than train.micro_batch_size "
-            f"({profile.train.micro_batch_size}); lower the batch or add data"
+            f"({profile.train.micro_batch_size}) x {processes} process(es); lower the batch or add data"
         )
-    stream = BatchStream(train_items, profile.train.micro_batch_size, profile.train.seed, profile.data.shuffle, pad_id)
+    stream = BatchStream(train_items, rows, profile.train.seed, profile.data.shuffle, pad_id)
     return RunData(tokenizer, pad_id, train_items, heldout_items, stream)
 
 
