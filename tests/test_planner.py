@@ -74,6 +74,15 @@ def test_7b_on_a_4090_json_schema_and_verdicts():
     assert "verify" not in report
 
 
+def test_text_report_names_each_candidates_settings():
+    result = _plan("--model", "llama-2-7b", "--gpu", "rtx4090", "--strategy", "galore")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # the report wraps at the terminal's width
+    assert "galore [rank=256, bits=8" in text and "micro_batch_size=16" in text
+    assert "=None" not in text  # unset settings (the strategy's default) are left out
+    assert "Chosen: galore — rank=256" in text
+
+
 def test_output_profile_is_loadable(tmp_path):
     out = tmp_path / "plan.yaml"
     result = _plan("--model", "demo-llama", "--gpu", "16GiB", "--strategy", "galore", "--seq-len", "256", "-o", str(out))

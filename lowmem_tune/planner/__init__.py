@@ -74,6 +74,11 @@ def _workload(c: Candidate) -> dict[str, Any]:
             "global_batch": w.global_batch}
 
 
+def _settings_text(c: Candidate) -> str:
+    """The candidate's settings as `key=value` pairs; unset ones (the strategy's default) left out."""
+    return ", ".join(f"{k}={v}" for k, v in c.settings().items() if v is not None)
+
+
 def _candidate_json(c: Candidate) -> dict[str, Any]:
     return {"strategy": c.strategy, "settings": c.settings(), "fits": c.fits, "why": c.why,
             "peak_at": c.estimate.phase, "notes": c.estimate.notes, "memory": c.estimate.memory}
@@ -88,6 +93,7 @@ def _print_tables(report: dict[str, Any], arch: Architecture, candidates: list[C
                   chosen: Candidate | None, output: Path | None, gpus: int) -> None:
     from rich import box
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -114,15 +120,14 @@ def _print_tables(report: dict[str, Any], arch: Architecture, candidates: list[C
     console.print(table)
     for c in candidates:
         notes = f" ({'; '.join(c.estimate.notes)})" if c.estimate.notes else ""
-        settings = ", ".join(f"{k}={v}" for k, v in c.settings().items())
-        console.print(f"  [bold]{c.strategy}[/] [{settings}]: {c.why}{notes}", highlight=False)
+        console.print(f"  [bold]{c.strategy}[/] {escape('[' + _settings_text(c) + ']')}: {c.why}{notes}", highlight=False)
     if chosen is None:
         console.print("[red]Nothing fits.[/] What would, per strategy:")
         for name, fixes in report["nearest_fixes"].items():
             console.print(f"  {name}: {' or '.join(fixes) if fixes else 'none of the cards in the presets'}",
                           highlight=False)
         return
-    console.print(f"[bold green]Chosen:[/] {chosen.strategy} — " + ", ".join(f"{k}={v}" for k, v in chosen.settings().items())
+    console.print(f"[bold green]Chosen:[/] {chosen.strategy} — " + _settings_text(chosen)
                   + f"; {chosen.workload.global_batch} sequences per step over {gpus} GPUs" * (gpus > 1))
     if "verify" in report:
         v = report["verify"]

@@ -171,6 +171,7 @@ class TrainingRun:
                 if self.data.heldout_items and (self.step % t.eval_every == 0 or self.step == t.max_steps) \
                         and self.world.main:
                     self.events.emit(EvalLoss(self.step, self.eval_loss()))
+                self._read_requests_between_steps()
                 if self.step % t.save_every == 0 or self.checkpoint_asked or (self.stopping and self.step != last_saved):
                     self.save_checkpoint()
                     last_saved = self.step
@@ -232,6 +233,15 @@ class TrainingRun:
         loss_value, stop, abort, checkpoint = values[:4]
         self.stopping, self.aborting, self.checkpoint_asked = stop > 0, abort > 0, checkpoint > 0
         return {"loss": loss_value / self.world.size, **dict(zip(measured, values[4:]))}
+
+    def _read_requests_between_steps(self) -> None:
+        """One process takes a stop or checkpoint asked after a step at that step. Several take
+        them at the next step's synchronization instead, so that all act at the same step."""
+        if self.world.size == 1:
+            c = self.control
+            self.stopping |= c.stop_requested
+            self.aborting |= c.abort_requested
+            self.checkpoint_asked |= c.take_checkpoint_request()
 
     def save_checkpoint(self) -> None:
         if not self.world.main:  # every process holds the same state; the first one writes it
