@@ -4,6 +4,7 @@ peak `--verify` measures on fake tensors (each in its own process).
 
     python benchmarks/reach.py                       # the whole grid, verifying the 12/16/24 GB columns
     python benchmarks/reach.py --no-verify           # estimates only (seconds)
+    python benchmarks/reach.py --seq-lens 512 --verify-models llama-2-7b llama-2-13b
     python benchmarks/reach.py --models llama-2-7b --seq-lens 512
 
 Results: benchmarks/results/reach.{json,md}.
@@ -77,6 +78,8 @@ def main() -> None:
     parser.add_argument("--cards", nargs="+", default=CARDS)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--no-verify", action="store_true")
+    parser.add_argument("--verify-models", nargs="+", default=MODELS, metavar="MODEL",
+                        help="verify only these models' rows (a 7B verify takes minutes on a small CPU)")
     args = parser.parse_args()
 
     rows = []
@@ -88,7 +91,7 @@ def main() -> None:
                 row = {"model": model, "card": card, "seq_len": seq_len, "usable_bytes": report["gpu"]["usable_bytes"],
                        "chosen": None if chosen is None else {k: chosen[k] for k in ("strategy", "settings", "memory")},
                        "label": label(chosen), "nearest_fixes": report.get("nearest_fixes")}
-                if chosen is not None and card in VERIFIED and not args.no_verify:
+                if chosen is not None and card in VERIFIED and model in args.verify_models and not args.no_verify:
                     measured = verify(model, card, seq_len)
                     row["verify"] = measured
                 print(json.dumps({k: row[k] for k in ("model", "card", "seq_len", "label")}
