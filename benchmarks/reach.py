@@ -50,6 +50,12 @@ def verify(model: str, card: str, seq_len: int) -> dict[str, Any]:
     return json.loads(result.stdout)["verify"]
 
 
+def _plan_key(row: dict[str, Any]) -> str:
+    chosen = row["chosen"]
+    return json.dumps([row["model"], row["seq_len"], chosen and chosen["strategy"], chosen and chosen["settings"]],
+                      sort_keys=True)
+
+
 def label(chosen: dict[str, Any] | None) -> str:
     """A short cell: strategy, rank or sampled layers, and what the plan gave up."""
     if chosen is None:
@@ -80,7 +86,13 @@ def main() -> None:
     parser.add_argument("--no-verify", action="store_true")
     parser.add_argument("--verify-models", nargs="+", default=MODELS, metavar="MODEL",
                         help="verify only these models' rows (a 7B verify takes minutes on a small CPU)")
+    parser.add_argument("--reuse-verify", type=Path, metavar="REACH_JSON",
+                        help="take the measured peak from an earlier reach.json where a row's plan (model, "
+                             "settings, sequence length) is the same: the fake-tensor peak depends on nothing else")
     args = parser.parse_args()
+    earlier = {} if args.reuse_verify is None else {
+        _plan_key(r): r["verify"] for r in json.loads(args.reuse_verify.read_text())["rows"]
+        if "peak_bytes" in r.get("verify", {})}
 
     rows = []
     for seq_len in args.seq_lens:
@@ -92,8 +104,10 @@ def main() -> None:
                        "chosen": None if chosen is None else {k: chosen[k] for k in ("strategy", "settings", "memory")},
                        "label": label(chosen), "nearest_fixes": report.get("nearest_fixes")}
                 if chosen is not None and card in VERIFIED and model in args.verify_models and not args.no_verify:
-                    measured = verify(model, card, seq_len)
-                    row["verify"] = measured
+                    reused = earlier.get(_plan_key(row))
+                    row["verify"] = verify(model, card, seq_len) if reused is None else {
+                        **reused, "analytic_bytes": chosen["memory"]["total"], "reused": True,
+                        "relative_error": round(chosen["memory"]["total"] / reused["peak_bytes"] - 1, 4)}
                 print(json.dumps({k: row[k] for k in ("model", "card", "seq_len", "label")}
                                  | ({"relative_error": row["verify"].get("relative_error")} if "verify" in row else {})),
                       flush=True)

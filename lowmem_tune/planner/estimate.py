@@ -320,9 +320,10 @@ def estimate(strategy: str, arch: Architecture, settings: Settings, workload: Wo
                 "gradients": p.dense_grads + p.basis_held, "optimizer": p.optimizer, "projectors": 0,
                 "activations": kept_acts, "logits": logits, "overhead": act_overhead}))
     else:
-        # one micro-batch per step: gradients appear only as activations and logits are freed
+        # one micro-batch per step: the first layer's backward (its recompute and gradients) runs
+        # while every checkpoint is still kept and no gradient is held yet
         moments.append(("backward start", {"gradients": 0, **state, "activations": kept_acts, "logits": logits,
-                                           "overhead": 0}))
+                                           "overhead": act_overhead}))
         moments.append(("backward end", {"gradients": held, **state, "activations": 0, "logits": 0,
                                          "overhead": max(working, p.basis_transient)}))
     phase, parts = max(moments, key=lambda item: sum(item[1].values()))
