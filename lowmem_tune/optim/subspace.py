@@ -65,6 +65,10 @@ def top_singular_vectors(matrix: torch.Tensor, rank: int, method: str, seed: int
     return vectors, s.narrow(0, 0, rank)
 
 
+WIDEN_SLAB_BYTES = 64 * 2**20
+"""The most of a 16-bit gradient RangeSketch.add holds widened at once."""
+
+
 def wide(dtype: torch.dtype) -> torch.dtype:
     """What decompositions and sketches run in: float32, or float64 for float64 gradients."""
     return torch.promote_types(dtype, torch.float32)
@@ -100,12 +104,21 @@ class RangeSketch:
 
     def add(self, a: torch.Tensor) -> None:
         self.micro_batches += 1
-        a = a.to(self.y.dtype)
         if self.exact:
             self.y.add_(a)
             return
-        self.y.addmm_(a, gaussian((a.shape[1], self.k), self.seed, a))
-        self.w.addmm_(gaussian((self.l, a.shape[0]), self.seed + 1, a), a)
+        omega, psi = gaussian((a.shape[1], self.k), self.seed, self.y), gaussian((self.l, a.shape[0]), self.seed + 1, self.y)
+        if a.dtype == self.y.dtype:
+            self.y.addmm_(a, omega)
+            self.w.addmm_(psi, a)
+            return
+        # a 16-bit gradient is widened a slab of rows at a time: whole, a 128k-vocabulary
+        # embedding's float32 copy alone would be 2 GiB
+        rows = max(1, WIDEN_SLAB_BYTES // (a.shape[1] * self.y.element_size()))
+        for start in range(0, a.shape[0], rows):
+            slab = a[start:start + rows].to(self.y.dtype)
+            self.y[start:start + rows].addmm_(slab, omega)
+            self.w.addmm_(psi[:, start:start + rows], slab)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q, X) with A ≈ Q X: Q (d x k) orthonormal, X (k x D); exactly (I, A) when summed exactly."""
