@@ -161,6 +161,7 @@ class TrainingRun:
         t = self.profile.train
         began, last_saved = time.perf_counter(), self.step
         start_step = self.step
+        self._read_requests_between_steps()  # a stop asked during setup: no step at all
         try:
             while self.step < t.max_steps and not (self.stopping or self.aborting):
                 metrics = self.train_step()
