@@ -137,3 +137,19 @@ def test_several_gpus_cost_at_most_one_averaging_bucket(strategy):
     single = estimate(strategy, arch, Settings(), Workload(512, 1, True, gradient_accumulation=4))
     several = estimate(strategy, arch, Settings(), Workload(512, 1, True, gradient_accumulation=2, gpus=2))
     assert 0 <= several.total - single.total <= 64 * 2**20
+
+
+def test_the_planners_copies_of_the_codes_constants_agree_with_the_code():
+    """planner/components.py repeats a few constants so that `plan` never imports torch; they must
+    stay the values the code uses."""
+    from lowmem_tune import loss
+    from lowmem_tune.optim import moments, subspace, writer
+    from lowmem_tune.planner import components
+    from lowmem_tune.train import distributed
+
+    assert components.BLOCKSIZE == moments.BLOCKSIZE
+    assert components.MIN_8BIT_SIZE == moments.MIN_8BIT_SIZE
+    assert components.SKETCH_OVERSAMPLE == subspace.OVERSAMPLE
+    assert components.ROUNDING_BLOCK == writer.BLOCK_ELEMENTS
+    assert components.LOSS_CHUNK_TOKENS == loss.CHUNK_TOKENS
+    assert components.AVERAGE_BUCKET_BYTES == distributed.BUCKET_BYTES

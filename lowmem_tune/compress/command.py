@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from lowmem_tune.atomic import atomic_directory
 from lowmem_tune.catalog import resolve_model
 from lowmem_tune.compress import (
     compress_model,
@@ -33,19 +31,9 @@ def _stored_dtype(config) -> torch.dtype:
     return torch.float32
 
 
-def _fresh_output(output: Path) -> Path:
-    """A temporary sibling of `output` to write into; refuses to overwrite a non-empty output."""
-    output = Path(output)
+def _refuse_non_empty(output: Path) -> None:
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"-o {output} already exists and is not empty; choose another directory or remove it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-
-
-def _publish(tmp: Path, output: Path) -> None:
-    if output.is_dir():
-        output.rmdir()  # empty, checked by _fresh_output
-    os.replace(tmp, output)
 
 
 def compress_command(model: str, rank_reduction: float, min_ratio: float, output: Path, merge: bool,
@@ -69,17 +57,13 @@ def compress_command(model: str, rank_reduction: float, min_ratio: float, output
     # Weights stay on the CPU; each matrix visits the GPU for its SVD, so a 7B model compresses on a 16 GB card.
     dense = load_model(resolved, "pretrained", _stored_dtype(resolved.config), torch.device("cpu"))
     plan = compress_model(dense, rank_reduction, min_ratio, cache_dir(), svd_device)
-    tmp = _fresh_output(output)
-    try:
+    _refuse_non_empty(Path(output))
+    with atomic_directory(output) as tmp:
         if merge:
             save_merged(dense, tmp)
         else:
             save_compressed(dense, plan, tmp)
         copy_tokenizer(resolved.local_dir, tmp)
-        _publish(tmp, Path(output))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     s = plan.summary()
     console.print(
         f"ERR {s['rank_reduction_achieved']:.4f} (target {rank_reduction}), τ={plan.tau:.4f}: "
@@ -101,12 +85,8 @@ def merge_command(model: str, output: Path) -> None:
     if compressed_ranks(config) is None:
         raise UserError(f"{model} is not WeLore-compressed (no `welore` ranks in config.json); nothing to merge")
     compressed = load_compressed(source, _stored_dtype(config), torch.device("cpu"))
-    tmp = _fresh_output(output)
-    try:
+    _refuse_non_empty(Path(output))
+    with atomic_directory(output) as tmp:
         merged = save_merged(compressed, tmp)
         copy_tokenizer(source, tmp)
-        _publish(tmp, Path(output))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     Console(stderr=True).print(f"merged {merged} low-rank matrices; dense model written to {output}")

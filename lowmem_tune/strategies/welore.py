@@ -9,15 +9,12 @@ matrices are frozen. Under `plan --verify` (fake tensors) no SVD runs: the ranks
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from lowmem_tune.atomic import write_json_atomic
+from lowmem_tune.atomic import atomic_directory, write_json_atomic
 from lowmem_tune.catalog import resolve_model
 from lowmem_tune.compress import (
     weights_fingerprint,
@@ -40,17 +37,6 @@ from lowmem_tune.strategies.base import Strategy, StrategyContext, trainable_par
 _SAME_ARCHITECTURE = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
 COMPRESSED_CACHE = "welore-models"
 """Beside the spectra in the cache directory: compressed models, by weights, ERR and min_ratio."""
-
-
-def _save_atomically(model: nn.Module, plan: RankPlan, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        save_compressed(model, plan, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class WeLore(Strategy):
@@ -124,7 +110,8 @@ class WeLore(Strategy):
         self.plan = compress_model(model, self.cfg.rank_reduction, self.cfg.min_ratio, ctx.cache_dir,
                                    svd_device=ctx.device, progress=False)
         if not ctx.fake:
-            _save_atomically(model, self.plan, cached)
+            with atomic_directory(cached) as tmp:
+                save_compressed(model, self.plan, tmp)
         return model
 
     @property
