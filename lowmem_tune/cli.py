@@ -84,7 +84,7 @@ def run(profile: Path, overrides: tuple[str, ...], resume: bool, headless: bool,
 
         argv = [str(profile), *(a for o in overrides for a in ("--set", o)), *(["--resume"] if resume else []),
                 *(["--headless"] if headless else [])]
-        sys.exit(launch(nproc_per_node, argv))
+        sys.exit(launch(nproc_per_node, argv, loaded, resume))
     rank = int(os.environ.get("RANK", 0))  # started by torchrun (or accelerate launch): one process speaks
     for note in notes if rank == 0 else []:
         click.echo(note, err=True)

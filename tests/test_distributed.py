@@ -139,8 +139,16 @@ def test_resuming_with_another_number_of_processes_is_a_one_line_error(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "lowmem_tune", "run", str(path), "--headless", "--resume",
                            "--nproc-per-node", "2"], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 2
-    assert "was written by 1 process(es), this run has 2; resume with --nproc-per-node 1" in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr  # refused before any process starts
+    assert "was written by 1 process(es), this run has 2; resume with --nproc-per-node 1" in lines[0]
+
+
+def test_what_several_processes_cannot_do_is_refused_before_they_start():
+    result = CliRunner().invoke(main, ["run", "demo", "--nproc-per-node", "2", "--set", "strategy.name=lisa",
+                                       "--set", "strategy.optimizer=adamw"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "use optimizer: galore" in lines[0]
 
 
 def test_other_processes_say_only_their_own_failure(capsys):

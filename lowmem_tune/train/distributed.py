@@ -18,6 +18,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -29,6 +30,8 @@ from lowmem_tune.events import RunFinished
 from lowmem_tune.loss import causal_lm_loss
 from lowmem_tune.optim import GaLoreUpdater, Updater
 from lowmem_tune.profile import LAYER_SAMPLING, Profile
+from lowmem_tune.train.checkpoint import STATE_FILE
+from lowmem_tune.train.setup import checkpoint_to_resume
 
 BUCKET_BYTES = 64 * 2**20
 """Tensors averaged together in one all-reduce (their concatenation is the only extra memory)."""
@@ -168,14 +171,21 @@ def _average_bucket(bucket: list[torch.Tensor], world: int) -> None:
             offset += tensor.numel()
 
 
-def launch(nproc_per_node: int, argv: list[str]) -> int:
+def launch(nproc_per_node: int, argv: list[str], profile: Profile, resume: bool) -> int:
     """Start `nproc_per_node` processes of `lowmem-tune run ARGV` on this machine through torchrun;
-    returns the launcher's exit code."""
+    returns the launcher's exit code. What every process would refuse is refused here first, as
+    one line, rather than once per process under torchrun's own log."""
     if nproc_per_node < 1:
         raise UserError(f"--nproc-per-node {nproc_per_node}: give at least 1 process")
     if torch.cuda.is_available() and nproc_per_node > torch.cuda.device_count():
         raise UserError(f"--nproc-per-node {nproc_per_node}: this machine has {torch.cuda.device_count()} CUDA "
                         "GPU(s), and each process takes one")
+    world = World(size=nproc_per_node)
+    check_distributed(profile, world)
+    resume_from = checkpoint_to_resume(Path(profile.output.dir), resume)
+    if resume_from is not None:  # mapped, not read: only world_size is looked at
+        state = torch.load(resume_from.path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        check_resume_world(state, world, resume_from.path)
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
