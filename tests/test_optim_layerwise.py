@@ -52,7 +52,7 @@ def build(model, layerwise, variant="galore", max_grad_norm=1.0, gap=3, bits=32,
     opt = GaLoreAdamW([{"params": mats, "rank": 8, "update_proj_gap": gap, "scale": 0.25}, {"params": rest}],
                       lr=1e-3, eps=eps, weight_decay=0.01, bits=bits, variant=variant, stagger=True,
                       min_8bit_size=256, svd=svd, micro_batches=k)
-    return GaLoreUpdater(opt, max_grad_norm, layerwise=layerwise)
+    return GaLoreUpdater(opt, max_grad_norm, layerwise=layerwise, modules=list(model.modules()))
 
 
 def train(model, updater, batches, k, steps):
@@ -108,8 +108,10 @@ def test_layerwise_with_accumulation_follows_the_ordinary_optimizer(tiny64, batc
     torch.testing.assert_close(layered_norms, plain_norms, rtol=1e-5, atol=0)
     for a, b, w0 in zip(plain.parameters(), layered.parameters(), tiny.parameters()):
         moved = (a - w0).detach().abs().max()
-        if k == 1:
+        if k == 1 and variant == "fira":  # Fira keeps full gradients: the very same arithmetic
             assert torch.equal(a, b)
+        elif k == 1:  # projected in backward as (dY P)ᵀ X instead of Pᵀ (dYᵀ X): float64 rounding only
+            assert float((a - b).detach().abs().max()) <= 1e-10 * float(moved)
         else:  # micro-batches are projected one by one: summation order differs, nothing else
             assert float((a - b).detach().abs().max()) <= 1e-4 * float(moved)
 

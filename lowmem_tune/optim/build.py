@@ -27,12 +27,14 @@ def build_updater(optimizer: str, matrices: Sequence[nn.Parameter], others: Sequ
                   inform: Callable[[str], None] | None = None,
                   stores: Mapping[nn.Parameter, WeightStore] | None = None,
                   embeddings: Sequence[nn.Parameter] = (),
-                  average: Callable[[list[torch.Tensor]], None] | None = None) -> Updater:
+                  average: Callable[[list[torch.Tensor]], None] | None = None,
+                  modules: Sequence[nn.Module] = ()) -> Updater:
     """An updater over `matrices` (through GaLore, for galore / fira), `embeddings` (through
     GaLore at strategy.embedding_rank) and `others` (AdamW). `stores` holds the matrices whose
     values live elsewhere (INT8 weights, by gradient handle). `average` (several processes) is how
     GaLore averages its state across them once per step; torch / bitsandbytes optimizers run under
-    DistributedDataParallel instead, set up by the training run.
+    DistributedDataParallel instead, set up by the training run. `modules` (the model's) are where
+    layerwise GaLore finds the linears of its matrices, to project their gradients in backward.
 
     Frozen parameters may be included: they train once they require grad (layer sampling)."""
     t, s = profile.train, profile.strategy
@@ -61,4 +63,4 @@ def build_updater(optimizer: str, matrices: Sequence[nn.Parameter], others: Sequ
         svd=s.svd, rounding=StochasticRounding(t.seed) if s.rounding == "stochastic" else None, inform=inform,
         micro_batches=t.gradient_accumulation, stores=stores, average=average,
     )
-    return GaLoreUpdater(opt, t.max_grad_norm, layerwise=s.layerwise)
+    return GaLoreUpdater(opt, t.max_grad_norm, layerwise=s.layerwise, modules=modules)

@@ -19,7 +19,8 @@ Moments when a matrix's subspace changes (`moments=`):
 Measured with `benchmarks/optimizer_step.py --moments`: keep won (README), so it is the default.
 
 Gradients come from p.grad at `step()` (ordinary mode) or, one micro-batch at a time, through
-`absorb_grad` in backward hooks (`layerwise.py`, which says what is kept when); clipping uses the
+`absorb_grad` in backward hooks (`layerwise.py`, which says what is kept when) or, between a
+matrix's refreshes, straight from its layer's backward (`projected_grad.py`); clipping uses the
 norm of the gradient the optimizer consumes (low-rank for GaLore matrices), exact in both modes.
 With `average` (several processes) the step's gradient state is averaged across them first.
 
@@ -276,7 +277,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if self.is_galore(p):
                     low, full = self._low_rank_gradient(p, state)
                     full_sq.extend(full)
-                    full_exact &= state.pop("micro", 0) <= 1
+                    low_only = state.pop("low_only", False)  # projected in backward: no full norm
+                    full_exact &= state.pop("micro", 0) <= 1 and not low_only
                 else:
                     low = p.grad
                     full_sq.append(_sq_norm(low))

@@ -1,7 +1,8 @@
 """`GaLoreUpdater`: drives a `GaLoreAdamW` for the training loop, optionally layerwise.
 
 Layerwise mode registers a `register_post_accumulate_grad_hook` on every parameter of the
-optimizer. For a GaLore matrix the hook consumes the fresh micro-batch gradient (into its sketch
+optimizer, and has the GaLore linears between their refreshes take their low-rank gradient in
+backward without a full one (`projected_grad.py`; no hook runs for those). For a GaLore matrix the hook consumes the fresh micro-batch gradient (into its sketch
 at a step where it takes a basis, else into its low-rank fp32 accumulator) and frees it at once,
 so during backward at most the gradient being produced is alive, plus the full gradients of Fira
 matrices, of matrices taking an exact-SVD basis (`svd: exact` / `randomized`), and of non-GaLore
@@ -38,16 +39,22 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from torch import nn
+
 from lowmem_tune.optim.galore_adamw import GaLoreAdamW
+from lowmem_tune.optim.projected_grad import ProjectedGradients
 
 
 class GaLoreUpdater:
     """The `Updater` for GaLore / Fira: set_lr, then step() once per logical batch."""
 
-    def __init__(self, optimizer: GaLoreAdamW, max_grad_norm: float | None, layerwise: bool = True) -> None:
+    def __init__(self, optimizer: GaLoreAdamW, max_grad_norm: float | None, layerwise: bool = True,
+                 modules: Iterable[nn.Module] = ()) -> None:
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.layerwise = layerwise
+        # layerwise, the linears of `modules` whose weights are GaLore matrices project in backward
+        self._projected = ProjectedGradients(optimizer, modules if layerwise else ())
         self._hooks = []
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -84,6 +91,7 @@ class GaLoreUpdater:
         return self.optimizer.state_bytes()
 
     def close(self) -> None:
+        self._projected.close()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()

@@ -13,7 +13,7 @@ from lowmem_tune.optim.projector import GaLoreProjector
 if TYPE_CHECKING:
     from lowmem_tune.optim.galore_adamw import GaLoreAdamW
 
-TRANSIENT = ("grad_acc", "full_sq", "micro", "sketch", "basis_taken", "deferred")
+TRANSIENT = ("grad_acc", "full_sq", "micro", "sketch", "basis_taken", "deferred", "low_only")
 """Per-step state, gone by the end of every step: never in a checkpoint."""
 
 

@@ -168,6 +168,16 @@ class GaLoreProjector:
             out = out @ self.right.T
         return out
 
+    def project_outer(self, grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Low-rank gradient R of G = grad_outᵀ inputs (t x m and t x n: a linear layer's output
+        gradient and input), in their dtype, without forming G: Pᵀ G = (grad_out P)ᵀ inputs and
+        G Qᵀ = grad_outᵀ (inputs Qᵀ), 2t·r(m + n) multiply-adds instead of G's 2t·mn."""
+        if self.left is not None:
+            grad_out = grad_out @ self.left
+        if self.right is not None:
+            inputs = inputs @ self.right.T
+        return grad_out.T @ inputs
+
     def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
         """P R (or R Q, or P R Q) at full size, unscaled."""
         out = low_rank.to(self.left.dtype if self.left is not None else self.right.dtype)

@@ -111,7 +111,7 @@ class Strategy(ABC):
         others = [p for p in others if all(p is not e for e in embeddings)]
         names = {p: name for name, p in model.named_parameters()}
         return build_updater(self.optimizer, matrices, others, self.profile, names, ctx.fake, ctx.info,
-                             int8_layers(model), embeddings, ctx.average)
+                             int8_layers(model), embeddings, ctx.average, list(model.modules()))
 
     def on_step_start(self, step: int, model: nn.Module, updater: Updater) -> None:
         """Called before the micro-batches of optimizer step `step` (0-based)."""
