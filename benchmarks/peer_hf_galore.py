@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps <= LOSS_AT:
+        parser.error(f"--steps must be over {LOSS_AT}: the loss after {LOSS_AT} steps is half of the comparison")
     if args.child:
         result = (run_hf if args.child == "hf" else run_ours)(args.work, args.steps)
         args.result.write_text(json.dumps(result))
