@@ -9,7 +9,9 @@ time. Embeddings, final norm and lm_head keep the compute dtype.
 Gradients: the module's `weight` is a gradient handle, a parameter of the weight's shape backed
 by one element (stride 0), so autograd, the backward hooks and GaLore see an ordinary matrix
 while it costs no memory; the full gradient the layer's backward produces goes into GaLore's
-low-rank accumulator in the hook and is freed, as for a 16-bit weight.
+low-rank accumulator in the hook and is freed, as for a 16-bit weight — or, when the optimizer
+has set `low_rank_sink` (layerwise GaLore between refreshes), is never formed: the backward hands
+the sink the output gradient and input, from which it takes the low-rank gradient directly.
 
 Updates (`Int8Linear.apply_update`, called by the optimizer with the projected-back update): a block of
 rows is dequantized, the update added and the result requantized with stochastic rounding (the
@@ -55,6 +57,9 @@ class Int8Linear(nn.Linear):
         self.register_buffer("scales", scales)
         self.weight = nn.Parameter(torch.empty(1, dtype=dtype, device=codes.device).expand(*codes.shape))
         self.bias = bias
+        self.low_rank_sink: Any | None = None
+        """Set by the optimizer: `takes(weight)` says whether this micro-batch's weight gradient is
+        wanted only in low rank, `absorb(weight, grad_out, inputs)` takes it (optim/projected_grad.py)."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int) -> Int8Linear:
@@ -69,7 +74,10 @@ class Int8Linear(nn.Linear):
         return quantized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Int8LinearFunction.apply(x, self.weight, self.bias, self)
+        sink = self.low_rank_sink
+        if not (sink is not None and torch.is_grad_enabled() and self.weight.requires_grad and sink.takes(self.weight)):
+            sink = None
+        return _Int8LinearFunction.apply(x, self.weight, self.bias, self, sink)
 
     def dequantized(self, dtype: torch.dtype, start: int = 0, rows: int | None = None) -> torch.Tensor:
         """Rows start .. start + rows of code · scale, in `dtype` (one copy, scaled in place)."""
@@ -119,8 +127,9 @@ class _Int8LinearFunction(torch.autograd.Function):
     """y = x Wᵀ + b with W dequantized in forward and again in backward, never saved."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, handle: torch.Tensor, bias: torch.Tensor | None, layer: Int8Linear):
-        ctx.layer = layer
+    def forward(ctx, x: torch.Tensor, handle: torch.Tensor, bias: torch.Tensor | None, layer: Int8Linear,
+                sink: Any | None):
+        ctx.layer, ctx.sink = layer, sink
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x)
         return F.linear(x, layer.dequantized(x.dtype), bias)
@@ -132,11 +141,13 @@ class _Int8LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ ctx.layer.dequantized(grad_out.dtype)
         flat_out = grad_out.reshape(-1, grad_out.shape[-1])
-        if ctx.needs_input_grad[1]:
+        if ctx.sink is not None:
+            ctx.sink.absorb(ctx.layer.weight, flat_out, x.reshape(-1, x.shape[-1]))
+        elif ctx.needs_input_grad[1]:
             grad_w = flat_out.T @ x.reshape(-1, x.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat_out.sum(dim=0)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def check_group_size(model: nn.Module, group_size: int) -> None:

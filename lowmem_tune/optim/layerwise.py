@@ -23,8 +23,9 @@ the global norm of the gradient the optimizer consumes — the projected accumul
 GaLore matrix, the full accumulated gradient of every other tensor. That is exact for any k. The
 norm of the *full* gradient (including what lies outside the subspaces) needs every full gradient,
 which layerwise mode does not keep when k > 1 (||sum of micro-batch gradients|| is not a function
-of per-micro-batch norms); `full_grad_norm` is therefore reported only when it is exact (k = 1, or
-non-layerwise).
+of per-micro-batch norms) and does not form at all for matrices projected in backward;
+`full_grad_norm` is therefore reported only when it is exact (non-layerwise, or k = 1 at a step
+where every GaLore matrix formed its gradient).
 
 Layer sampling (LISA / OwLore): the optimizer is built over every candidate layer, frozen or not;
 hooks cover every candidate (registered with requires_grad switched on for the moment, since torch

@@ -3,15 +3,17 @@
 Between its refreshes a GaLore matrix W (m x n) only ever uses Pᵀ G (or G Qᵀ), and a linear
 layer's weight gradient is an outer product, G = dYᵀ X, of its output gradient dY (t x m) and input
 X (t x n). So Pᵀ G = (dY P)ᵀ X: 2t·r(m + n) multiply-adds where autograd spends 2t·mn on G and the
-hook another 2mn·r on projecting it, and no m x n gradient is ever allocated. Backward is about
-a third weight gradients, so this is most of what GaLore can save over a dense optimizer's step
-(the projection is mathematically the same; `GaLoreProjector.project_outer`).
+hook another 2mn·r on projecting it, and no m x n gradient is ever allocated. Weight gradients
+are about a third of a step's matrix products, so this is most of what GaLore can save over a
+dense step (the projection is mathematically the same; `GaLoreProjector.project_outer`).
 
 `ProjectedGradients` gives each plain nn.Linear whose weight is a GaLore matrix a forward that
 decides per call: at a step where the matrix neither takes nor refreshes a basis (nor is Fira,
 whose residual needs G) the layer runs through `_ProjectedLinear`, whose backward hands the low-rank
 gradient to the optimizer's accumulator and returns no weight gradient; otherwise it is the
 plain linear and the post-accumulate-grad hooks see G as before (sketches, refreshes, first bases).
+A layer with its own autograd function (INT8 weights, quantize.py) declares a `low_rank_sink`
+attribute instead, and gets a `LowRankSink` that makes the same decision.
 The decision depends only on state that changes at the step or in the matrix's own hook, so an
 activation-checkpointing recompute takes the same path as the forward it replays.
 """
@@ -75,18 +77,38 @@ class _ProjectedLinear(torch.autograd.Function):
         return grad_x, None, grad_b, None
 
 
+class LowRankSink:
+    """What a layer with its own backward asks: `takes(weight)` at forward, `absorb` in backward."""
+
+    def __init__(self, optimizer: GaLoreAdamW) -> None:
+        self.optimizer = optimizer
+
+    def takes(self, weight: torch.Tensor) -> bool:
+        return projects_in_backward(self.optimizer, weight)
+
+    def absorb(self, weight: torch.Tensor, grad_out: torch.Tensor, inputs: torch.Tensor) -> None:
+        absorb_outer(self.optimizer, weight, grad_out, inputs)
+
+
 class ProjectedGradients:
-    """Installs the deciding forward on `modules`' GaLore linears; `close()` takes it out."""
+    """Installs the deciding forward on `modules`' GaLore linears (or their `low_rank_sink`);
+    `close()` takes it out."""
 
     def __init__(self, optimizer: GaLoreAdamW, modules: Iterable[nn.Module]) -> None:
-        self._linears = [m for m in modules if type(m) is nn.Linear and optimizer.is_galore(m.weight)]
+        galore = [m for m in modules if isinstance(m, nn.Linear) and optimizer.is_galore(m.weight)]
+        self._linears = [m for m in galore if type(m) is nn.Linear]
+        self._sinks = [m for m in galore if hasattr(m, "low_rank_sink")]
         for linear in self._linears:
             linear.forward = _deciding_forward(linear, optimizer)  # shadows nn.Linear.forward on the instance
+        for layer in self._sinks:
+            layer.low_rank_sink = LowRankSink(optimizer)
 
     def close(self) -> None:
         for linear in self._linears:
             linear.__dict__.pop("forward", None)
-        self._linears.clear()
+        for layer in self._sinks:
+            layer.low_rank_sink = None
+        self._linears, self._sinks = [], []
 
 
 def _deciding_forward(linear: nn.Linear, optimizer: GaLoreAdamW) -> Any:
