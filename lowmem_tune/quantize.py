@@ -9,9 +9,9 @@ time. Embeddings, final norm and lm_head keep the compute dtype.
 Gradients: the module's `weight` is a gradient handle, a parameter of the weight's shape backed
 by one element (stride 0), so autograd, the backward hooks and GaLore see an ordinary matrix
 while it costs no memory; the full gradient the layer's backward produces goes into GaLore's
-low-rank accumulator in the hook and is freed, as for a 16-bit weight — or, when the optimizer
-has set `low_rank_sink` (layerwise GaLore between refreshes), is never formed: the backward hands
-the sink the output gradient and input, from which it takes the low-rank gradient directly.
+low-rank accumulator in the hook and is freed, as for a 16-bit weight — or, when the optimizer's
+`low_rank_sink` takes the matrix (layerwise GaLore between refreshes), is never formed: the
+backward hands the sink the output gradient and input instead (lowrank_grad.py).
 
 Updates (`Int8Linear.apply_update`, called by the optimizer with the projected-back update): a block of
 rows is dequantized, the update added and the result requantized with stochastic rounding (the
@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from lowmem_tune.errors import UserError
 from lowmem_tune.layers import decoder_layers, move_to
+from lowmem_tune.lowrank_grad import LowRankGradientSink, sink_for
 
 QMAX = 127
 GROWTH = 127 / 120
@@ -57,9 +58,7 @@ class Int8Linear(nn.Linear):
         self.register_buffer("scales", scales)
         self.weight = nn.Parameter(torch.empty(1, dtype=dtype, device=codes.device).expand(*codes.shape))
         self.bias = bias
-        self.low_rank_sink: Any | None = None
-        """Set by the optimizer: `takes(weight)` says whether this micro-batch's weight gradient is
-        wanted only in low rank, `absorb(weight, grad_out, inputs)` takes it (optim/projected_grad.py)."""
+        self.low_rank_sink: LowRankGradientSink | None = None  # set by the optimizer (lowrank_grad.py)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int) -> Int8Linear:
@@ -74,10 +73,7 @@ class Int8Linear(nn.Linear):
         return quantized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sink = self.low_rank_sink
-        if not (sink is not None and torch.is_grad_enabled() and self.weight.requires_grad and sink.takes(self.weight)):
-            sink = None
-        return _Int8LinearFunction.apply(x, self.weight, self.bias, self, sink)
+        return _Int8LinearFunction.apply(x, self.weight, self.bias, self, sink_for(self.low_rank_sink, self.weight))
 
     def dequantized(self, dtype: torch.dtype, start: int = 0, rows: int | None = None) -> torch.Tensor:
         """Rows start .. start + rows of code · scale, in `dtype` (one copy, scaled in place)."""
@@ -128,7 +124,7 @@ class _Int8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, handle: torch.Tensor, bias: torch.Tensor | None, layer: Int8Linear,
-                sink: Any | None):
+                sink: LowRankGradientSink | None):
         ctx.layer, ctx.sink = layer, sink
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x)

@@ -1,6 +1,6 @@
 """Layerwise GaLore takes a matrix's low-rank gradient in its layer's backward, (dY P)ᵀ X, between
 refreshes: the same projection as Pᵀ G, no m x n gradient, the same trajectory, with activation
-checkpointing too."""
+checkpointing too, and for INT8 weights and WeLore's factors."""
 
 from __future__ import annotations
 
@@ -28,14 +28,13 @@ def batches(count: int) -> list[torch.Tensor]:
     return [torch.randint(0, 256, (2, 24), generator=gen) for _ in range(count)]
 
 
-def build(model: torch.nn.Module, layerwise: bool, gap: int = 3, stores=None, projected: bool = True) -> GaLoreUpdater:
-    """projected=False: no modules given, so every layer forms G and the hooks project it."""
+def build(model: torch.nn.Module, layerwise: bool, gap: int = 3) -> GaLoreUpdater:
     mats = galore_matrices(model)
     chosen = {id(p) for p in mats}
     rest = [p for p in model.parameters() if id(p) not in chosen]
     opt = GaLoreAdamW([{"params": mats, "rank": 8, "update_proj_gap": gap, "scale": 0.25}, {"params": rest}],
-                      lr=1e-3, weight_decay=0.01, stagger=True, stores=stores)
-    return GaLoreUpdater(opt, 1.0, layerwise=layerwise, modules=list(model.modules()) if projected else ())
+                      lr=1e-3, weight_decay=0.01, stagger=True)
+    return GaLoreUpdater(opt, 1.0, layerwise=layerwise, modules=list(model.modules()))
 
 
 @pytest.mark.parametrize("proj_type,shape", [("std", (24, 40)), ("std", (40, 24)), ("full", (24, 40))])
@@ -113,27 +112,44 @@ def test_the_trajectory_equals_the_ordinary_optimizer_with_checkpointing_too(tin
         assert float((layered - checkpointed).abs().max()) <= 1e-10 * moved
 
 
-def test_int8_layers_take_the_same_low_rank_gradient_through_their_sink(tiny64):
-    """INT8 weights (their own autograd function): with the sink, step 1's backward forms no
-    weight-shaped product and leaves each matrix the low-rank gradient the hook path computes."""
+def _int8(model):
     from lowmem_tune.quantize import int8_layers, quantize_decoder
 
+    quantize_decoder(model, 16, torch.device("cpu"))
+    return galore_matrices(model), int8_layers(model)
+
+
+def _welore(model):
+    from lowmem_tune.compress import factorize, lowrank_modules
+
+    factorize(model, {name: 12 for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                      and ".layers." in name})
+    return [p for m in lowrank_modules(model).values() for p in (m.left, m.right)], None
+
+
+@pytest.mark.parametrize("layers", [_int8, _welore], ids=["int8", "welore-factors"])
+def test_layers_with_their_own_forward_take_the_same_low_rank_gradient_through_the_sink(tiny64, layers):
+    """INT8 weights (their own autograd function) and WeLore's factors: with the sink, step 1's
+    backward forms no weight-shaped product and leaves each matrix the low-rank gradient that the
+    hook path (every layer forms G, the hook projects it) computes."""
     accumulated, counts = [], []
     for projected in (False, True):
         model = copy.deepcopy(tiny64)
-        quantize_decoder(model, 16, torch.device("cpu"))
-        assert len(int8_layers(model)) == 14
-        updater = build(model, layerwise=True, gap=50, stores=int8_layers(model), projected=projected)
+        mats, stores = layers(model)
+        assert len(mats) >= 14
+        rest = [p for p in model.parameters() if all(p is not m for m in mats)]
+        opt = GaLoreAdamW([{"params": mats, "rank": 8, "update_proj_gap": 50, "scale": 0.25}, {"params": rest}],
+                          lr=1e-3, stores=stores)  # no stagger: no matrix refreshes at step 1
+        updater = GaLoreUpdater(opt, 1.0, modules=list(model.modules()) if projected else ())
         first, second = batches(2)
         model(input_ids=first, labels=first).loss.backward()
         updater.step()
-        mats = galore_matrices(model)
         counter = WeightShapedProducts({tuple(p.shape) for p in mats})
         with counter:
             model(input_ids=second, labels=second).loss.backward()
         counts.append(counter.count)
-        accumulated.append([updater.optimizer.state[p]["grad_acc"].clone() for p in mats])
+        accumulated.append([opt.state[p]["grad_acc"].clone() for p in mats])
         updater.close()
-    assert counts[0] >= 14 and counts[1] == 0
+    assert counts[0] >= len(mats) and counts[1] == 0
     for hooked, sunk in zip(*accumulated):
         torch.testing.assert_close(sunk, hooked, rtol=1e-10, atol=1e-12)

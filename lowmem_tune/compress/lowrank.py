@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from lowmem_tune.lowrank_grad import LowRankGradientSink, sinked_linear
 
 
 class LowRankLinear(nn.Module):
@@ -24,6 +25,7 @@ class LowRankLinear(nn.Module):
         self.left = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
         self.right = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self.low_rank_sink: LowRankGradientSink | None = None  # set by the optimizer (lowrank_grad.py)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, svd_device: torch.device | None = None) -> "LowRankLinear":
@@ -42,7 +44,8 @@ class LowRankLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.right), self.left, self.bias)
+        return sinked_linear(sinked_linear(x, self.right, None, self.low_rank_sink), self.left, self.bias,
+                             self.low_rank_sink)
 
     def dense_weight(self) -> torch.Tensor:
         """L·R computed in float32, returned in the factors' dtype."""
