@@ -2,8 +2,9 @@
 
 Layerwise mode registers a `register_post_accumulate_grad_hook` on every parameter of the
 optimizer, and has the GaLore linears between their refreshes take their low-rank gradient in
-backward without a full one (`projected_grad.py`; no hook runs for those). For a GaLore matrix the hook consumes the fresh micro-batch gradient (into its sketch
-at a step where it takes a basis, else into its low-rank fp32 accumulator) and frees it at once,
+backward without a full one (`projected_grad.py`; no hook runs for those). Otherwise, for a
+GaLore matrix the hook consumes the fresh micro-batch gradient (into its sketch at a step where
+it takes a basis, else into its low-rank fp32 accumulator) and frees it at once,
 so during backward at most the gradient being produced is alive, plus the full gradients of Fira
 matrices, of matrices taking an exact-SVD basis (`svd: exact` / `randomized`), and of non-GaLore
 tensors (embeddings, lm_head, norms), which accumulate as usual. Ordinary mode (layerwise=False)
@@ -39,7 +40,6 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import torch
-
 from torch import nn
 
 from lowmem_tune.optim.galore_adamw import GaLoreAdamW
