@@ -355,9 +355,11 @@ def main() -> None:
     if args.cpu_smoke:
         args.model, args.device, args.steps, args.warmup = "tiny-llama", "cpu", 3, 1
         configs = [c for c in default_configs([128]) if c.capped]
-        for c in configs:  # tiny-llama has 2 decoder layers
+        for c in configs:  # tiny-llama has 2 decoder layers, 64 wide
             if c.strategy in ("lisa", "owlore"):
                 c.knobs = {**c.knobs, "sampled_layers": min(c.knobs.get("sampled_layers", 2), 2)}
+            if "group_size" in c.knobs:
+                c.knobs = {**c.knobs, "group_size": 16}
         results_dir = Path(tempfile.mkdtemp(prefix="gpu7b-smoke-"))
     elif not torch.cuda.is_available():
         print("gpu_7b: no CUDA GPU visible to torch; run this on a GPU machine (or --cpu-smoke to test the plumbing)",
