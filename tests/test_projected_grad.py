@@ -28,13 +28,15 @@ def batches(count: int) -> list[torch.Tensor]:
     return [torch.randint(0, 256, (2, 24), generator=gen) for _ in range(count)]
 
 
-def build(model: torch.nn.Module, layerwise: bool, gap: int = 3) -> GaLoreUpdater:
-    mats = galore_matrices(model)
-    chosen = {id(p) for p in mats}
-    rest = [p for p in model.parameters() if id(p) not in chosen]
+def build(model: torch.nn.Module, layerwise: bool = True, gap: int = 3, mats=None, stores=None,
+          stagger: bool = True, projected: bool = True) -> GaLoreUpdater:
+    """GaLore rank 8 over `mats` (the decoder linears' weights by default), AdamW over the rest.
+    projected=False hands the updater no modules: every layer forms G and the hooks project it."""
+    mats = galore_matrices(model) if mats is None else mats
+    rest = [p for p in model.parameters() if all(p is not m for m in mats)]
     opt = GaLoreAdamW([{"params": mats, "rank": 8, "update_proj_gap": gap, "scale": 0.25}, {"params": rest}],
-                      lr=1e-3, weight_decay=0.01, stagger=True)
-    return GaLoreUpdater(opt, 1.0, layerwise=layerwise, modules=list(model.modules()))
+                      lr=1e-3, weight_decay=0.01, stagger=stagger, stores=stores)
+    return GaLoreUpdater(opt, 1.0, layerwise=layerwise, modules=list(model.modules()) if projected else ())
 
 
 @pytest.mark.parametrize("proj_type,shape", [("std", (24, 40)), ("std", (40, 24)), ("full", (24, 40))])
@@ -137,10 +139,9 @@ def test_layers_with_their_own_forward_take_the_same_low_rank_gradient_through_t
         model = copy.deepcopy(tiny64)
         mats, stores = layers(model)
         assert len(mats) >= 14
-        rest = [p for p in model.parameters() if all(p is not m for m in mats)]
-        opt = GaLoreAdamW([{"params": mats, "rank": 8, "update_proj_gap": 50, "scale": 0.25}, {"params": rest}],
-                          lr=1e-3, stores=stores)  # no stagger: no matrix refreshes at step 1
-        updater = GaLoreUpdater(opt, 1.0, modules=list(model.modules()) if projected else ())
+        # no stagger: no matrix refreshes at step 1
+        updater = build(model, gap=50, mats=mats, stores=stores, stagger=False, projected=projected)
+        opt = updater.optimizer
         first, second = batches(2)
         model(input_ids=first, labels=first).loss.backward()
         updater.step()
@@ -172,9 +173,8 @@ def test_in_bfloat16_the_projected_gradient_is_as_close_to_the_exact_one_as_the_
     for projected in (False, True):
         trial = copy.deepcopy(model)
         mats = galore_matrices(trial)
-        rest = [p for p in trial.parameters() if all(p is not m for m in mats)]
-        opt = GaLoreAdamW([{"params": mats, "rank": 8, "update_proj_gap": 50}, {"params": rest}], lr=1e-3)
-        updater = GaLoreUpdater(opt, 1.0, modules=list(trial.modules()) if projected else ())
+        updater = build(trial, gap=50, stagger=False, projected=projected)
+        opt = updater.optimizer
         trial(input_ids=first, labels=first).loss.backward()
         updater.step()
         if not projected:
