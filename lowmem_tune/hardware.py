@@ -38,6 +38,8 @@ PRESETS: dict[str, GpuPreset] = {
     "rtx3090": GpuPreset(24 * GiB, (8, 6)),
     "rtx3080": GpuPreset(10 * GiB, (8, 6)),
     "rtx3060": GpuPreset(12 * GiB, (8, 6)),
+    "rtx4060": GpuPreset(8 * GiB, (8, 9)),
+    "rtx3070": GpuPreset(8 * GiB, (8, 6)),
     "rtx2080ti": GpuPreset(11 * GiB, (7, 5)),
     "t4": GpuPreset(16 * GiB, (7, 5)),
     "a10": GpuPreset(24 * GiB, (8, 6)),

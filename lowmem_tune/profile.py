@@ -27,8 +27,8 @@ StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
 GALORE_INSIDE = ("galore", "fira", "lisa", "owlore", "welore")
 """Strategies that run GaLore (for LISA / OwLore / WeLore: with `optimizer: galore`, the default)."""
 LAYER_SAMPLING = ("lisa", "owlore")
-INT8_CAPABLE = ("galore", "fira", "lisa", "owlore")
-"""Strategies that can train with INT8 decoder weights (LISA / OwLore with GaLore inside)."""
+INT8_CAPABLE = ("galore", "fira", "lisa", "owlore", "welore")
+"""Strategies that can train with INT8 decoder weights (LISA / OwLore / WeLore with GaLore inside)."""
 ONE = at_least(1)
 
 
@@ -80,7 +80,7 @@ class StrategySection:
     """8: decoder linear weights stored as int8 codes with a scale per group (quantize.py); the
     16-bit copy of a weight exists only inside its own layer's forward and backward."""
     group_size: int = knob(256, bounds=ONE, applies=INT8_CAPABLE)
-    """Input features per INT8 scale; must divide every decoder linear's input width."""
+    """Input features per INT8 scale (a row whose width it does not divide ends in a shorter group)."""
     fira_limiter: float = knob(1.01, bounds=at_least(1), applies=("fira",))
     # Layer sampling (LISA, OwLore)
     sampled_layers: int = knob(2, bounds=ONE, applies=LAYER_SAMPLING)
@@ -258,7 +258,7 @@ def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> Profile:
     profile = build(Profile, raw, source)
     _check_strategy_keys(raw, source)
     s = profile.strategy
-    if s.weight_bits == 8 and s.name in LAYER_SAMPLING and s.optimizer != "galore":
+    if s.weight_bits == 8 and s.name in LAYER_SAMPLING + ("welore",) and s.optimizer != "galore":
         raise UserError(f"{source}: strategy.weight_bits 8 with {s.name} needs strategy.optimizer: galore "
                         f"(INT8 weights take GaLore's updates; got optimizer {s.optimizer})")
     if len(profile.train.betas) != 2:

@@ -2,7 +2,9 @@
 
 Every nn.Linear inside the decoder layers becomes an `Int8Linear`: its weight is int8 codes with
 one float32 scale per group of `group_size` input features of a row (symmetric: w = code ·
-scale, codes in [-127, 127]). The compute-dtype copy of a weight is made inside the layer's own
+scale, codes in [-127, 127]; a width the group size does not divide ends in a shorter group, as
+a WeLore left factor's rank-wide rows do). A WeLore low-rank component becomes an
+`Int8LowRankLinear` (compress/lowrank.py): its two factors are Int8Linears. The compute-dtype copy of a weight is made inside the layer's own
 forward and backward and freed when they return, so no 16-bit copy of the model exists at any
 time. Embeddings, final norm and lm_head keep the compute dtype.
 
@@ -33,7 +35,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lowmem_tune.errors import UserError
 from lowmem_tune.layers import decoder_layers, move_to
 from lowmem_tune.lowrank_grad import LowRankGradientSink, sink_for
 
@@ -62,14 +63,18 @@ class Int8Linear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int) -> Int8Linear:
-        """Rounded to nearest at load (the smallest error for a fixed scale: absmax / 127 per group)."""
-        weight = linear.weight.detach()
+        return cls.from_weight(linear.weight, linear.bias, group_size)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: nn.Parameter | None, group_size: int) -> Int8Linear:
+        """Rounded to nearest at load (the smallest error for a fixed scale: absmax / 127 per
+        group); trainable when `weight` is."""
         rows, width = weight.shape
-        grouped = weight.float().reshape(rows, width // group_size, group_size)
+        grouped = _grouped(weight.detach().float(), group_size)
         scales = (grouped.abs().amax(dim=-1) / QMAX).clamp_(min=torch.finfo(torch.float32).tiny)
         codes = (grouped / scales[..., None]).round_().clamp_(-QMAX, QMAX).to(torch.int8)
-        quantized = cls(codes.reshape(rows, width), scales, group_size, linear.bias, weight.dtype)
-        quantized.weight.requires_grad_(linear.weight.requires_grad)
+        quantized = cls(_ungrouped(codes, width), scales, group_size, bias, weight.dtype)
+        quantized.weight.requires_grad_(weight.requires_grad)
         return quantized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,9 +83,14 @@ class Int8Linear(nn.Linear):
     def dequantized(self, dtype: torch.dtype, start: int = 0, rows: int | None = None) -> torch.Tensor:
         """Rows start .. start + rows of code · scale, in `dtype` (one copy, scaled in place)."""
         rows = self.out_features - start if rows is None else rows
-        out = self.codes.narrow(0, start, rows).to(dtype).reshape(rows, -1, self.group_size)
-        out.mul_(self.scales.narrow(0, start, rows).to(dtype)[..., None])
-        return out.reshape(rows, self.in_features)
+        out = self.codes.narrow(0, start, rows).to(dtype)
+        scales = self.scales.narrow(0, start, rows).to(dtype)
+        whole = self.in_features // self.group_size
+        if whole:
+            out[:, :whole * self.group_size].unflatten(1, (whole, self.group_size)).mul_(scales[:, :whole, None])
+        if whole < scales.shape[1]:  # the shorter last group
+            out[:, whole * self.group_size:].mul_(scales[:, whole:])
+        return out
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.dequantized(self.weight.dtype)
@@ -94,9 +104,9 @@ class Int8Linear(nn.Linear):
         for start in range(0, self.out_features, block):
             rows = min(block, self.out_features - start)
             codes, scales = self.codes.narrow(0, start, rows), self.scales.narrow(0, start, rows)
-            old = codes.float().reshape(rows, -1, self.group_size)
+            old = _grouped(codes.float(), self.group_size)
             value = old * scales[..., None]
-            delta = update(start, rows).float().reshape(old.shape).mul_(-lr)
+            delta = _grouped(update(start, rows).float(), self.group_size).mul_(-lr)
             if weight_decay:
                 delta.sub_(value + delta, alpha=lr * weight_decay)
             needed = (value + delta).abs_().amax(dim=-1) / QMAX
@@ -104,7 +114,7 @@ class Int8Linear(nn.Linear):
             # where the scale is unchanged, an untouched code stays exactly on its grid point
             target = old.mul_((scales / grown)[..., None]).add_(delta.div_(grown[..., None]))
             target = rounding.to_grid(target) if rounding is not None else target.round_()
-            codes.copy_(target.clamp_(-QMAX, QMAX).reshape(rows, self.in_features).to(torch.int8))
+            codes.copy_(_ungrouped(target.clamp_(-QMAX, QMAX), self.in_features))
             scales.copy_(grown)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
@@ -117,6 +127,18 @@ class Int8Linear(nn.Linear):
                                       error_msgs)
         if prefix + "weight" in missing_keys:
             missing_keys.remove(prefix + "weight")
+
+
+def _grouped(rows: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(rows, width) float values as (rows, groups, group_size), the shorter last group padded
+    with zeros (which change neither a group's absmax nor, rounded, a code)."""
+    pad = -rows.shape[1] % group_size
+    return (F.pad(rows, (0, pad)) if pad else rows).reshape(rows.shape[0], -1, group_size)
+
+
+def _ungrouped(grouped: torch.Tensor, width: int) -> torch.Tensor:
+    """The int8 codes of `_grouped` values, back to (rows, width)."""
+    return grouped.reshape(grouped.shape[0], -1)[:, :width].to(torch.int8).contiguous()
 
 
 class _Int8LinearFunction(torch.autograd.Function):
@@ -146,33 +168,19 @@ class _Int8LinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def check_group_size(model: nn.Module, group_size: int) -> None:
-    """A one-line error when `group_size` does not divide every decoder linear's input width."""
-    for index, layer in enumerate(decoder_layers(model)):
-        for name, linear in layer.named_modules():
-            if isinstance(linear, nn.Linear) and linear.in_features % group_size:
-                raise UserError(
-                    f"strategy.group_size {group_size} does not divide the rows of model.layers.{index}.{name} "
-                    f"({linear.out_features} x {linear.in_features}): choose a divisor of {linear.in_features}, "
-                    f"e.g. {_largest_divisor(linear.in_features, group_size)}"
-                )
-
-
-def _largest_divisor(width: int, limit: int) -> int:
-    return max(d for d in range(1, min(width, limit) + 1) if width % d == 0)
-
-
 def quantize_decoder(model: nn.Module, group_size: int, device: torch.device) -> None:
-    """Replace every decoder linear by an Int8Linear, one layer at a time as it moves to `device`;
-    the rest of the model follows (the layers are on `device` already, so `.to` leaves their
-    gradient handles as they are)."""
-    check_group_size(model, group_size)
+    """Replace every decoder linear by an Int8Linear, and every module that has an INT8 form (a
+    `quantized(group_size)` method: WeLore's LowRankLinear) by that form, one layer at a time as
+    it moves to `device`; the rest of the model follows (the layers are on `device` already, so
+    `.to` leaves their gradient handles as they are)."""
     for layer in decoder_layers(model):
         move_to(layer, device)
         for parent in list(layer.modules()):
             for child_name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
                     setattr(parent, child_name, Int8Linear.from_linear(child, group_size))
+                elif hasattr(child, "quantized"):
+                    setattr(parent, child_name, child.quantized(group_size))
     move_to(model, device)
 
 

@@ -152,7 +152,7 @@ def test_resume_with_int8_weights_is_bit_identical_and_final_is_a_plain_model(tm
     ({"name": "galore", "weight_bits": 4}, "strategy.weight_bits: 4 is not one of: 16, 8"),
     ({"name": "full", "weight_bits": 8}, "strategy.weight_bits does not apply to strategy full"),
     ({"name": "adamw8bit", "weight_bits": 8}, "strategy.weight_bits does not apply to strategy adamw8bit"),
-    ({"name": "welore", "weight_bits": 8}, "strategy.weight_bits does not apply to strategy welore"),
+    ({"name": "welore", "weight_bits": 8, "optimizer": "adamw"}, "needs strategy.optimizer: galore"),
     ({"name": "lisa", "weight_bits": 8, "optimizer": "adamw"}, "needs strategy.optimizer: galore"),
 ])
 def test_bad_int8_settings_are_one_line_errors(tmp_path, strategy, message):
@@ -167,21 +167,24 @@ def test_bad_int8_settings_are_one_line_errors(tmp_path, strategy, message):
     assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
 
 
-def test_a_group_size_that_does_not_divide_a_row_is_a_one_line_error(tmp_path):
-    import yaml
-
-    raw = int8_profile(tmp_path / "run")
-    raw["strategy"]["group_size"] = 22  # tiny-llama's rows are 64 (attention, gate, up) and 176 (down) wide
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    result = CliRunner().invoke(main, ["run", str(path), "--headless"])
-    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("Failed to load")]
-    assert result.exit_code == 2 and len(lines) == 1
-    assert "strategy.group_size 22 does not divide the rows of model.layers.0.self_attn.q_proj (64 x 64)" in lines[0]
-    assert "choose a divisor of 64, e.g. 16" in lines[0]
-    with pytest.raises(UserError, match="down_proj .*e.g. 22"):
-        from lowmem_tune.catalog import resolve_model
-        from lowmem_tune.layers import build_empty_model
-        from lowmem_tune.quantize import check_group_size
-
-        check_group_size(build_empty_model(resolve_model("tiny-llama").config), 32)  # divides 64, not 176
+def test_a_row_the_group_size_does_not_divide_ends_in_a_shorter_group():
+    """24-wide rows in groups of 16: a group of 16 and one of 8, each with its own scale; updates
+    keep the codes of the short group on its grid as for a whole one (as a WeLore left factor's
+    rank-wide rows need)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 10, bias=False)
+    with torch.no_grad():
+        linear.weight[:, 16:] *= 0.01  # the short group's values are much smaller: its own scale
+    quantized = Int8Linear.from_linear(linear, group_size=16)
+    assert quantized.scales.shape == (10, 2) and quantized.codes.shape == (10, 24)
+    torch.testing.assert_close(quantized.scales[:, 1], linear.weight[:, 16:].abs().amax(dim=1) / 127)
+    step = torch.cat([quantized.scales[:, :1].expand(10, 16), quantized.scales[:, 1:].expand(10, 8)], dim=1)
+    assert torch.all((quantized.dequantized_weight() - linear.weight).abs() <= step / 2 + 1e-9)
+    codes = quantized.codes.clone()
+    update = torch.zeros(10, 24)
+    toward_zero = codes[:, 20].sign().float()
+    update[:, 20] = 5 * step[:, 20] * toward_zero  # five code steps towards zero, in the short group only
+    quantized.apply_update(lambda start, rows: update.narrow(0, start, rows), 1.0, 0.0, None)
+    moved = quantized.codes.int() - codes.int()
+    assert torch.equal(moved[:, 20], -5 * toward_zero.int()) and torch.count_nonzero(moved[:, :20]) == 0
+    assert torch.count_nonzero(moved[:, 21:]) == 0

@@ -50,9 +50,13 @@ def test_welore_gets_the_smallest_rank_reduction_that_fits_and_says_what_it_give
     report = plan_json("--model", "llama-2-7b", "--gpu", "16GiB", "--strategy", "welore")
     chosen = report["chosen"]
     assert chosen["strategy"] == "welore" and chosen["settings"]["rank_reduction"] == 0.3
+    assert chosen["settings"]["weight_bits"] == 16
     assert any("gives up 30% of the decoder's rank; trains" in note for note in chosen["notes"])
-    tight = plan_json("--model", "llama-2-7b", "--gpu", "11GiB", "--strategy", "welore")["chosen"]
-    assert tight["settings"]["rank_reduction"] in (0.5, 0.7)  # 0.3 does not fit there
+    # INT8 weights are given up before more rank: 0.3 in INT8 on 11 GiB, more reduction only on 8 GiB
+    int8 = plan_json("--model", "llama-2-7b", "--gpu", "11GiB", "--strategy", "welore")["chosen"]["settings"]
+    assert (int8["rank_reduction"], int8["weight_bits"]) == (0.3, 8)
+    tight = plan_json("--model", "llama-2-7b", "--gpu", "8GiB", "--strategy", "welore")["chosen"]["settings"]
+    assert tight["rank_reduction"] in (0.5, 0.7) and tight["weight_bits"] == 8  # 0.3 does not fit there
     everything = plan_json("--model", "llama-2-7b", "--gpu", "16GiB")
     assert "welore" in {c["strategy"] for c in everything["candidates"]}  # a default candidate, chosen last
 

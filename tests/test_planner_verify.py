@@ -15,6 +15,8 @@ from lowmem_tune.profile import profile_from_dict
     ("owlore", False, {"sampled_layers": 2}),
     ("lisa", True, {"sampled_layers": 1, "optimizer": "adamw"}),
     ("welore", False, {}),  # a compressed model at the assumed ranks, measured after compression
+    # INT8 factors and dense matrices; 32 does not divide the factors' ranks (shorter last groups)
+    ("welore", True, {"weight_bits": 8, "group_size": 32}),
 ])
 def test_analytic_total_within_5_percent_of_fake_peak(strategy, checkpointing, knobs):
     seq_len, batch = 128, 2

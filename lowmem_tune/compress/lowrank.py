@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lowmem_tune.lowrank_grad import LowRankGradientSink, sinked_linear
+from lowmem_tune.quantize import Int8Linear, dense_state_dict
 
 
 class LowRankLinear(nn.Module):
@@ -47,6 +48,15 @@ class LowRankLinear(nn.Module):
         return sinked_linear(sinked_linear(x, self.right, None, self.low_rank_sink), self.left, self.bias,
                              self.low_rank_sink)
 
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """(L, R): the matrices that train."""
+        return self.left, self.right
+
+    def quantized(self, group_size: int) -> "Int8LowRankLinear":
+        """The same component with INT8 factors (`strategy.weight_bits: 8`; quantize.py)."""
+        return Int8LowRankLinear(Int8Linear.from_weight(self.right, None, group_size),
+                                 Int8Linear.from_weight(self.left, self.bias, group_size))
+
     def dense_weight(self) -> torch.Tensor:
         """L·R computed in float32, returned in the factors' dtype."""
         return (self.left.float() @ self.right.float()).to(self.left.dtype)
@@ -63,6 +73,57 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
                f"bias={self.bias is not None}"
+
+
+class Int8LowRankLinear(nn.Module):
+    """A LowRankLinear whose factors are Int8Linears, `right` (k×in) then `left` (out×k, with the
+    bias): each takes GaLore's updates and its low-rank gradient as any INT8 weight does. Its
+    state_dict (checkpoints) holds codes and scales; `compressed_state_dict` gives the
+    `.left` / `.right` / `.bias` tensors of a compressed directory."""
+
+    def __init__(self, right: Int8Linear, left: Int8Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = right.in_features, left.out_features, right.out_features
+        self.right, self.left = right, left
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.left(self.right(x))
+
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """(L, R) as gradient handles (quantize.py)."""
+        return self.left.weight, self.right.weight
+
+    def dense_factors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The factors (and bias) as a compressed directory stores them, dequantized to `dtype`."""
+        dense = {"left": self.left.dequantized(dtype), "right": self.right.dequantized(dtype)}
+        if self.left.bias is not None:
+            dense["bias"] = self.left.bias.detach()
+        return dense
+
+    def dense_weight(self) -> torch.Tensor:
+        dtype = self.left.weight.dtype
+        return (self.left.dequantized(torch.float32) @ self.right.dequantized(torch.float32)).to(dtype)
+
+    def to_linear(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.left.bias is not None,
+                           dtype=self.left.weight.dtype, device=self.left.codes.device)
+        with torch.no_grad():
+            linear.weight.copy_(self.dense_weight())
+            if self.left.bias is not None:
+                linear.bias.copy_(self.left.bias)
+        return linear
+
+
+def compressed_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The weights as a compressed directory stores them, on the CPU: INT8 matrices dequantized
+    to `dtype` (Int8LowRankLinear factors under their LowRankLinear names)."""
+    state = dense_state_dict(model, dtype)
+    for name, module in model.named_modules():
+        if isinstance(module, Int8LowRankLinear):
+            for key in [k for k in state if k.startswith(f"{name}.left.") or k.startswith(f"{name}.right.")]:
+                del state[key]
+            state.update({f"{name}.{key}": t.cpu() for key, t in module.dense_factors(dtype).items()})
+    return state
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -93,8 +154,8 @@ def install_empty(model: nn.Module, ranks: dict[str, int]) -> None:
                                                   linear.bias is not None, dtype=weight.dtype, device=weight.device))
 
 
-def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
-    return {name: mod for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
+def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear | Int8LowRankLinear]:
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, (LowRankLinear, Int8LowRankLinear))}
 
 
 def merge_lowrank(model: nn.Module) -> int:

@@ -18,9 +18,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from lowmem_tune.atomic import write_json_atomic
-from lowmem_tune.compress.lowrank import install_empty, merge_lowrank
+from lowmem_tune.compress.lowrank import compressed_state_dict, install_empty, merge_lowrank
 from lowmem_tune.compress.ranks import RankPlan
 from lowmem_tune.errors import UserError
+from lowmem_tune.quantize import int8_layers
 
 CONFIG_KEY = "welore"
 TABLE_FILE = "welore.json"
@@ -42,9 +43,10 @@ def record_plan(model: PreTrainedModel, plan: RankPlan) -> None:
 
 
 def save_compressed(model: PreTrainedModel, plan: RankPlan, out_dir: Path) -> None:
-    """save_pretrained with the ranks recorded, plus welore.json (into `out_dir` as given)."""
+    """save_pretrained with the ranks recorded, plus welore.json (into `out_dir` as given); INT8
+    weights are written dequantized, in the model's dtype, so the directory is the same either way."""
     record_plan(model, plan)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, state_dict=compressed_state_dict(model, model.dtype) if int8_layers(model) else None)
     write_json_atomic(Path(out_dir) / TABLE_FILE, plan.to_dict())
 
 

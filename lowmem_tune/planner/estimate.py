@@ -195,12 +195,9 @@ def _embeddings_train(strategy: str, s: Settings) -> bool:
 def _parts(strategy: str, arch: Architecture, s: Settings, w: Workload) -> _Parts:
     d = w.dtype_bytes
     parts = _Parts(weights=arch.params * d)
-    if s.weight_bits == 8 and strategy in INT8_CAPABLE:
-        linear = sum(lin.out_features * lin.in_features for lin in arch.linears) * arch.num_layers
-        scales = sum(lin.out_features * lin.in_features // s.group_size for lin in arch.linears) * arch.num_layers
-        parts.weights = (arch.params - linear) * d + linear + 4 * scales
-        parts.layer_transient = d * max(lin.out_features * lin.in_features for lin in arch.linears)
-        parts.notes.append(f"INT8 decoder weights, a scale per {s.group_size} inputs")
+    if s.weight_bits == 8 and strategy in INT8_CAPABLE and strategy != "welore":  # WeLore's: _welore_parts
+        _int8_weights(parts, arch, [(lin.out_features, lin.in_features, arch.num_layers) for lin in arch.linears],
+                      s, d)
     layer_tensors = [lin.out_features * lin.in_features for lin in arch.linears] + _layer_small_tensors(arch)
     all_tensors = _non_layer_tensors(arch) + layer_tensors * arch.num_layers
     largest = max(all_tensors)
@@ -225,6 +222,19 @@ def _parts(strategy: str, arch: Architecture, s: Settings, w: Workload) -> _Part
     if strategy == "welore":
         return _welore_parts(arch, s, w, parts)
     raise ValueError(f"no estimate for strategy {strategy!r}")
+
+
+def _int8_weights(parts: _Parts, arch: Architecture, matrices: list[tuple[int, int, int]], s: Settings,
+                  d: int) -> None:
+    """Weights when the decoder `matrices` (out, in, how many) are int8 codes with a float32 scale
+    per group of `group_size` inputs (the last group of a row may be shorter), the rest 16-bit; a
+    layer's largest matrix is dequantized inside its forward and backward."""
+    stored = sum(n * o * i for o, i, n in matrices)
+    scales = sum(n * o * -(-i // s.group_size) for o, i, n in matrices)
+    dense = arch.params - sum(lin.out_features * lin.in_features for lin in arch.linears) * arch.num_layers
+    parts.weights = dense * d + stored + 4 * scales
+    parts.layer_transient = d * max(o * i for o, i, _ in matrices)
+    parts.notes.append(f"INT8 decoder weights, a scale per {s.group_size} inputs")
 
 
 def _layer_sampling_parts(arch: Architecture, s: Settings, w: Workload, parts: _Parts) -> _Parts:
@@ -256,6 +266,16 @@ def _welore_parts(arch: Architecture, s: Settings, w: Workload, parts: _Parts) -
     removed = sum(x.layers * (x.linear.out_features * x.linear.in_features
                               - x.rank * (x.linear.out_features + x.linear.in_features)) for x in lrcs)
     parts.weights = (arch.params - removed) * d
+    if s.weight_bits == 8:  # the LRC factors and the dense N-LRC matrices alike
+        lrc = {x.linear.name: x for x in lrcs}
+        stored = []
+        for lin in arch.linears:
+            x = lrc.get(lin.name)
+            if x is not None:
+                stored += [(lin.out_features, x.rank, x.layers), (x.rank, lin.in_features, x.layers)]
+            if arch.num_layers - (x.layers if x else 0):
+                stored.append((lin.out_features, lin.in_features, arch.num_layers - (x.layers if x else 0)))
+        _int8_weights(parts, arch, stored, s, d)
     norms = [arch.hidden_size] * (2 * arch.num_layers) + [arch.final_norm_params]
     factors = [(LinearShape(x.linear.name, x.linear.out_features, x.rank, False), x.layers, s.rank) for x in lrcs]
     factors += [(LinearShape(x.linear.name, x.rank, x.linear.in_features, False), x.layers, s.rank) for x in lrcs]

@@ -64,9 +64,10 @@ def _settings_grid(strategy: str, prefer: str, arch: Architecture) -> list[Setti
     """A strategy's configurations in order of preference."""
     if strategy in ("full", "adamw8bit"):
         return [Settings()]
-    if strategy == "welore":
-        return [Settings(rank_reduction=x) for x in RANK_REDUCTIONS]
     group = int8_group_size(arch)
+    if strategy == "welore":  # removing rank gives up more than INT8 weights do: the smaller reduction first
+        return [Settings(rank_reduction=x, weight_bits=bits, group_size=group)
+                for x in RANK_REDUCTIONS for bits in (16, 8)]
     grid = []
     for bits, embeddings in GIVE_UP[::-1] if prefer == "memory" else GIVE_UP:
         if embeddings == "galore" and strategy == "fira":

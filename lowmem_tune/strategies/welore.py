@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lowmem_tune.atomic import atomic_directory, write_json_atomic
@@ -50,7 +51,9 @@ class WeLore(Strategy):
     # ------------------------------------------------------------------ model
 
     def prepare_model(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
-        model = move_to(self._compressed(model, ctx), ctx.device)
+        model = self._compressed(model, ctx)
+        self.quantize(model, ctx)  # weight_bits 8: factors and dense matrices, a layer at a time to the device
+        model = move_to(model, ctx.device)
         model.requires_grad_(False)
         for module in lowrank_modules(model).values():
             module.requires_grad_(True)
@@ -101,7 +104,8 @@ class WeLore(Strategy):
         if (cached / "config.json").is_file():
             ctx.info(f"WeLore: the compressed model read from the cache ({cached})")
             model.to("meta")  # free the dense weights before loading the compressed ones
-            compressed = load_compressed(cached, ctx.dtype, ctx.device, self.profile.model.attn_implementation)
+            compressed = load_compressed(cached, ctx.dtype, self._load_device(ctx),
+                                         self.profile.model.attn_implementation)
             self.plan = plan_from_ranks(compressed, compressed_ranks(compressed.config), compressed.config.welore)
             return compressed
         if self.profile.model.init == "random":
@@ -117,6 +121,11 @@ class WeLore(Strategy):
     @property
     def loads_on_cpu(self) -> bool:
         return True
+
+    def _load_device(self, ctx: StrategyContext) -> torch.device:
+        """Where a compressed directory is loaded: the CPU when its matrices are quantized on their
+        way to the device (so the device never holds them in 16 bits)."""
+        return torch.device("cpu") if self.cfg.weight_bits == 8 else ctx.device
 
     def _load_directory(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         path = Path(self.cfg.compressed_model).expanduser()
@@ -139,7 +148,7 @@ class WeLore(Strategy):
             self.plan = plan_from_ranks(model, recorded, resolved.config.welore)
             return model
         model.to("meta")  # the dense weights are replaced: free them before loading the compressed ones
-        compressed = load_compressed(path, ctx.dtype, ctx.device, self.profile.model.attn_implementation)
+        compressed = load_compressed(path, ctx.dtype, self._load_device(ctx), self.profile.model.attn_implementation)
         self.plan = plan_from_ranks(compressed, recorded, compressed.config.welore)
         return compressed
 
@@ -155,7 +164,7 @@ class WeLore(Strategy):
         params = trainable_parameters(model)
         if self.optimizer not in ("galore", "fira"):
             return [], params
-        factors = [p for m in lowrank_modules(model).values() for p in (m.left, m.right) if p.requires_grad]
+        factors = [p for m in lowrank_modules(model).values() for p in m.factors() if p.requires_grad]
         chosen = {id(p) for p in factors}
         return factors, [p for p in params if id(p) not in chosen]
 
