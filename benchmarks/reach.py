@@ -1,8 +1,8 @@
 """What fits my card: for every catalog model x card preset x sequence length, the plan `lowmem-tune
-plan` chooses (strategy and settings) and its estimate; for a 12, a 16 and a 24 GB card also the
-peak `--verify` measures on fake tensors (each in its own process).
+plan` chooses (strategy and settings) and its estimate; for an 8, a 12, a 16 and a 24 GB card also
+the peak `--verify` measures on fake tensors (each in its own process).
 
-    python benchmarks/reach.py                       # the whole grid, verifying the 12/16/24 GB columns
+    python benchmarks/reach.py                       # the whole grid, verifying the 8/12/16/24 GB columns
     python benchmarks/reach.py --no-verify           # estimates only (seconds)
     python benchmarks/reach.py --seq-lens 512 --verify-models llama-2-7b llama-2-13b
     python benchmarks/reach.py --models llama-2-7b --seq-lens 512
@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))  # the checkout's package, installed or not
 
 MODELS = ["llama-2-7b", "llama-2-13b", "llama-3-8b", "mistral-7b", "qwen2.5-7b", "llama-3.2-3b", "llama-3.2-1b",
           "qwen2.5-1.5b", "qwen2.5-0.5b", "tinyllama-1.1b"]
-CARDS = ["rtx3060", "rtx4060ti-16gb", "rtx4080", "rtx3090", "rtx4090", "a100-40gb"]
+CARDS = ["rtx4060", "rtx3060", "rtx4060ti-16gb", "rtx4080", "rtx3090", "rtx4090", "a100-40gb"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-VERIFIED = ("rtx3060", "rtx4060ti-16gb", "rtx4090")  # 12, 16 and 24 GB (the rtx4080 and rtx3090 plan alike)
+VERIFIED = ("rtx4060", "rtx3060", "rtx4060ti-16gb", "rtx4090")  # 8, 12, 16 and 24 GB (rtx4080 / 3090 plan alike)
 
 
 def plan(model: str, card: str, seq_len: int) -> dict[str, Any]:
