@@ -49,7 +49,8 @@ class Candidate:
 
 
 def int8_group_size(arch: Architecture, limit: int = 256) -> int:
-    """The largest group size up to `limit` that divides every decoder linear's input width."""
+    """The largest group size up to `limit` that divides every decoder linear's input width (no row
+    of a dense matrix then ends in a shorter group)."""
     width = math.gcd(*(lin.in_features for lin in arch.linears))
     return max(d for d in range(1, min(width, limit) + 1) if width % d == 0)
 
