@@ -69,10 +69,13 @@ def test_must_show_reads_the_rows(gpu_7b):
         {"id": "galore-512-uncapped", "tokens_per_s": 900.0},
         {"id": "adamw8bit-512-uncapped", "tokens_per_s": 1000.0},
         {"id": "galore-int8-512", "fits": True, "peak_allocated_bytes": 11 * 10**9},
+        {"id": "welore-int8-512", "fits": True, "peak_allocated_bytes": 6 * 2**30},
     ]
     held = [h for _, h, _ in gpu_7b.must_show(rows)]
-    assert held == [True, False, False, True]  # the INT8 row is over its 10 GB
-    assert [h for _, h, _ in gpu_7b.must_show(rows[:1])] == [True, None, None, None]
+    assert held == [True, False, False, True, True]  # the GaLore INT8 row is over its 10 GB
+    assert [h for _, h, _ in gpu_7b.must_show(rows[:1])] == [True, None, None, None, None]
+    rows[-1]["peak_allocated_bytes"] = 7 * 2**30  # over the 6.27 GiB an 8 GiB card leaves
+    assert [h for _, h, _ in gpu_7b.must_show(rows)][3] is False
 
 
 def test_cpu_smoke_children_import_the_checkouts_package_without_an_install(tmp_path):
