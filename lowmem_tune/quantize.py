@@ -4,9 +4,10 @@ Every nn.Linear inside the decoder layers becomes an `Int8Linear`: its weight is
 one float32 scale per group of `group_size` input features of a row (symmetric: w = code ·
 scale, codes in [-127, 127]; a width the group size does not divide ends in a shorter group, as
 a WeLore left factor's rank-wide rows do). A WeLore low-rank component becomes an
-`Int8LowRankLinear` (compress/lowrank.py): its two factors are Int8Linears. The compute-dtype copy of a weight is made inside the layer's own
-forward and backward and freed when they return, so no 16-bit copy of the model exists at any
-time. Embeddings, final norm and lm_head keep the compute dtype.
+`Int8LowRankLinear` (compress/lowrank.py): its two factors are Int8Linears. The compute-dtype
+copy of a weight is made inside the layer's own forward and backward and freed when they return,
+so no 16-bit copy of the model exists at any time. Embeddings, final norm and lm_head keep the
+compute dtype.
 
 Gradients: the module's `weight` is a gradient handle, a parameter of the weight's shape backed
 by one element (stride 0), so autograd, the backward hooks and GaLore see an ordinary matrix
