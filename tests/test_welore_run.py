@@ -125,19 +125,13 @@ def test_a_planned_welore_profile_compresses_once_and_a_second_run_reads_the_cac
     dense model was loaded) and caches the compressed model; a second run loads it from the cache
     and does no factorization."""
     from click.testing import CliRunner
-    from transformers import AutoModelForCausalLM
 
     from lowmem_tune.cli import main
     from lowmem_tune.compress import lowrank
-    from lowmem_tune.data import train_local_tokenizer
     from lowmem_tune.events import Info
     from lowmem_tune.profile import load_profile
 
-    torch.manual_seed(0)
-    source = tmp_path / "model"
-    AutoModelForCausalLM.from_config(resolve_model("tiny-llama").config).save_pretrained(source)
-    tokenizer = train_local_tokenizer(["the red box holds 3 coins", "is the blue box empty? yes"] * 50, 200)
-    tokenizer.save_pretrained(source)
+    source = _local_tiny_model(tmp_path)
     plan = tmp_path / "welore.yaml"
     result = CliRunner().invoke(main, ["plan", "--model", str(source), "--gpu", "16GiB", "--strategy", "welore",
                                        "--seq-len", "48", "-o", str(plan)])
