@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -31,17 +32,22 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 @contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
+def atomic_directory(target: Path, first_wins: bool = False) -> Iterator[Path]:
     """A temporary sibling of `target` to write a directory into; renamed to `target` (which may
-    exist only as an empty directory) when the block ends, removed if it fails."""
+    exist only as an empty directory) when the block ends, removed if it fails. `first_wins`: for
+    a cache entry that several processes may write at once (the same content under one key), a
+    `target` another process completed meanwhile stays and this copy is discarded."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         yield tmp
-        if target.is_dir():
-            target.rmdir()
-        os.replace(tmp, target)
+        try:
+            os.rename(tmp, target)  # atomic; replaces an empty directory, never a filled one
+        except OSError as err:
+            if not (first_wins and err.errno in (errno.ENOTEMPTY, errno.EEXIST)):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

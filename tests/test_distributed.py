@@ -45,6 +45,8 @@ def torchrun(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Com
 
 @pytest.mark.parametrize("strategy", [{"name": "galore", "layerwise": True},
                                       {"name": "owlore", "sampled_layers": 2, "interval": 2},
+                                      # both processes compress, into one (fresh) cache entry
+                                      {"name": "welore", "weight_bits": 8, "group_size": 32},
                                       {"name": "full"}])
 def test_two_processes_end_where_one_process_with_twice_the_micro_batch_does(tmp_path, strategy):
     raw = demo_profile(tmp_path / "two", micro=2, **strategy)
@@ -70,8 +72,9 @@ def test_two_processes_end_where_one_process_with_twice_the_micro_batch_does(tmp
     finally:
         run.cleanup()
     two = torch.load(tmp_path / "rank0.pt")
-    moved = sum(float((reference[k] - v).norm()) ** 2 for k, v in two.items()) ** 0.5
-    norm = sum(float(v.norm()) ** 2 for v in reference.values()) ** 0.5
+    # INT8 codes count in code steps: one code rounded the other way is over the bound
+    moved = sum(float((reference[k].double() - v.double()).norm()) ** 2 for k, v in two.items()) ** 0.5
+    norm = sum(float(v.double().norm()) ** 2 for v in reference.values()) ** 0.5
     assert moved <= 1e-6 * norm, moved / norm  # relative to the weights: float64, the same global batches
 
 

@@ -114,7 +114,7 @@ class WeLore(Strategy):
         self.plan = compress_model(model, self.cfg.rank_reduction, self.cfg.min_ratio, ctx.cache_dir,
                                    svd_device=ctx.device, progress=False)
         if not ctx.fake:
-            with atomic_directory(cached) as tmp:
+            with atomic_directory(cached, first_wins=True) as tmp:  # several processes compress alike
                 save_compressed(model, self.plan, tmp)
         return model
 
