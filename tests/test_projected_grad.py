@@ -126,7 +126,7 @@ def _welore(model):
 
     factorize(model, {name: 12 for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                       and ".layers." in name})
-    return [p for m in lowrank_modules(model).values() for p in (m.left, m.right)], None
+    return [p for m in lowrank_modules(model).values() for p in m.factors()], None
 
 
 @pytest.mark.parametrize("layers", [_int8, _welore], ids=["int8", "welore-factors"])

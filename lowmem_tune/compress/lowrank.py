@@ -62,13 +62,7 @@ class LowRankLinear(nn.Module):
         return (self.left.float() @ self.right.float()).to(self.left.dtype)
 
     def to_linear(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           dtype=self.left.dtype, device=self.left.device)
-        with torch.no_grad():
-            linear.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return _dense_linear(self.dense_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
@@ -93,25 +87,28 @@ class Int8LowRankLinear(nn.Module):
         """(L, R) as gradient handles (quantize.py)."""
         return self.left.weight, self.right.weight
 
-    def dense_factors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The factors (and bias) as a compressed directory stores them, dequantized to `dtype`."""
-        dense = {"left": self.left.dequantized(dtype), "right": self.right.dequantized(dtype)}
-        if self.left.bias is not None:
-            dense["bias"] = self.left.bias.detach()
-        return dense
-
     def dense_weight(self) -> torch.Tensor:
         dtype = self.left.weight.dtype
         return (self.left.dequantized(torch.float32) @ self.right.dequantized(torch.float32)).to(dtype)
 
     def to_linear(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.left.bias is not None,
-                           dtype=self.left.weight.dtype, device=self.left.codes.device)
-        with torch.no_grad():
-            linear.weight.copy_(self.dense_weight())
-            if self.left.bias is not None:
-                linear.bias.copy_(self.left.bias)
-        return linear
+        return _dense_linear(self.dense_weight(), self.left.bias)
+
+
+def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding `weight` (out x in) and `bias`, on their device and in their dtype."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
+                       device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
+_COMPRESSED_NAMES = (("left.weight", "left"), ("right.weight", "right"), ("left.bias", "bias"))
+"""An Int8LowRankLinear's dense state_dict keys, and the LowRankLinear names a compressed
+directory stores them under."""
 
 
 def compressed_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -120,9 +117,9 @@ def compressed_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, tor
     state = dense_state_dict(model, dtype)
     for name, module in model.named_modules():
         if isinstance(module, Int8LowRankLinear):
-            for key in [k for k in state if k.startswith(f"{name}.left.") or k.startswith(f"{name}.right.")]:
-                del state[key]
-            state.update({f"{name}.{key}": t.cpu() for key, t in module.dense_factors(dtype).items()})
+            for held, stored in _COMPRESSED_NAMES:
+                if f"{name}.{held}" in state:
+                    state[f"{name}.{stored}"] = state.pop(f"{name}.{held}")
     return state
 
 
