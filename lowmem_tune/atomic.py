@@ -35,8 +35,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def atomic_directory(target: Path, first_wins: bool = False) -> Iterator[Path]:
     """A temporary sibling of `target` to write a directory into; renamed to `target` (which may
     exist only as an empty directory) when the block ends, removed if it fails. `first_wins`: for
-    a cache entry that several processes may write at once (the same content under one key), a
-    `target` another process completed meanwhile stays and this copy is discarded."""
+    a cache entry that two runs may write at once (complete copies of the same content under one
+    key), a `target` another run completed meanwhile stays and this copy is discarded."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))

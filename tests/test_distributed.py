@@ -45,7 +45,7 @@ def torchrun(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Com
 
 @pytest.mark.parametrize("strategy", [{"name": "galore", "layerwise": True},
                                       {"name": "owlore", "sampled_layers": 2, "interval": 2},
-                                      # both processes compress, into one (fresh) cache entry
+                                      # both processes compress; the fresh cache gets one entry
                                       {"name": "welore", "weight_bits": 8, "group_size": 32},
                                       {"name": "full"}])
 def test_two_processes_end_where_one_process_with_twice_the_micro_batch_does(tmp_path, strategy):
@@ -58,6 +58,9 @@ def test_two_processes_end_where_one_process_with_twice_the_micro_batch_does(tmp
     assert done.returncode == 0, done.stderr[-3000:]
     digests = [(tmp_path / f"rank{r}.digests").read_text().splitlines() for r in (0, 1)]
     assert len(digests[0]) == 5 and digests[0] == digests[1]  # bitwise the same weights after every step
+    if strategy["name"] == "welore":  # process 0 cached the compressed model, whole: the run below reads it
+        entries = list((Path(os.environ["LOWMEM_TUNE_CACHE"]) / "welore-models").iterdir())
+        assert len(entries) == 1 and (entries[0] / "model.safetensors").is_file()
 
     single = dict(raw, output={"dir": str(tmp_path / "one"), "save_final": False})
     single["train"] = dict(raw["train"], micro_batch_size=4)

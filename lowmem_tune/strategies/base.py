@@ -45,6 +45,9 @@ class StrategyContext:
     """True under `plan --verify` (FakeTensorMode): no real values, skip data-dependent work."""
     average: Callable[[list[torch.Tensor]], None] | None = None
     """With several processes: averages tensors across them in place (GaLore's low-rank state)."""
+    main: bool = True
+    """Whether this process writes shared files (the run directory, caches): process 0 of several,
+    as transformers' save_pretrained, which writes nothing on the others."""
 
     def info(self, message: str) -> None:
         self.events.emit(Info(message))

@@ -71,7 +71,7 @@ class WeLore(Strategy):
             f"{summary['lrc']} LRC trainable, {summary['n_lrc']} N-LRC frozen; "
             f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} parameters train"
         )
-        if ctx.run_dir is not None and not ctx.fake:
+        if ctx.run_dir is not None and not ctx.fake and ctx.main:
             Path(ctx.run_dir).mkdir(parents=True, exist_ok=True)
             write_json_atomic(Path(ctx.run_dir) / "strategy.json", {**summary, "matrices": self.plan.to_dict()["matrices"]})
         return model
@@ -113,8 +113,8 @@ class WeLore(Strategy):
         ctx.info("WeLore: compressing (singular values cached; the compressed model too, after this run)")
         self.plan = compress_model(model, self.cfg.rank_reduction, self.cfg.min_ratio, ctx.cache_dir,
                                    svd_device=ctx.device, progress=False)
-        if not ctx.fake:
-            with atomic_directory(cached, first_wins=True) as tmp:  # several processes compress alike
+        if not ctx.fake and ctx.main:  # another run may have cached it meanwhile: the first copy stays
+            with atomic_directory(cached, first_wins=True) as tmp:
                 save_compressed(model, self.plan, tmp)
         return model
 

@@ -123,7 +123,7 @@ class TrainingRun:
         ctx = StrategyContext(
             device=self.device, dtype=self.dtype, run_dir=self.run_dir, model_id=model_identity(p, resolved),
             calibration_batches=lambda n, length: calibration_sequences(train_items, n, length), events=self.events,
-            average=world.average_ if world.distributed else None,
+            average=world.average_ if world.distributed else None, main=world.main,
         )
         self.model = self.strategy.prepare_model(self.model, ctx)
         if p.train.activation_checkpointing:
