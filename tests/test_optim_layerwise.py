@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from lowmem_tune.catalog import resolve_model
 from lowmem_tune.modeling import load_model
 from lowmem_tune.optim import GaLoreAdamW, GaLoreUpdater
+from lowmem_tune.optim.subspace import RangeSketch, top_singular_vectors
 from lowmem_tune.profile import load_profile, profile_from_dict
 from lowmem_tune.strategies import StrategyContext, build_strategy
 from lowmem_tune.strategies.galore import galore_matrices
@@ -314,6 +315,32 @@ def test_a_rank_deficient_gradient_gets_only_supported_directions_then_fills(svd
     for (s1, l1), (s2, l2) in zip(first, second):
         assert s1 == s2
         torch.testing.assert_close(l1 @ l1.T, l2 @ l2.T, atol=1e-5, rtol=0)
+
+
+def test_decompositions_do_not_depend_on_the_thread_count():
+    """A basis, and the sketch factors it comes from, are the same bits at 1 and 2 threads: MKL's
+    QR and SVD differ in the last bits between the two (1e-7 and 1e-5 on a 352 x 128 matrix), and
+    a basis carries that into every later step. The thread count is restored afterwards."""
+    generator = torch.Generator().manual_seed(0)
+    gradient = torch.randn(352, 128, generator=generator)
+    sketch = RangeSketch(352, 128, 32, seed=5, like=gradient)
+    for _ in range(2):
+        sketch.add(torch.randn(352, 128, generator=generator))
+
+    def decompose(threads):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            exact = top_singular_vectors(gradient, 32, "exact")
+            randomized = top_singular_vectors(gradient, 32, "randomized", seed=3)
+            factors = sketch.factors()
+            assert torch.get_num_threads() == threads
+            return (*exact, *randomized, *factors)
+        finally:
+            torch.set_num_threads(previous)
+
+    for one, two in zip(decompose(1), decompose(2), strict=True):
+        assert torch.equal(one, two)
 
 
 def test_hooks_on_frozen_candidates_work_once_they_are_unfrozen():

@@ -24,12 +24,19 @@ a zero column projects to a zero row of R, which Adam turns into a zero update. 
 due at its next step, where the empty columns take the leading directions of that step's gradient
 outside the kept ones; kept columns (and their moments) are untouched. The decompositions run in
 float32 (float64 for a float64 model).
+
+Thread count: on the CPU the decompositions run on one thread. LAPACK's QR and SVD (MKL's here)
+return last-bit different results at 1 and 2 threads, and a basis carries them into every later
+step — the demo's losses parted at step 4 and ended 0.19 apart; torch's matmuls, reductions and
+AdamW did not differ at all (300 steps of full AdamW, bitwise equal). One thread costs little: the
+decompositions are of a sketch (d x k) or of one matrix at a refresh, and a CPU run trains a small model.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
 import torch
 
@@ -37,6 +44,20 @@ from lowmem_tune.optim.projector import GaLoreProjector, SVDFailure, as_contiguo
 
 BASIS_RULES = ("sketch", "exact", "randomized", "first_micro_batch")
 OVERSAMPLE = 8
+
+
+@contextmanager
+def one_cpu_thread(like: torch.Tensor) -> Iterator[None]:
+    """Run the block on one intra-op thread when `like` is on the CPU (see the module's "Thread count")."""
+    threads = torch.get_num_threads()
+    if like.device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def top_singular_vectors(matrix: torch.Tensor, rank: int, method: str, seed: int = 0, side: str = "left",
@@ -50,16 +71,17 @@ def top_singular_vectors(matrix: torch.Tensor, rank: int, method: str, seed: int
     a layerwise run reproduces the same basis. Singular vectors come from the SVD of the matrix as
     given (not of its transpose), so their signs are LAPACK's for it, as in galore-torch.
     """
-    if method in ("exact", "first_micro_batch"):
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    else:
-        m, n = matrix.shape
-        q = min(rank + oversample, m, n)
-        basis = torch.linalg.qr(matrix @ gaussian((n, q), seed, matrix)).Q
-        for _ in range(power_iters):
-            basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ basis).Q).Q
-        u_small, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-        u = basis @ u_small
+    with one_cpu_thread(matrix):
+        if method in ("exact", "first_micro_batch"):
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        else:
+            m, n = matrix.shape
+            q = min(rank + oversample, m, n)
+            basis = torch.linalg.qr(matrix @ gaussian((n, q), seed, matrix)).Q
+            for _ in range(power_iters):
+                basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ basis).Q).Q
+            u_small, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+            u = basis @ u_small
     rank = min(rank, s.shape[0])
     vectors = u.narrow(1, 0, rank) if side == "left" else vh.narrow(0, 0, rank).T
     return vectors, s.narrow(0, 0, rank)
@@ -124,10 +146,11 @@ class RangeSketch:
         """(Q, X) with A ≈ Q X: Q (d x k) orthonormal, X (k x D); exactly (I, A) when summed exactly."""
         if self.exact:
             return torch.eye(self.y.shape[0], dtype=self.y.dtype, device=self.y.device), self.y
-        q = torch.linalg.qr(self.y).Q
-        psi_q = gaussian((self.l, self.y.shape[0]), self.seed + 1, self.y) @ q
-        q2, r2 = torch.linalg.qr(psi_q)
-        x = torch.linalg.solve_triangular(r2, q2.T @ self.w, upper=True)
+        with one_cpu_thread(self.y):
+            q = torch.linalg.qr(self.y).Q
+            psi_q = gaussian((self.l, self.y.shape[0]), self.seed + 1, self.y) @ q
+            q2, r2 = torch.linalg.qr(psi_q)
+            x = torch.linalg.solve_triangular(r2, q2.T @ self.w, upper=True)
         return q, x
 
     def nbytes(self) -> int:
@@ -209,7 +232,8 @@ def refresh(proj: GaLoreProjector, gradient: Gradient, rule: str, dtype: torch.d
         q, x = gradient
         if kept is not None:
             q = q - kept @ (kept.T @ q)
-        qc, rc = torch.linalg.qr(q)
+        with one_cpu_thread(q):
+            qc, rc = torch.linalg.qr(q)
         u_small, s = _decompose(rc @ x, proj.rank, "exact", seed, proj.name, shape)
         u = qc @ u_small
     else:
