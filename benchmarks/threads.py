@@ -28,6 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def cpu_name() -> str:
+    """The CPU's model name: whether torch's own kernels depend on the thread count differs between
+    hosts (MKL picks its kernels by CPU), so a result names the one it came from."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def run_demo(profile: Path, threads: int, overrides: list[str], out: Path) -> dict:
     cmd = [sys.executable, "-m", "lowmem_tune", "run", str(profile), "--headless", "--set", f"output.dir={out}"]
     for override in overrides:
@@ -57,7 +68,7 @@ def main() -> None:
     first_over = {f"{bound:g}": next((i + 1 for i, g in enumerate(gaps) if g > bound), None)
                   for bound in (1e-6, 1e-4, 1e-2)}
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{cpu_name()}, {platform.machine()}, {os.cpu_count()} cores",
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=ROOT).stdout.strip(),
         "overrides": args.overrides,
