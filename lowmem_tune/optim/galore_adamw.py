@@ -24,8 +24,10 @@ matrix's refreshes, straight from its layer's backward (`projected_grad.py`); cl
 norm of the gradient the optimizer consumes (low-rank for GaLore matrices), exact in both modes.
 With `average` (several processes) the step's gradient state is averaged across them first.
 
-State appears on a parameter's first gradient; `release(params, offload)` drops (or parks on the
-CPU) everything held for those parameters, and a parameter that comes back takes a new basis.
+State appears on a parameter's first gradient, its moments at its first update (so a matrix
+whose first basis waits for room holds none: see `SketchRoom`); `release(params, offload)` drops
+(or parks on the CPU) everything held for those parameters, and a parameter that comes back takes a
+new basis.
 """
 
 from __future__ import annotations
@@ -130,16 +132,23 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = 0
-            shape = tuple(p.shape)
             if self.is_galore(p):
                 state["projector"] = self.new_projector(p)
-                shape = state["projector"].low_rank_shape()
-            state.update(moments_for(math.prod(shape), self.bits, self.min_8bit_size).create(
-                shape, p.device, torch.promote_types(p.dtype, torch.float32)))
         elif is_parked(state):
             self.state[p] = state = unpark(state, p.device)
             if "projector" in state:
                 state["projector"].stale = True
+        return state
+
+    def _moments_of(self, p: torch.Tensor) -> tuple[type, tuple[int, ...]]:
+        """The storage and shape of p's moments (its low-rank shape for a GaLore matrix)."""
+        shape = self.new_projector(p).low_rank_shape() if self.is_galore(p) else tuple(p.shape)
+        return moments_for(math.prod(shape), self.bits, self.min_8bit_size), shape
+
+    def _with_moments(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, Any]:
+        if "exp_avg" not in state:
+            storage, shape = self._moments_of(p)
+            state.update(storage.create(shape, p.device, torch.promote_types(p.dtype, torch.float32)))
         return state
 
     def _seed(self, p: torch.Tensor) -> int:
@@ -210,10 +219,20 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _room_for(self, nbytes: int) -> bool:
         def waiting() -> int:  # what the matrices still without a basis will hold once they have one
-            return sum(self.new_projector(q).held_bytes(q.element_size()) for q in self.params()
+            return sum(self._bytes_to_come(q) for q in self.params()
                        if self.is_galore(q) and q.requires_grad and self._needs_basis(q))
 
         return self.sketch_room.admits(self.global_step, nbytes, waiting)
+
+    def _bytes_to_come(self, p: torch.Tensor) -> int:
+        """What a matrix without a basis adds on its device once it trains: its projector and
+        accumulator, and its moments unless it has them (parked state brings its own back)."""
+        held = self.new_projector(p).held_bytes(p.element_size())
+        state = self.state.get(p)
+        if not state or "exp_avg" not in state:
+            storage, shape = self._moments_of(p)
+            held += storage.nbytes(math.prod(shape), torch.promote_types(p.dtype, torch.float32))
+        return held
 
     def _needs_basis(self, p: torch.Tensor) -> bool:
         state = self.state.get(p)
@@ -293,6 +312,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         full = torch.stack(full_sq).sum().sqrt() if full_exact and self.average is None else None
         coef = None if max_norm is None else (max_norm / (consumed + 1e-6)).clamp(max=1.0)
         for p, group, state, grad in pending:
+            state = self._with_moments(p, state)
             if coef is not None:
                 grad.mul_(coef.to(grad.device, grad.dtype))
                 if p.grad is not None and p.grad is not grad:

@@ -25,6 +25,14 @@ due at its next step, where the empty columns take the leading directions of tha
 outside the kept ones; kept columns (and their moments) are untouched. The decompositions run in
 float32 (float64 for a float64 model).
 
+Signs (`sketch`, `randomized`): each new basis vector is turned so that its largest entry is
+positive. A singular vector's sign is arbitrary, and LAPACK's choice can flip on a last-bit change
+of the matrix (seen: two sketches 4e-16 apart, one of eight vectors reversed); under the default
+moment policy (`keep`) Adam's first moment then points backwards along that direction until it
+decays, so a basis whose sign follows rounding makes the trajectory follow it too (layerwise and
+ordinary mode ended 17% apart on one matrix). `exact` and `first_micro_batch` keep LAPACK's
+signs, as galore-torch does, so they stay comparable with it.
+
 Thread count: on the CPU the decompositions run on one thread. LAPACK's QR and SVD (MKL's here)
 return last-bit different results at 1 and 2 threads, and a basis carries them into every later
 step — the demo's losses parted at step 4 and ended 0.19 apart; torch's matmuls, reductions and
@@ -253,7 +261,10 @@ def refresh(proj: GaLoreProjector, gradient: Gradient, rule: str, dtype: torch.d
         scale = max(float(s[0]) if s.numel() else 0.0, proj.top_singular_value if filling else 0.0)
         tolerance = max(proj.shape) * torch.finfo(work).eps * scale
         found = min(need, int((s > tolerance).sum()))
-    columns = ([] if kept is None else [kept]) + [u.narrow(1, 0, found)]
+    found_vectors = u.narrow(1, 0, found)
+    if rule in ("sketch", "randomized"):
+        found_vectors = with_fixed_signs(found_vectors)
+    columns = ([] if kept is None else [kept]) + [found_vectors]
     supported = have + found
     if supported < proj.rank:
         columns.append(u.new_zeros((u.shape[0], proj.rank - supported)))
@@ -262,6 +273,14 @@ def refresh(proj: GaLoreProjector, gradient: Gradient, rule: str, dtype: torch.d
                    f"{proj.rank} directions; its basis keeps those and fills the rest from the next steps' gradients")
     old = proj.set_oriented_basis(torch.cat(columns, dim=1), supported, scale, dtype)
     return BasisUpdate(*old, filled=filling)
+
+
+def with_fixed_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """The columns turned so that each one's largest-magnitude entry is positive (see "Signs")."""
+    if is_fake(vectors) or vectors.shape[1] == 0:
+        return vectors
+    largest = vectors.gather(0, vectors.abs().argmax(dim=0, keepdim=True))
+    return vectors * torch.where(largest < 0, -1.0, 1.0).to(vectors.dtype)
 
 
 def low_rank_from_sketch(proj: GaLoreProjector, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
