@@ -3,9 +3,10 @@
 from lowmem_tune.optim.build import OPTIMIZERS, build_updater
 from lowmem_tune.optim.galore_adamw import GaLoreAdamW
 from lowmem_tune.optim.layerwise import GaLoreUpdater
+from lowmem_tune.optim.offload import tensor_bytes
 from lowmem_tune.optim.projector import GaLoreProjector, SVDFailure
 from lowmem_tune.optim.rounding import StochasticRounding
-from lowmem_tune.optim.updater import StandardUpdater, Updater, tensor_bytes
+from lowmem_tune.optim.updater import StandardUpdater, Updater
 
 __all__ = ["OPTIMIZERS", "GaLoreAdamW", "GaLoreProjector", "GaLoreUpdater", "SVDFailure", "StandardUpdater",
            "StochasticRounding", "Updater", "build_updater", "tensor_bytes"]

@@ -10,13 +10,7 @@ W <- W - lr wd W after the update, as galore-torch 1.0 (the 8-bit kernel on a de
 before it, as torch.optim.AdamW). With `rounding`, updates into bf16/fp16 weights are rounded
 stochastically (`writer.py`) instead of to nearest.
 
-Moments when a matrix's subspace changes (`moments=`):
-- keep: leave m and v as they are (galore-torch's behaviour; they are in the old basis).
-- project: rotate the first moment into the new basis, m <- A m B with A = Pnewᵀ Pold (B likewise
-  on the right), and carry v with the squared rotation, v <- (A∘A) v (B∘B) — the exact map of
-  per-coordinate second moments when the old coordinates are uncorrelated.
-- reset: zero both moments and restart the bias correction.
-Measured with `benchmarks/optimizer_step.py --moments`: keep won (README), so it is the default.
+The moments at a change of subspace (`moments=`: keep, project, reset): `carry_moments` (moments.py).
 
 Gradients come from p.grad at `step()` (ordinary mode) or, one micro-batch at a time, through
 `absorb_grad` in backward hooks (`layerwise.py`, which says what is kept when) or, between a
@@ -39,7 +33,7 @@ import torch
 
 from lowmem_tune.optim.adam_step import dense_step, galore_step
 from lowmem_tune.optim.moments import MIN_8BIT_SIZE, carry_moments, moments_for
-from lowmem_tune.optim.offload import is_parked, park, unpark
+from lowmem_tune.optim.offload import is_parked, park, tensor_bytes, unpark
 from lowmem_tune.optim.persistence import TRANSIENT, galore_state_dict, load_galore_state_dict
 from lowmem_tune.optim.projector import GaLoreProjector
 from lowmem_tune.optim.rounding import StochasticRounding
@@ -140,16 +134,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 state["projector"].stale = True
         return state
 
-    def _moments_of(self, p: torch.Tensor) -> tuple[type, tuple[int, ...]]:
-        """The storage and shape of p's moments (its low-rank shape for a GaLore matrix)."""
+    def _moments_of(self, p: torch.Tensor) -> tuple[type, tuple[int, ...], torch.dtype]:
+        """The storage, shape (low-rank for a GaLore matrix) and dtype of p's moments."""
         shape = self.new_projector(p).low_rank_shape() if self.is_galore(p) else tuple(p.shape)
-        return moments_for(math.prod(shape), self.bits, self.min_8bit_size), shape
-
-    def _with_moments(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, Any]:
-        if "exp_avg" not in state:
-            storage, shape = self._moments_of(p)
-            state.update(storage.create(shape, p.device, torch.promote_types(p.dtype, torch.float32)))
-        return state
+        storage = moments_for(math.prod(shape), self.bits, self.min_8bit_size)
+        return storage, shape, torch.promote_types(p.dtype, torch.float32)
 
     def _seed(self, p: torch.Tensor) -> int:
         return self.global_step * len(self._phase) + self._ordinal[id(p)]
@@ -230,8 +219,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         held = self.new_projector(p).held_bytes(p.element_size())
         state = self.state.get(p)
         if not state or "exp_avg" not in state:
-            storage, shape = self._moments_of(p)
-            held += storage.nbytes(math.prod(shape), torch.promote_types(p.dtype, torch.float32))
+            storage, shape, dtype = self._moments_of(p)
+            held += storage.nbytes(math.prod(shape), dtype)
         return held
 
     def _needs_basis(self, p: torch.Tensor) -> bool:
@@ -312,7 +301,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         full = torch.stack(full_sq).sum().sqrt() if full_exact and self.average is None else None
         coef = None if max_norm is None else (max_norm / (consumed + 1e-6)).clamp(max=1.0)
         for p, group, state, grad in pending:
-            state = self._with_moments(p, state)
+            if "exp_avg" not in state:  # moments appear at the first update
+                storage, shape, dtype = self._moments_of(p)
+                state.update(storage.create(shape, p.device, dtype))
             if coef is not None:
                 grad.mul_(coef.to(grad.device, grad.dtype))
                 if p.grad is not None and p.grad is not grad:
@@ -385,16 +376,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def state_bytes(self, offloaded: bool = False) -> int:
         """Bytes held for parameters on their device (or, with offloaded=True, parked on the CPU)."""
-        total = 0
-        for state in self.state.values():
-            if is_parked(state) != offloaded:
-                continue
-            for value in state.values():
-                if isinstance(value, torch.Tensor):
-                    total += value.numel() * value.element_size()
-                elif isinstance(value, (GaLoreProjector, RangeSketch)):
-                    total += value.nbytes()
-        return total
+        return sum(tensor_bytes(state) for state in self.state.values() if is_parked(state) == offloaded)
 
     def next_refresh_in(self) -> int | None:
         """Steps until the next projector refresh among matrices that have state."""

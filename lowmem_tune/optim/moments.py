@@ -149,8 +149,14 @@ def storage_of(state: dict[str, Any]) -> type:
 
 
 def carry_moments(state: dict[str, Any], policy: str, left: torch.Tensor | None, right: torch.Tensor | None) -> None:
-    """What a matrix's moments become when its subspace changes (galore_adamw's `moments`): kept,
-    reset, or projected with the rotation R_new = left R_old right (v with its square)."""
+    """What a matrix's moments become when its subspace changes (galore_adamw's `moments`):
+    - keep: m and v as they are (galore-torch's behaviour; they are in the old basis).
+    - project: the first moment rotated into the new basis, m <- A m B with A = Pnewᵀ Pold (B
+      likewise on the right, `left` and `right` here), and v carried with the squared rotation,
+      v <- (A∘A) v (B∘B): the exact map of per-coordinate second moments when the old coordinates
+      are uncorrelated.
+    - reset: both zeroed, the bias correction restarted.
+    Measured with `benchmarks/optimizer_step.py --moments`: keep won (README), so it is the default."""
     if policy == "keep":
         return
     storage = storage_of(state)

@@ -1,5 +1,6 @@
 """Parking optimizer state on the CPU while its parameter is out of training (LISA / OwLore layers
-outside the sample), and bringing it back: the one place both optimizers' states go through."""
+outside the sample), bringing it back, and counting its bytes: the one place both optimizers'
+states go through."""
 
 from __future__ import annotations
 
@@ -44,3 +45,15 @@ def unpark(parked: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def is_parked(state: dict[str, Any]) -> bool:
     return ON_CPU in state
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor inside nested dicts / lists / tuples, and of the objects in them that
+    count their own (`nbytes()`: GaLore projectors and sketches)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return obj.nbytes() if callable(getattr(obj, "nbytes", None)) else 0

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Protocol
 
 import torch
 
-from lowmem_tune.optim.offload import park, unpark
+from lowmem_tune.optim.offload import park, tensor_bytes, unpark
 
 
 class Updater(Protocol):
@@ -46,17 +46,6 @@ class Updater(Protocol):
     def close(self) -> None:
         """Remove hooks; the updater is not used after this."""
         ...
-
-
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor inside nested dicts / lists / tuples."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
 
 
 class StandardUpdater:
