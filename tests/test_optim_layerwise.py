@@ -398,12 +398,13 @@ def test_first_basis_sketches_fit_in_what_the_waiting_matrices_will_hold(tiny, b
         basis = sum(t.nbytes for t in (proj.left, proj.right) if t is not None)
         return moments + basis + 4 * low[0] * low[1]  # the float32 accumulator of a step
 
-    one_sketch = max(RangeSketch(*proj_oriented(opt, p), 8, 0, p).nbytes() for p in mats)
+    one_sketch = max(RangeSketch(*oriented_shape(opt, p), 8, 0, p).nbytes() for p in mats)
     assert sketches <= max(sum(trained_bytes(p) for p in mats), one_sketch)
     updater.close()
 
 
-def proj_oriented(opt, p):
+def oriented_shape(opt, p):
+    """(d, D) of p's gradient as its sketch sees it: the projected side first."""
     proj = opt.state[p]["projector"]
     m, n = proj.shape
     return (m, n) if proj.sides == ("left",) else (n, m)
