@@ -218,9 +218,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         accumulator, and its moments unless it has them (parked state brings its own back)."""
         held = self.new_projector(p).held_bytes(p.element_size())
         state = self.state.get(p)
-        if not state or "exp_avg" not in state:
+        if not state or "exp_avg" not in state:  # sized by building them on the meta device
             storage, shape, dtype = self._moments_of(p)
-            held += storage.nbytes(math.prod(shape), dtype)
+            held += tensor_bytes(storage.create(shape, torch.device("meta"), dtype))
         return held
 
     def _needs_basis(self, p: torch.Tensor) -> bool:

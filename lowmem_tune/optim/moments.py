@@ -30,10 +30,6 @@ MIN_8BIT_SIZE = 4096  # smaller tensors keep float32 moments, as in bitsandbytes
 
 class Fp32Moments:
     @staticmethod
-    def nbytes(numel: int, dtype: torch.dtype = torch.float32) -> int:
-        return 2 * numel * dtype.itemsize
-
-    @staticmethod
     def create(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """float32 moments (float64 for a float64 parameter)."""
         return {"exp_avg": torch.zeros(shape, dtype=dtype, device=device),
@@ -69,10 +65,6 @@ def dynamic_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Blockwise8bitMoments:
-    @staticmethod
-    def nbytes(numel: int, dtype: torch.dtype = torch.float32) -> int:
-        return 2 * numel + 2 * 4 * -(-numel // BLOCKSIZE)
-
     @staticmethod
     def create(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         blocks = -(-math.prod(shape) // BLOCKSIZE)
