@@ -121,13 +121,15 @@ def monitor(run_dir: Path) -> None:
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write results JSON.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--add-bos/--no-add-bos", "add_bos", default=None,
+              help="BOS before every request (default: as the tokenizer does on its own, like lm-eval and training).")
 def eval_(dataset: str, model: str | None, data_files: tuple[str, ...], limit: int | None, num_fewshot: int | None,
-          batch_size: int, output: Path | None, device: str) -> None:
+          batch_size: int, output: Path | None, device: str, add_bos: bool | None) -> None:
     """Evaluate a model on tasks scored the way the field scores them."""
     from lowmem_tune.evaluation import eval_command
 
     eval_command(dataset=dataset, model=model, data_files=data_files, limit=limit, num_fewshot=num_fewshot,
-                 batch_size=batch_size, output=output, device=device)
+                 batch_size=batch_size, output=output, device=device, add_bos=add_bos)
 
 
 @main.command()

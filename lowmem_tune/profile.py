@@ -186,6 +186,11 @@ class EvalSection:
     batch_size: int = knob(8, bounds=ONE)
     data_files: dict[str, str] = field(default_factory=dict)
     """Local files per task (task name -> JSON / JSONL / parquet in the task's schema)."""
+    add_bos: bool | None = None
+    """BOS before every sequence: null puts it where the tokenizer does on its own (Llama's, Gemma's
+    and Mistral's do), as lm-evaluation-harness does by default; true / false override that, like
+    the harness's add_bos_token. The run's training and held-out examples follow the same choice,
+    so the model is scored on sequences that begin the way its training sequences began."""
 
 
 @dataclass

@@ -6,13 +6,14 @@ the models are the catalog's `tiny-llama` architecture with random weights, save
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from lowmem_tune.catalog import CATALOG
 from lowmem_tune.data.synthetic import generate_synthetic_boolq
@@ -62,6 +63,32 @@ def train_tokenizer() -> PreTrainedTokenizerFast:
                                    pad_token="<pad>")
 
 
+def with_bos(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """The same vocabulary, with a post-processor that puts BOS in front as Llama's, Mistral's and
+    Gemma's tokenizers do by default."""
+    tok = copy.deepcopy(tokenizer)
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    assert tok("a")["input_ids"][0] == bos
+    return tok
+
+
+def lm_eval_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path, add_bos: bool | None):
+    """The tokenizer as lm-evaluation-harness 0.4.13's HFLM loads it: `add_bos_token` is passed to
+    from_pretrained when it is set."""
+    tokenizer.save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory, **({} if add_bos is None else {"add_bos_token": add_bos}))
+
+
+def lm_eval_encode(tok, text: str) -> list[int]:
+    """HFLM.tok_encode with add_special_tokens None: the tokenizer's own special tokens, except for
+    a text that already begins with the BOS text (lm-eval's has_bos_prefix)."""
+    if tok.bos_token is not None and text.startswith(tok.bos_token):
+        return tok.encode(text, add_special_tokens=False)
+    return tok.encode(text)
+
+
 def tiny_model(vocab_size: int, seed: int = 0):
     config = CATALOG["tiny-llama"].build_config()
     config.vocab_size = vocab_size
@@ -97,6 +124,11 @@ def single_token(tokenizer, text: str) -> int:
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer(tokenizer):
+    return with_bos(tokenizer)
 
 
 @pytest.fixture(scope="session")

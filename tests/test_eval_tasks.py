@@ -13,9 +13,12 @@ from click.testing import CliRunner
 from test_eval_support import (  # noqa: F401
     COMMONSENSE,
     WELORE,
+    bos_tokenizer,
     favour_token,
     fixture_path,
     fixture_rows,
+    lm_eval_encode,
+    lm_eval_tokenizer,
     model_dir,
     random_model,
     single_token,
@@ -26,7 +29,10 @@ from test_eval_support import (  # noqa: F401
 from lowmem_tune.cli import main
 from lowmem_tune.data.synthetic import generate_synthetic_boolq
 from lowmem_tune.evaluation import evaluate_tasks
+from lowmem_tune.data.tokenize import bos_first
 from lowmem_tune.evaluation.cards import load_card
+from lowmem_tune.evaluation.generation import GreedyGenerator
+from lowmem_tune.evaluation.loglikelihood import encode_pairs
 from lowmem_tune.evaluation.runner import run_task
 
 # --- the reference: lm-evaluation-harness 0.4, written out per row, no batching -----------------
@@ -71,8 +77,8 @@ def reference_loglikelihood(model, tok, context: str, continuation: str) -> floa
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
-    whole = tok.encode(context + continuation, add_special_tokens=False)
-    ctx = tok.encode(context, add_special_tokens=False)
+    whole = lm_eval_encode(tok, context + continuation)
+    ctx = lm_eval_encode(tok, context)
     cont = whole[len(ctx):]
     seq = (ctx + cont)[-(model.config.max_position_embeddings + 1):]
     with torch.no_grad():
@@ -101,18 +107,56 @@ def reference_choice_task(model, tok, task: str, rows: list[dict], prefixes: lis
     return preds, sum(acc) / len(acc), sum(acc_norm) / len(acc_norm)
 
 
+TOKENIZERS = ["tokenizer", "bos_tokenizer"]  # adds no BOS by default; adds BOS, as Llama's and Gemma's do
+
+
+@pytest.mark.parametrize("kind", TOKENIZERS)
 @pytest.mark.parametrize("task", COMMONSENSE)
-def test_loglikelihood_task_matches_the_reference(task, random_model, tokenizer):
+def test_loglikelihood_task_matches_the_reference(task, kind, random_model, request, tmp_path):
+    tok = request.getfixturevalue(kind)
     rows = fixture_rows(task)
-    scores, protocol = run_task(random_model, tokenizer, load_card(task), data_file=str(fixture_path(task)),
-                                batch_size=3)
-    preds, acc, acc_norm = reference_choice_task(random_model, tokenizer, task, rows)
+    scores, protocol = run_task(random_model, tok, load_card(task), data_file=str(fixture_path(task)), batch_size=3)
+    preds, acc, acc_norm = reference_choice_task(random_model, lm_eval_tokenizer(tok, tmp_path, None), task, rows)
     summary = scores.summary()
     assert scores.predictions == preds
     assert summary["acc"] == acc and summary["n"] == len(rows)
     if "acc_norm" in load_card(task).metrics:
         assert summary["acc_norm"] == acc_norm
     assert protocol["scorer"] == "loglikelihood" and protocol["num_fewshot"] == 0
+    assert protocol["bos"] == (kind == "bos_tokenizer")
+
+
+@pytest.mark.parametrize("add_bos", [None, True, False])
+@pytest.mark.parametrize("kind", TOKENIZERS)
+def test_requests_are_the_token_ids_lm_eval_gives(kind, add_bos, random_model, request, tmp_path):
+    # lm-eval 0.4.13: _encode_pair over HFLM.tok_encode for scoring, tok_batch_encode for generation.
+    tok = request.getfixturevalue(kind)
+    reference = lm_eval_tokenizer(tok, tmp_path, add_bos)
+    bos = bos_first(tok, add_bos)
+    assert bos == (add_bos if add_bos is not None else kind == "bos_tokenizer")
+    for task in COMMONSENSE:
+        for row in fixture_rows(task):
+            pairs, _, _ = reference_requests(task, row)
+            for (ctx, cont), got in zip(pairs, encode_pairs(tok, pairs, bos)):
+                whole, ctx_ids = lm_eval_encode(reference, ctx + cont), lm_eval_encode(reference, ctx)
+                assert got == (ctx_ids, whole[len(ctx_ids):])
+                assert (got[0][0] == tok.bos_token_id) == bos
+    generator = GreedyGenerator(random_model, tok, bos)
+    prompts = [reference_generation_prompt(task, row)[0] for task in WELORE for row in fixture_rows(task)]
+    room = random_model.config.max_position_embeddings - 16
+    assert generator.encode_prompts(prompts, 16) == [lm_eval_encode(reference, p)[-room:] for p in prompts]
+
+
+@pytest.mark.parametrize("kind, add_bos", [("tokenizer", True), ("bos_tokenizer", False), ("bos_tokenizer", True)])
+@pytest.mark.parametrize("task", ["boolq", "piqa"])
+def test_add_bos_overrides_the_tokenizer_as_lm_eval_add_bos_token_does(task, kind, add_bos, random_model, request,
+                                                                       tmp_path):
+    tok = request.getfixturevalue(kind)
+    rows = fixture_rows(task)
+    scores, protocol = run_task(random_model, tok, load_card(task), data_file=str(fixture_path(task)), add_bos=add_bos)
+    preds, acc, _ = reference_choice_task(random_model, lm_eval_tokenizer(tok, tmp_path, add_bos), task, rows)
+    assert scores.predictions == preds and scores.summary()["acc"] == acc
+    assert protocol["bos"] == add_bos
 
 
 def test_fewshot_context_matches_lm_eval_sampling(random_model, tokenizer):
@@ -153,7 +197,7 @@ def reference_generation_prompt(task: str, row: dict) -> tuple[str, str]:
 
 
 def reference_greedy(model, tok, prompt: str, max_new_tokens: int = 16) -> str:
-    ids = tok.encode(prompt, add_special_tokens=False)[-(model.config.max_position_embeddings - max_new_tokens):]
+    ids = lm_eval_encode(tok, prompt)[-(model.config.max_position_embeddings - max_new_tokens):]
     new: list[int] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
@@ -177,15 +221,18 @@ def reference_correct(task: str, output: str, gold: str) -> bool:
     return bool(found) and found[0].lower() == gold
 
 
+@pytest.mark.parametrize("kind", TOKENIZERS)
 @pytest.mark.parametrize("task", WELORE)
-def test_generation_task_matches_the_reference(task, random_model, tokenizer):
+def test_generation_task_matches_the_reference(task, kind, random_model, request, tmp_path):
+    tok = request.getfixturevalue(kind)
+    reference_tok = lm_eval_tokenizer(tok, tmp_path, None)
     rows = fixture_rows(task)
     card = load_card(task)
-    scores, protocol = run_task(random_model, tokenizer, card, data_file=str(fixture_path(task)), batch_size=3)
+    scores, protocol = run_task(random_model, tok, card, data_file=str(fixture_path(task)), batch_size=3)
     correct = []
     for row in rows:
         prompt, gold = reference_generation_prompt(task, row)
-        correct.append(float(reference_correct(task, reference_greedy(random_model, tokenizer, prompt), gold)))
+        correct.append(float(reference_correct(task, reference_greedy(random_model, reference_tok, prompt), gold)))
     assert scores.per_row["acc"] == correct
     assert scores.summary()["n"] == len(rows)  # unparseable rows stay in the denominator
     assert protocol["scorer"] == "generation"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 
 import pytest
 import torch
-from test_eval_support import fixture_path, fixture_rows, model_dir, random_model, tokenizer  # noqa: F401
+from test_eval_support import bos_tokenizer, fixture_path, fixture_rows, model_dir, random_model, tokenizer  # noqa: F401
 
+from lowmem_tune.data.tokenize import bos_first
 from lowmem_tune.errors import UserError
 from lowmem_tune.evaluation.cards import AnswerPattern, available_suites, available_tasks, expand_tasks, load_card
 from lowmem_tune.evaluation.data import load_local_rows, load_task_rows
@@ -31,18 +33,18 @@ def test_trailing_space_moves_to_the_continuation():
 
 
 def test_context_and_continuation_are_tokenized_separately_and_concatenated(tokenizer):
-    (ctx, cont), = encode_pairs(tokenizer, [("Question: is it cold?\nAnswer:", " yes")])
+    (ctx, cont), = encode_pairs(tokenizer, [("Question: is it cold?\nAnswer:", " yes")], bos=False)
     assert ctx == ids(tokenizer, "Question: is it cold?\nAnswer:")
     assert cont == ids(tokenizer, " yes") and len(cont) == 1
     # A trailing space on the context gives exactly the same tokens.
-    assert encode_pairs(tokenizer, [("Question: is it cold?\nAnswer: ", "yes")]) == [(ctx, cont)]
+    assert encode_pairs(tokenizer, [("Question: is it cold?\nAnswer: ", "yes")], bos=False) == [(ctx, cont)]
     # Nothing straddles the boundary with this tokenizer, so the pieces concatenate to the whole.
     assert ctx + cont == ids(tokenizer, "Question: is it cold?\nAnswer: yes")
 
 
 def test_multi_token_choice_keeps_all_its_tokens(tokenizer):
     choice = " pour water slowly around the base of the plant."
-    (ctx, cont), = encode_pairs(tokenizer, [("Home and Garden: If it feels dry", choice)])
+    (ctx, cont), = encode_pairs(tokenizer, [("Home and Garden: If it feels dry", choice)], bos=False)
     assert len(cont) > 3
     assert cont == ids(tokenizer, choice)
     assert tokenizer.decode(cont) == choice
@@ -59,12 +61,35 @@ def test_continuation_is_what_follows_the_context_tokens_when_tokens_straddle():
     raw.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
     assert ids(tok, " yes") == [1, 3]  # alone, " yes" gains a spurious "▁" token
-    assert encode_pairs(tok, [("Answer: ", "yes")]) == [([2], [3])]
-    assert encode_pairs(tok, [("Answer:", " no")]) == [([2], [4])]
+    assert encode_pairs(tok, [("Answer: ", "yes")], bos=False) == [([2], [3])]
+    assert encode_pairs(tok, [("Answer:", " no")], bos=False) == [([2], [4])]
 
 
-def test_empty_context_scores_after_the_bos_token(tokenizer):
-    assert encode_pairs(tokenizer, [("", " yes")]) == [([tokenizer.bos_token_id], ids(tokenizer, " yes"))]
+@pytest.mark.parametrize("bos", [False, True])
+def test_empty_context_scores_after_the_bos_token(tokenizer, bos):
+    bos_id = tokenizer.bos_token_id
+    assert encode_pairs(tokenizer, [("", " yes")], bos) == [([bos_id], ids(tokenizer, " yes"))]
+    # lm-eval: a continuation that itself begins with that token is conditioned on it, not on a second one.
+    assert encode_pairs(tokenizer, [("", "<s> yes")], bos) == [([bos_id], ids(tokenizer, " yes"))]
+
+
+def test_bos_goes_first_on_the_context_once(tokenizer):
+    bos_id = tokenizer.bos_token_id
+    (ctx, cont), = encode_pairs(tokenizer, [("Question: is it cold?\nAnswer:", " yes")], bos=True)
+    assert ctx == [bos_id] + ids(tokenizer, "Question: is it cold?\nAnswer:") and cont == ids(tokenizer, " yes")
+    # A context that already begins with the BOS text is not given a second BOS (lm-eval's has_bos_prefix).
+    (ctx, cont), = encode_pairs(tokenizer, [("<s>Question: is it cold?\nAnswer:", " yes")], bos=True)
+    assert ctx == [bos_id] + ids(tokenizer, "Question: is it cold?\nAnswer:") and ctx.count(bos_id) == 1
+
+
+def test_bos_first_follows_the_tokenizer_unless_told(tokenizer, bos_tokenizer):
+    assert not bos_first(tokenizer) and bos_first(bos_tokenizer)
+    assert bos_first(tokenizer, True) and not bos_first(bos_tokenizer, False)
+    no_bos = copy.deepcopy(tokenizer)
+    no_bos.bos_token = None
+    assert not bos_first(no_bos, False)
+    with pytest.raises(UserError, match="no BOS token"):
+        bos_first(no_bos, True)
 
 
 def _direct_loglikelihood(model, tokens: list[int], n_cont: int) -> float:
@@ -74,7 +99,7 @@ def _direct_loglikelihood(model, tokens: list[int], n_cont: int) -> float:
 
 def test_long_sequences_are_cut_from_the_left(tokenizer, random_model):
     context = " ".join(["the river runs for three hundred miles"] * 6)
-    (ctx, cont), = encode_pairs(tokenizer, [(context, " past the old bridge")])
+    (ctx, cont), = encode_pairs(tokenizer, [(context, " past the old bridge")], bos=False)
     max_length = 16
     assert len(ctx) + len(cont) > max_length + 1 and len(cont) < max_length
     got = LoglikelihoodScorer(random_model, tokenizer, max_length=max_length).score([(ctx, cont)])[0]
@@ -85,7 +110,7 @@ def test_long_sequences_are_cut_from_the_left(tokenizer, random_model):
 def test_batching_and_padding_do_not_change_scores(tokenizer, random_model):
     pairs = encode_pairs(tokenizer, [("Q: Sam forgot his lunch.\nA:", c) for c in
                                      (" grateful", " angry and very tired of it", " sleepy")] +
-                         [("The lake freezes solid each winter.", " yes")])
+                         [("The lake freezes solid each winter.", " yes")], bos=False)
     one = LoglikelihoodScorer(random_model, tokenizer, batch_size=1).score(pairs)
     four = LoglikelihoodScorer(random_model, tokenizer, batch_size=4).score(pairs)
     direct = [_direct_loglikelihood(random_model, c + t, len(t)) for c, t in pairs]
@@ -109,7 +134,7 @@ class _FixedScores:
 def test_acc_norm_divides_by_choice_length_in_characters(tokenizer):
     # "a": -2.0 in total but -2.0 per character; "bbbbbb": -3.0 in total, -0.5 per character.
     question = ChoiceQuestion(["Q:"] * 2, [" a", " bbbbbb"], ["a", "bbbbbb"], gold=1)
-    scores = score_choice_questions([question], _FixedScores(tokenizer, [-2.0, -3.0]), ["acc", "acc_norm"])
+    scores = score_choice_questions([question], _FixedScores(tokenizer, [-2.0, -3.0]), ["acc", "acc_norm"], bos=False)
     assert scores.predictions == [0]
     assert scores.per_row == {"acc": [0.0], "acc_norm": [1.0]}
 

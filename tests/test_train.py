@@ -270,3 +270,45 @@ def test_headless_lines_have_no_library_progress_bars_and_one_line_per_evaluatio
     baseline = [line for line in result.output.splitlines() if "baseline" in line]
     assert len(baseline) == 1 and baseline[0].startswith("baseline eval: synthetic-boolq acc=")
     assert len([line for line in result.output.splitlines() if "final eval" in line]) == 1
+
+
+@pytest.mark.parametrize("adds_bos, add_bos, expect_bos", [
+    (False, None, False), (True, None, True), (True, False, False), (False, True, True),
+])
+def test_training_examples_and_evaluation_requests_begin_the_same_way(tmp_path, monkeypatch, adds_bos, add_bos,
+                                                                      expect_bos):
+    from test_eval_support import fixture_path, fixture_rows, with_bos
+
+    from lowmem_tune.data import BatchStream, generate_synthetic_boolq, train_local_tokenizer
+    from lowmem_tune.evaluation.loglikelihood import LoglikelihoodScorer
+
+    texts = [r["passage"] + r["question"] for r in generate_synthetic_boolq("train", 50)]
+    texts += [r["passage"] + r["question"] for r in fixture_rows("boolq")]
+    tokenizer = train_local_tokenizer(texts, 256)
+    (with_bos(tokenizer) if adds_bos else tokenizer).save_pretrained(tmp_path / "tokenizer")
+    first_tokens: dict[str, set[int]] = {"train": set(), "eval": set()}
+
+    def next_batch(stream):
+        batch = real_next_batch(stream)
+        first_tokens["train"].update(batch["input_ids"][:, 0].tolist())
+        return batch
+
+    def score(scorer, pairs, progress=None):
+        first_tokens["eval"].update(ctx[0] for ctx, _ in pairs)
+        return real_score(scorer, pairs, progress)
+
+    real_next_batch, real_score = BatchStream.next_batch, LoglikelihoodScorer.score
+    monkeypatch.setattr(BatchStream, "next_batch", next_batch)
+    monkeypatch.setattr(LoglikelihoodScorer, "score", score)
+    raw = tiny_profile(tmp_path / "run", model={"tokenizer": str(tmp_path / "tokenizer")},
+                       train={"max_steps": 2, "save_every": 2, "eval_every": 2},
+                       eval={"tasks": ["boolq"], "data_files": {"boolq": str(fixture_path("boolq"))}, "limit": 4,
+                             "add_bos": add_bos})
+    outcome = run_training(profile_from_dict(raw), resume=False, sink=Recorder())
+    assert outcome.status == "completed"
+    bos = tokenizer.bos_token_id
+    assert first_tokens["train"] and first_tokens["eval"]
+    for stage, tokens in first_tokens.items():
+        assert (tokens == {bos}) if expect_bos else (bos not in tokens), stage
+    results = json.loads((tmp_path / "run" / "eval.json").read_text())["final"]
+    assert results["protocol"]["tasks"]["boolq"]["bos"] is expect_bos

@@ -3,11 +3,12 @@ trained locally for random-init models (no hub needed)."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lowmem_tune.data.examples import Example
+from lowmem_tune.errors import UserError
 
 IGNORE_INDEX = -100
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -35,22 +36,49 @@ def train_local_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTo
 
 
 def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether the tokenizer itself puts BOS in front (Llama's does; our local one does not)."""
+    """Whether the tokenizer itself puts BOS in front (Llama's, Mistral's and Gemma's do; our local
+    one does not)."""
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
+def bos_first(tokenizer: PreTrainedTokenizerBase, add_bos: bool | None = None) -> bool:
+    """Whether every sequence the model is given, in training and in evaluation, begins with BOS.
+
+    None: what the tokenizer does on its own, which is lm-evaluation-harness 0.4's default (its
+    `add_bos_token` None); True / False override it, as the harness's `add_bos_token` does.
+    """
+    if add_bos is None:
+        return adds_bos(tokenizer)
+    if add_bos and tokenizer.bos_token_id is None:
+        raise UserError("eval.add_bos / --add-bos: the tokenizer has no BOS token to add; leave it unset (the tokenizer's "
+                        "default) or set it to false")
+    return add_bos
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], bos: bool) -> list[list[int]]:
+    """Token ids of each text, BOS first when `bos`: the one encoding training and evaluation use.
+
+    A text that already begins with the BOS token's text gets no second one (the tokenizer reads
+    that text as the token), as in lm-evaluation-harness' `tok_encode`.
+    """
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    if not bos:
+        return [list(x) for x in ids]
+    bos_text = tokenizer.bos_token
+    return [list(x) if bos_text and text.startswith(bos_text) else [tokenizer.bos_token_id, *x]
+            for text, x in zip(texts, ids)]
+
+
 def tokenize_example(example: Example, tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
-                     train_on_prompt: bool, with_bos: bool) -> dict[str, list[int]]:
-    """Prompt and response tokenized separately and concatenated, EOS last, BOS first only where
-    the tokenizer adds one itself (so evaluation, which uses the tokenizer's own behaviour, sees
-    what training saw); too long: the prompt is cut from the left so the response survives."""
-    prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []
-    response = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+                     train_on_prompt: bool, bos: bool) -> dict[str, list[int]]:
+    """Prompt and response tokenized separately and concatenated, EOS last, BOS first when `bos`
+    (`bos_first`, which evaluation follows too); too long: the prompt is cut from the left so the
+    response survives."""
+    [prompt] = encode(tokenizer, [example.prompt], bos)
+    [response] = encode(tokenizer, [example.response], bos=False)
     if tokenizer.eos_token_id is not None:
         response = response + [tokenizer.eos_token_id]
-    if with_bos:
-        prompt = [tokenizer.bos_token_id] + prompt
     overflow = len(prompt) + len(response) - max_seq_len
     if overflow > 0:
         keep = max(len(prompt) - overflow, 0)
@@ -61,9 +89,9 @@ def tokenize_example(example: Example, tokenizer: PreTrainedTokenizerBase, max_s
 
 
 def tokenize_examples(examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
-                      train_on_prompt: bool, packing: bool) -> list[dict[str, list[int]]]:
-    with_bos = adds_bos(tokenizer)
-    items = [tokenize_example(e, tokenizer, max_seq_len, train_on_prompt, with_bos) for e in examples]
+                      train_on_prompt: bool, packing: bool, add_bos: bool | None = None) -> list[dict[str, list[int]]]:
+    bos = bos_first(tokenizer, add_bos)
+    items = [tokenize_example(e, tokenizer, max_seq_len, train_on_prompt, bos) for e in examples]
     return pack(items, max_seq_len) if packing else items
 
 

@@ -71,7 +71,7 @@ def latest_final_model(runs: Path = RUNS_DIR) -> Path:
 
 def eval_command(dataset: str, model: str | None, data_files: tuple[str, ...] = (), limit: int | None = None,
                  num_fewshot: int | None = None, batch_size: int = 8, output: Path | None = None,
-                 device: str = "auto") -> None:
+                 device: str = "auto", add_bos: bool | None = None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -111,7 +111,7 @@ def eval_command(dataset: str, model: str | None, data_files: tuple[str, ...] = 
             bar.update(bars[task], completed=done, total=total)
 
         results = evaluate_tasks(loaded, tokenizer, tasks, limit=limit, num_fewshot=num_fewshot,
-                                 batch_size=batch_size, data_files=files, progress=progress)
+                                 batch_size=batch_size, data_files=files, add_bos=add_bos, progress=progress)
     results["protocol"]["model"] = str(resolved.pretrained_path)
     Console().print(results_table(results))
     if output is not None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from lowmem_tune.data.tokenize import encode
 from lowmem_tune.evaluation.cards import AnswerPattern
 from lowmem_tune.evaluation.loglikelihood import model_max_length
 
@@ -48,14 +49,21 @@ def answer_is_correct(predicted: str | None, gold: str, compare: str) -> bool:
 
 
 class GreedyGenerator:
-    """Greedy continuations of many prompts, a left-padded batch at a time (longest first)."""
+    """Greedy continuations of many prompts, a left-padded batch at a time (longest first); a
+    prompt is encoded as training encodes it (`data.tokenize.encode`, BOS first when `bos`)."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 8,
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bos: bool, batch_size: int = 8,
                  max_length: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.bos = bos
         self.batch_size = max(1, batch_size)
         self.max_length = max_length or model_max_length(model, tokenizer)
+
+    def encode_prompts(self, contexts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
+        """Prompt token ids, cut from the left to leave room for the answer, as lm-eval does."""
+        room = max(1, self.max_length - max_new_tokens)
+        return [ids[-room:] for ids in encode(self.tokenizer, contexts, self.bos)]
 
     @torch.inference_mode()
     def generate(self, contexts: Sequence[str], max_new_tokens: int, stop: Sequence[str],
@@ -65,9 +73,7 @@ class GreedyGenerator:
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, use_cache=True,
                                   pad_token_id=pad_id, eos_token_id=tok.eos_token_id, stop_strings=list(stop) or None)
-        # Leave room for the answer: cut the prompt from the left, as lm-eval does.
-        room = max(1, self.max_length - max_new_tokens)
-        encoded = [ids[-room:] for ids in tok(list(contexts), add_special_tokens=False)["input_ids"]]
+        encoded = self.encode_prompts(contexts, max_new_tokens)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         outputs = [""] * len(encoded)
         for start in range(0, len(order), self.batch_size):

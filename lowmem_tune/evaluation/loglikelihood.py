@@ -5,9 +5,11 @@ the continuation; the context is tokenized on its own and the continuation token
 tokenization of context + continuation holds after the context's token count. That equals
 tokenizing the two separately and concatenating whenever no token straddles the boundary, and
 stays right for SentencePiece tokenizers, which would add a spurious leading "▁" to a
-continuation tokenized alone. No BOS is added (lm-eval's default, add_bos_token=False); an empty
-context becomes the BOS (else EOS) token. Sequences longer than the model's context are cut from
-the left.
+continuation tokenized alone. Both are encoded as training encodes (`data.tokenize.encode`): BOS
+first where `bos_first` says so, which by default is what the tokenizer does on its own, as in
+lm-eval 0.4.13 (`add_bos_token` None). An empty context becomes the BOS (else EOS) token, or the
+continuation's first token when that is the same token. Sequences longer than the model's context
+are cut from the left.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lowmem_tune.data.tokenize import encode
 from lowmem_tune.modeling import logits_at
 
 TokenPair = tuple[list[int], list[int]]
@@ -38,18 +41,19 @@ def _prefix_token(tokenizer: PreTrainedTokenizerBase) -> int:
     return token
 
 
-def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]) -> list[TokenPair]:
-    """Token ids of (context, continuation) pairs, tokenized in two batched calls."""
+def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], bos: bool) -> list[TokenPair]:
+    """Token ids of (context, continuation) pairs, tokenized in two batched calls; BOS first when `bos`."""
     moved = [split_trailing_space(ctx, cont) for ctx, cont in pairs]
-    contexts = [ctx for ctx, _ in moved]
-    context_ids = tokenizer(contexts, add_special_tokens=False)["input_ids"]
-    whole_ids = tokenizer([ctx + cont for ctx, cont in moved], add_special_tokens=False)["input_ids"]
+    context_ids = encode(tokenizer, [ctx for ctx, _ in moved], bos)
+    whole_ids = encode(tokenizer, [ctx + cont for ctx, cont in moved], bos)
     out: list[TokenPair] = []
     for (ctx, cont), ctx_ids, whole in zip(moved, context_ids, whole_ids):
-        if not ctx:
-            out.append(([_prefix_token(tokenizer)], tokenizer(cont, add_special_tokens=False)["input_ids"]))
-        else:
-            out.append((list(ctx_ids), list(whole[len(ctx_ids):])))
+        if ctx:
+            out.append((ctx_ids, whole[len(ctx_ids):]))
+            continue
+        [cont_ids] = encode(tokenizer, [cont], bos=False)
+        prefix = _prefix_token(tokenizer)
+        out.append(([prefix], cont_ids) if cont_ids[:1] != [prefix] else (cont_ids[:1], cont_ids[1:]))
     return out
 
 

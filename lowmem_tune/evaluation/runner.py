@@ -12,6 +12,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lowmem_tune.data.tokenize import bos_first
 from lowmem_tune.errors import UserError
 from lowmem_tune.evaluation.cards import TaskCard, expand_tasks, load_card
 from lowmem_tune.evaluation.data import load_fewshot_rows, load_task_rows
@@ -25,7 +26,8 @@ PROTOCOLS = {
     "loglikelihood": (
         "lm-evaluation-harness 0.4 multiple choice: score = sum of log p(choice tokens | context); "
         "acc = argmax score, acc_norm = argmax score / len(choice in characters); the context's trailing "
-        "space moves to the continuation; no BOS; cut from the left at the model's context length"
+        "space moves to the continuation; BOS first as the tokenizer puts it (or as add_bos says), as in "
+        "training; cut from the left at the model's context length"
     ),
     "generation": (
         "greedy decoding until a stop string; the answer is the card's pattern matched as whole words; "
@@ -71,7 +73,7 @@ class TaskScores:
 
 
 def score_choice_questions(questions: Sequence[ChoiceQuestion], scorer: LoglikelihoodScorer, metrics: Sequence[str],
-                           task: str = "", progress: Progress | None = None) -> TaskScores:
+                           bos: bool, task: str = "", progress: Progress | None = None) -> TaskScores:
     pairs = [(ctx, cont) for q in questions for ctx, cont in zip(q.contexts, q.continuations)]
     done = 0
 
@@ -81,7 +83,7 @@ def score_choice_questions(questions: Sequence[ChoiceQuestion], scorer: Loglikel
         if progress is not None:
             progress(task, done, len(pairs))
 
-    scores = iter(scorer.score(encode_pairs(scorer.tokenizer, pairs), advance))
+    scores = iter(scorer.score(encode_pairs(scorer.tokenizer, pairs, bos), advance))
     per_row: dict[str, list[float]] = {m: [] for m in metrics}
     predictions = []
     for q in questions:
@@ -117,8 +119,10 @@ def score_open_questions(questions: Sequence[OpenQuestion], generator: GreedyGen
 
 def run_task(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, card: TaskCard, *,
              limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
-             data_file: str | None = None, progress: Progress | None = None) -> tuple[TaskScores, dict[str, Any]]:
-    """Scores of one task and the protocol that produced them."""
+             data_file: str | None = None, add_bos: bool | None = None,
+             progress: Progress | None = None) -> tuple[TaskScores, dict[str, Any]]:
+    """Scores of one task and the protocol that produced them; `add_bos` as in `data.tokenize.bos_first`."""
+    bos = bos_first(tokenizer, add_bos)
     split_rows, data_desc = load_task_rows(card, data_file)
     rows = split_rows[:limit] if limit is not None else split_rows
     if not rows:
@@ -128,14 +132,15 @@ def run_task(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, card: T
     sampler = FewshotSampler(split_rows if pool is None else pool, pool_is_eval_split=pool is None)
     questions = QuestionBuilder(card).build(rows, sampler, shots)
     if card.scorer == "generation":
-        scores = score_open_questions(questions, GreedyGenerator(model, tokenizer, batch_size), card, progress)
+        scores = score_open_questions(questions, GreedyGenerator(model, tokenizer, bos, batch_size), card, progress)
     else:
         scorer = LoglikelihoodScorer(model, tokenizer, batch_size)
-        scores = score_choice_questions(questions, scorer, card.metrics, card.name, progress)
+        scores = score_choice_questions(questions, scorer, card.metrics, bos, card.name, progress)
     protocol = {
         "scorer": card.scorer,
         "metrics": list(scores.per_row),
         "num_fewshot": shots,
+        "bos": bos,
         "fewshot_seed": FEWSHOT_SEED,
         "fewshot_source": pool_desc,
         "data": data_desc,
@@ -146,8 +151,12 @@ def run_task(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, card: T
 
 def evaluate_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: list[str], *,
                    limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
-                   data_files: dict[str, str] | None = None, progress: Progress | None = None) -> dict:
+                   data_files: dict[str, str] | None = None, add_bos: bool | None = None,
+                   progress: Progress | None = None) -> dict:
     """Evaluate `model` (already on its device, in its dtype) on tasks and suites; RESULTS dict.
+
+    `add_bos`: None puts BOS first where the tokenizer does on its own (lm-evaluation-harness'
+    default, and what training does); True / False override it (the harness's `add_bos_token`).
 
     The model is put in eval mode for the duration and given back in the mode it came in.
     """
@@ -165,6 +174,7 @@ def evaluate_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
         "device": str(param.device),
         "dtype": str(param.dtype).removeprefix("torch."),
         "max_length": model_max_length(model, tokenizer),
+        "add_bos": add_bos,
         "tasks": {},
     }}
     was_training = model.training
@@ -173,7 +183,7 @@ def evaluate_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
         for card in cards:
             scores, protocol = run_task(model, tokenizer, card, limit=limit, num_fewshot=num_fewshot,
                                         batch_size=batch_size, data_file=data_files.get(card.name),
-                                        progress=progress)
+                                        add_bos=add_bos, progress=progress)
             results["tasks"][card.name] = scores.summary()
             results["protocol"]["tasks"][card.name] = protocol
     finally:

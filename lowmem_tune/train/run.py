@@ -290,7 +290,7 @@ class TrainingRun:
 
         e = self.profile.eval
         results = evaluate_tasks(self.model, self.data.tokenizer, e.tasks, limit=e.limit, num_fewshot=e.num_fewshot,
-                                 batch_size=e.batch_size, data_files=e.data_files)
+                                 batch_size=e.batch_size, data_files=e.data_files, add_bos=e.add_bos)
         self.events.emit(EvalResult(stage, results))
         return results
 

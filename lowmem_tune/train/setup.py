@@ -36,7 +36,8 @@ def prepare_data(profile: Profile, resolved: ResolvedModel, run_dir: Path, proce
     tokenizer = tokenizer_for(profile, resolved, run_dir, [e.prompt + e.response for e in train_examples])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_items, heldout_items = (
-        tokenize_examples(exs, tokenizer, profile.data.max_seq_len, profile.data.train_on_prompt, profile.data.packing)
+        tokenize_examples(exs, tokenizer, profile.data.max_seq_len, profile.data.train_on_prompt, profile.data.packing,
+                          profile.eval.add_bos)
         for exs in (train_examples, heldout_examples)
     )
     rows = profile.train.micro_batch_size * processes
