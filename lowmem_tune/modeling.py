@@ -27,6 +27,23 @@ def pick_device(requested: str = "auto", gpu_index: int = 0) -> torch.device:
     return torch.device("cuda", gpu_index)
 
 
+def quiet_library_progress() -> None:
+    """transformers, datasets and the hub draw tqdm bars ("Loading weights", "Writing model
+    shards") on stderr: noise in the headless lines, and torn text under the dashboard, which
+    shows our own progress. bitsandbytes warns at import, on CPUs with AVX512-BF16, that its
+    optional 4-bit CPU kernel package is missing: a kernel no strategy here uses."""
+    import logging
+
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto`: bf16 on a GPU with native bf16 (compute capability 8.0+), fp32 elsewhere.
 

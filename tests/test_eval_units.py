@@ -227,6 +227,27 @@ def test_local_jsonl_json_and_parquet_read_the_same_rows(tmp_path):
         load_local_rows(tmp_path / "arc.csv")
 
 
+def test_save_to_disk_directories_read_the_same_rows(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    rows = fixture_rows("boolq")
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    DatasetDict({"validation": Dataset.from_list(rows), "train": Dataset.from_list(rows[:2])}).save_to_disk(
+        str(tmp_path / "dict"))
+    DatasetDict({"test": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "single"))
+    assert load_local_rows(tmp_path / "one") == rows
+    assert load_local_rows(tmp_path / "dict" / "train") == rows[:2]
+    assert load_local_rows(tmp_path / "single") == rows  # a single split needs no name
+    # A DatasetDict gives the card's evaluation split; a split it lacks is an error naming those it has.
+    assert load_task_rows(load_card("boolq"), str(tmp_path / "dict"))[0] == rows
+    DatasetDict({"a": Dataset.from_list(rows), "b": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "ab"))
+    with pytest.raises(UserError, match=r"no split 'validation'.*splits a, b.*ab/a"):
+        load_task_rows(load_card("boolq"), str(tmp_path / "ab"))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(UserError, match="save_to_disk"):
+        load_local_rows(tmp_path / "plain")
+
+
 def test_a_row_in_the_wrong_schema_is_a_user_error(tmp_path):
     from lowmem_tune.evaluation.prompts import QuestionBuilder
 

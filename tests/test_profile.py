@@ -63,3 +63,24 @@ def test_shipped_profiles_found_by_name(tmp_path, monkeypatch):
     assert load_profile("profiles/demo.yaml").strategy.name == "galore"
     with pytest.raises(UserError, match="ready profiles: .*demo"):
         load_profile("nope.yaml")
+
+
+def test_data_dataset_reads_a_save_to_disk_directory_and_its_split(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from lowmem_tune.data import load_examples
+    from lowmem_tune.profile import DataSection
+
+    rows = [{"question": f"is {i} even", "passage": f"{i} is a number.", "answer": i % 2 == 0} for i in range(6)]
+    DatasetDict({"train": Dataset.from_list(rows[:4]), "validation": Dataset.from_list(rows[4:])}).save_to_disk(
+        str(tmp_path / "saved"))
+    train = load_examples(DataSection(dataset=str(tmp_path / "saved")))
+    assert [e.response for e in train] == [" yes", " no", " yes", " no"]
+    assert "is 0 even" in train[0].prompt
+    validation = load_examples(DataSection(dataset=str(tmp_path / "saved"), split="validation"))
+    assert len(validation) == 2
+    with pytest.raises(UserError, match="no split 'test'.*train, validation"):
+        load_examples(DataSection(dataset=str(tmp_path / "saved"), split="test"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a save_to_disk dataset"):
+        load_examples(DataSection(dataset=str(tmp_path / "empty")))

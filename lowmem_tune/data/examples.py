@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lowmem_tune.data.saved import is_saved_dataset, load_saved_rows
 from lowmem_tune.data.synthetic import generate_synthetic_boolq
 from lowmem_tune.errors import UserError, one_line
 from lowmem_tune.profile import DataSection
@@ -63,7 +64,12 @@ def load_records(section: DataSection) -> tuple[list[dict[str, Any]], str | None
             raise UserError(f"data.split: synthetic-boolq has splits train and validation, not {section.split!r}")
         return generate_synthetic_boolq(section.split, section.num_examples, seed=0), "boolq"
     path = Path(name).expanduser()
+    if is_saved_dataset(path):
+        return load_saved_rows(path, section.split, "data.dataset"), None
     if path.suffix in _FILE_BUILDERS or path.exists():
+        if path.is_dir():
+            raise UserError(f"data.dataset: {path} is a directory but not a save_to_disk dataset (no "
+                            "dataset_dict.json or state.json in it): give a data file or a saved dataset")
         if not path.is_file():
             raise UserError(f"data.dataset: file not found: {path}")
         builder = _FILE_BUILDERS.get(path.suffix)
@@ -76,7 +82,8 @@ def load_records(section: DataSection) -> tuple[list[dict[str, Any]], str | None
     if "/" in name:
         return _load_dataset(name, section.config_name, section.split), None
     known = ", ".join([SYNTHETIC, *HUB_TASKS])
-    raise UserError(f"data.dataset: {name!r} is not a local file, a hub id (owner/name) or a known task ({known})")
+    raise UserError(f"data.dataset: {name!r} is not a local file or save_to_disk directory, a hub id (owner/name) or "
+                    f"a known task ({known})")
 
 
 def _load_dataset(path: str, config: str | None, split: str, data_files: str | None = None) -> list[dict[str, Any]]:

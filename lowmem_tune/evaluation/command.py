@@ -78,15 +78,13 @@ def eval_command(dataset: str, model: str | None, data_files: tuple[str, ...] = 
     from lowmem_tune.catalog import resolve_model
     from lowmem_tune.evaluation.cards import expand_tasks, load_card
     from lowmem_tune.evaluation.runner import evaluate_tasks
-    from lowmem_tune.modeling import load_model, pick_device, resolve_dtype
+    from lowmem_tune.modeling import load_model, pick_device, quiet_library_progress, resolve_dtype
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: give a positive number of rows")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: give a positive batch size")
-    import datasets
-
-    datasets.disable_progress_bars()  # its per-file bars would tear through ours
+    quiet_library_progress()  # their bars would tear through ours
     tasks = expand_tasks([dataset])
     for task in tasks:
         load_card(task)  # unknown names fail before the model loads

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lowmem_tune.data.saved import is_saved_dataset, load_saved_rows
 from lowmem_tune.errors import UserError, one_line
 from lowmem_tune.evaluation.cards import DataSource, TaskCard
 
@@ -19,12 +20,16 @@ def _generated(source: DataSource, split: str, n: int) -> list[dict[str, Any]]:
     return generate_synthetic_boolq(split, n, seed=0)
 
 
-def load_local_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a local JSON / JSONL / parquet file, read with `datasets`."""
+def load_local_rows(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a local JSON / JSONL / parquet file, read with `datasets`, or of a `save_to_disk`
+    directory (of a DatasetDict: the split `split`, the card's evaluation split)."""
     path = Path(path).expanduser()
+    if is_saved_dataset(path):
+        return load_saved_rows(path, split, "--data-file")
     fmt = _LOCAL_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise UserError(f"--data-file {path}: use a .json, .jsonl or .parquet file in the task's schema")
+        raise UserError(f"--data-file {path}: use a .json, .jsonl or .parquet file or a save_to_disk directory "
+                        "in the task's schema")
     if not path.is_file():
         raise UserError(f"--data-file {path}: no such file")
     from datasets import load_dataset
@@ -54,7 +59,7 @@ def _hub_rows(card: TaskCard, split: str) -> list[dict[str, Any]]:
 def load_task_rows(card: TaskCard, data_file: str | Path | None) -> tuple[list[dict[str, Any]], str]:
     """The rows to evaluate and a description of where they came from."""
     if data_file is not None:
-        return load_local_rows(data_file), str(data_file)
+        return load_local_rows(data_file, card.source.split), str(data_file)
     if card.source.synthetic:
         return _generated(card.source, card.source.split, card.source.n), card.source.describe()
     return _hub_rows(card, card.source.split), card.source.describe()

@@ -41,6 +41,7 @@ from lowmem_tune.modeling import (
     enable_activation_checkpointing,
     load_model,
     pick_device,
+    quiet_library_progress,
     resolve_dtype,
 )
 from lowmem_tune.optim import SVDFailure
@@ -51,7 +52,7 @@ from lowmem_tune.train.control import RunControl
 from lowmem_tune.train.distributed import FailuresOnly, World, check_distributed, check_resume_world, data_parallel_loss
 from lowmem_tune.train.run_files import RunFilesSink
 from lowmem_tune.train.schedule import lr_at
-from lowmem_tune.train.setup import checkpoint_to_resume, model_identity, prepare_data, quiet_library_progress
+from lowmem_tune.train.setup import checkpoint_to_resume, model_identity, prepare_data
 
 
 @dataclass

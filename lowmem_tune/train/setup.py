@@ -96,20 +96,3 @@ def checkpoint_to_resume(run_dir: Path, resume: bool) -> CheckpointInfo | None:
             "output.dir (--set output.dir=...)"
         )
     return None
-
-
-def quiet_library_progress() -> None:
-    """transformers, datasets and the hub draw tqdm bars ("Loading weights", "Writing model
-    shards") on stderr: noise in the headless lines, and torn text under the dashboard, which
-    shows our own progress. bitsandbytes warns at import, on CPUs with AVX512-BF16, that its
-    optional 4-bit CPU kernel package is missing: a kernel no strategy here uses."""
-    import logging
-
-    import datasets
-    import huggingface_hub
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    huggingface_hub.utils.disable_progress_bars()
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
