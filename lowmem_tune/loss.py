@@ -1,13 +1,16 @@
 """The causal-LM loss computed a chunk of tokens at a time, so the float32 logits of a whole
 micro-batch are never alive at once (for a 128k vocabulary they are 0.5 MB a token).
 
-`causal_lm_loss(model, batch)` runs the decoder, then `ChunkedCrossEntropy` over the hidden
-states and the LM head's weight: for each chunk of `chunk_tokens` positions it forms the logits,
+`causal_lm_loss(model, batch)` runs the decoder, gathers the hidden states of the positions whose
+next label is a target (with prompt masking, a few in a hundred: the rest would be multiplied by
+the head only to be ignored), then runs `ChunkedCrossEntropy` over those rows and the LM head's
+weight: for each chunk of `chunk_tokens` positions it forms the logits,
 their float32 log-softmax and loss, and at once the gradients the backward will need (softmax −
 one-hot, pushed through the head into the hidden states and the head's weight); the logits are
 dropped before the next chunk. The backward scales those gradients by the incoming one. The loss
 and the gradients are HF's (mean over the target tokens, labels shifted by one, -100 ignored;
-float32 logits, or float64 for a float64 model) up to summation order.
+float32 logits, or float64 for a float64 model) up to summation order. Without gradients (an
+evaluation) it forms no gradient at all.
 """
 
 from __future__ import annotations
@@ -63,16 +66,19 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, Any], chunk_tokens: int = CHUNK_TOKENS,
                    target_count: int | None = None) -> torch.Tensor:
-    """HF's causal-LM loss of `batch` (input_ids, attention_mask, labels), computed in chunks: the
-    mean over its target tokens, or their sum over `target_count` (a share of a larger batch)."""
+    """HF's causal-LM loss of `batch` (input_ids, attention_mask, labels, and optionally
+    target_positions), computed in chunks: the mean over its target tokens, or their sum over
+    `target_count` (a share of a larger batch)."""
     if not chunkable(model):
-        return model(**batch, num_items_in_batch=target_count).loss
-    return head_loss(model, decoder_hidden(model, batch), batch["labels"], chunk_tokens, target_count)
+        return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+                     num_items_in_batch=target_count).loss
+    return head_loss(model, decoder_hidden(model, batch), batch["labels"], chunk_tokens, target_count,
+                     batch.get("target_positions"))
 
 
 def chunkable(model: nn.Module) -> bool:
-    """A plain linear head without bias or logit soft-capping (Llama, Mistral, Qwen2); anything else
-    takes the library's own loss."""
+    """A plain linear head without bias or logit soft-capping (Llama, Mistral, Qwen2, Gemma 3);
+    anything else takes the library's own loss."""
     head = model.get_output_embeddings()
     return getattr(head, "bias", None) is None and not getattr(model.config, "final_logit_softcapping", None)
 
@@ -82,9 +88,25 @@ def decoder_hidden(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
                                use_cache=False).last_hidden_state
 
 
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into (batch x sequence) of the positions whose next label is a target. The
+    training loop takes them from the batch while it is still on the host, where finding them
+    costs no device synchronization."""
+    wanted = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    wanted[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return wanted.reshape(-1).nonzero().squeeze(1)
+
+
 def head_loss(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS,
-              target_count: int | None = None) -> torch.Tensor:
-    """The chunked cross entropy of the head's logits at each position against the next label."""
-    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    return ChunkedCrossEntropy.apply(flat, model.get_output_embeddings().weight, labels[:, 1:].reshape(-1),
-                                     chunk_tokens, target_count)
+              target_count: int | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The chunked cross entropy of the head's logits against the next label, at the target
+    positions only (`target_positions`, computed here when not given)."""
+    if positions is None:
+        positions = target_positions(labels)
+    positions = positions.to(hidden.device, non_blocking=True)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    targets = labels.reshape(-1).index_select(0, positions + 1)
+    weight = model.get_output_embeddings().weight
+    if not torch.is_grad_enabled():  # autograd would still report the inputs as wanting gradients
+        rows, weight = rows.detach(), weight.detach()
+    return ChunkedCrossEntropy.apply(rows, weight, targets, chunk_tokens, target_count)

@@ -80,6 +80,29 @@ def test_8bit_moments_take_under_a_third_of_fp32_bytes_and_follow_the_32bit_step
     assert float(cos) > 0.99
 
 
+def test_8bit_kernel_in_pieces_gives_the_bits_of_one_call(monkeypatch):
+    """A large tensor's 8-bit update runs a piece at a time; pieces start on block boundaries, so
+    moments, absmax and weights are bitwise those of a single call (including a last short block)."""
+    from lowmem_tune.optim import moments
+    from lowmem_tune.optim.moments import Blockwise8bitMoments
+
+    n = 13 * moments.BLOCKSIZE + 7
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=gen) for _ in range(3)]
+    results = []
+    for piece in (1 << 30, 2 * moments.BLOCKSIZE):
+        monkeypatch.setattr(moments, "KERNEL_PIECE", piece)
+        weight = torch.linspace(-1, 1, n)
+        state = {"step": 0, **Blockwise8bitMoments.create((n,), weight.device)}
+        for grad in grads:
+            Blockwise8bitMoments.step_into(state, grad, weight, (0.9, 0.999), 1e-8, 1e-2, 0.1)
+        results.append((weight, state))
+    (w1, s1), (w2, s2) = results
+    assert torch.equal(w1, w2) and not torch.equal(w1, torch.linspace(-1, 1, n))
+    for key in ("exp_avg", "exp_avg_sq", "absmax1", "absmax2"):
+        assert torch.equal(s1[key], s2[key]), key
+
+
 def test_small_dense_tensors_keep_fp32_moments_in_8bit_mode():
     big, small = torch.nn.Parameter(torch.randn(8192)), torch.nn.Parameter(torch.randn(64))
     opt = GaLoreAdamW([big, small], lr=1e-3, bits=8)

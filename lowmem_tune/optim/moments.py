@@ -26,6 +26,7 @@ from lowmem_tune.optim.projector import as_contiguous, is_fake
 
 BLOCKSIZE = 256  # bitsandbytes' block size for 8-bit optimizer states (CPU and CUDA)
 MIN_8BIT_SIZE = 4096  # smaller tensors keep float32 moments, as in bitsandbytes' optimizers
+KERNEL_PIECE = 1 << 20  # values per call of the 8-bit kernel (a multiple of BLOCKSIZE)
 
 
 class Fp32Moments:
@@ -120,15 +121,22 @@ class Blockwise8bitMoments:
             return
         import bitsandbytes.functional as F
 
-        n = grad.numel()
-        first, blocks = start // BLOCKSIZE, -(-n // BLOCKSIZE)
         signed, unsigned = dynamic_maps(grad.device)
-        F.optimizer_update_8bit_blockwise(
-            "adam", grad.reshape(-1), target.view(-1), state["exp_avg"].view(-1).narrow(0, start, n),
-            state["exp_avg_sq"].view(-1).narrow(0, start, n), betas[0], betas[1], 0.0, 0.0, eps, state["step"], lr,
-            signed, unsigned, state["absmax1"].narrow(0, first, blocks), state["absmax2"].narrow(0, first, blocks),
-            weight_decay=weight_decay,
-        )
+        grad, target = grad.reshape(-1), target.view(-1)
+        # A piece at a time: bitsandbytes' CPU kernel dequantizes both moments into float32 copies,
+        # and for a 168M-value embedding those are 0.7 GB each, page-faulted in at every step (a
+        # piece costs 5x less there). Pieces start on block boundaries, so the result is the same.
+        for offset in range(0, grad.numel(), KERNEL_PIECE):
+            n = min(KERNEL_PIECE, grad.numel() - offset)
+            at = start + offset
+            first, blocks = at // BLOCKSIZE, -(-n // BLOCKSIZE)
+            F.optimizer_update_8bit_blockwise(
+                "adam", grad.narrow(0, offset, n), target.narrow(0, offset, n),
+                state["exp_avg"].view(-1).narrow(0, at, n), state["exp_avg_sq"].view(-1).narrow(0, at, n),
+                betas[0], betas[1], 0.0, 0.0, eps, state["step"], lr, signed, unsigned,
+                state["absmax1"].narrow(0, first, blocks), state["absmax2"].narrow(0, first, blocks),
+                weight_decay=weight_decay,
+            )
 
 
 def moments_for(numel: int, bits: int, min_8bit_size: int = MIN_8BIT_SIZE) -> type:

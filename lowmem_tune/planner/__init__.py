@@ -15,6 +15,7 @@ from lowmem_tune.atomic import write_text_atomic
 from lowmem_tune.errors import UserError
 from lowmem_tune.hardware import format_bytes, reserve_bytes, resolve_gpu, usable_bytes
 from lowmem_tune.planner.architecture import Architecture, resolve_architecture
+from lowmem_tune.planner.components import LOSS_TARGETS
 from lowmem_tune.planner.estimate import COMPONENTS
 from lowmem_tune.planner.search import Candidate, build_profile, nearest_fixes, search
 
@@ -71,7 +72,7 @@ def _workload(c: Candidate) -> dict[str, Any]:
     return {"seq_len": w.seq_len, "micro_batch_size": w.micro_batch_size,
             "gradient_accumulation": w.gradient_accumulation,
             "gradient_checkpointing": w.gradient_checkpointing, "dtype": w.dtype, "gpus": w.gpus,
-            "global_batch": w.global_batch}
+            "global_batch": w.global_batch, "loss_targets": LOSS_TARGETS}
 
 
 def _settings_text(c: Candidate) -> str:
@@ -106,7 +107,7 @@ def _print_tables(report: dict[str, Any], arch: Architecture, candidates: list[C
         + (f"; {gpus} of them, data parallel (memory per GPU)" if gpus > 1 else "")
     )
     table = Table(title=f"Peak memory per strategy (GiB), seq len {report['workload']['seq_len']}",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
+                  caption=f"logit: the loss's logits, {LOSS_TARGETS}", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("strategy", no_wrap=True)
     for name in COMPONENTS:
         table.add_column(_SHORT.get(name, name), justify="right")

@@ -78,10 +78,16 @@ def layer_backward_extra_bytes(arch: Architecture, w: Workload) -> int:
     return w.tokens * (2 * w.dtype_bytes * arch.intermediate_size + 4 * arch.hidden_size)
 
 
+LOSS_TARGETS = ("every position counted as a target: exact for text data, an upper bound for prompt-masked "
+                "formats (instruction, boolq, ...), whose loss covers the answers only")
+"""What `logits_bytes` assumes: the loss multiplies only target positions by the head (loss.py), and
+the planner sees no data, so it counts them all."""
+
+
 def logits_bytes(arch: Architecture, w: Workload, head_trained: bool = True) -> int:
     """What the chunked loss (loss.py) holds: one chunk's float32 logits and log-softmax and its
     16-bit gradient, the gradient of the hidden states, and — formed in the loss's forward — the
-    head's gradient when the head trains."""
+    head's gradient when the head trains (targets: `LOSS_TARGETS`)."""
     chunk = min(w.tokens, LOSS_CHUNK_TOKENS)
     head = arch.vocab_size * arch.hidden_size * w.dtype_bytes if head_trained else 0
     return chunk * arch.vocab_size * (8 + 2 * w.dtype_bytes) + w.tokens * arch.hidden_size * w.dtype_bytes + head

@@ -213,6 +213,8 @@ def _run(profile: Profile, strategy, config, dtype, ctx, tracker, steps: int, n_
     with tracker.phase("optimizer", "build_updater"):
         updater = strategy.build_updater(model, ctx)
     ids = torch.randint(0, config.vocab_size, (t.micro_batch_size, profile.data.max_seq_len))
+    # every position but each row's last is a target: the planner's bound (loss.target_positions)
+    positions = torch.arange(ids.numel()).view(ids.shape)[:, :-1].reshape(-1)
     for step in range(steps):
         strategy.on_step_start(step, model, updater)
         for micro in range(n_micro):
@@ -221,7 +223,7 @@ def _run(profile: Profile, strategy, config, dtype, ctx, tracker, steps: int, n_
             with tracker.phase("activations", f"{label} forward"):
                 hidden = decoder_hidden(model, batch) if chunkable(model) else None
             with tracker.phase("logits", f"{label} loss"):
-                loss = head_loss(model, hidden, ids) if hidden is not None else model(**batch).loss
+                loss = head_loss(model, hidden, ids, positions=positions) if hidden is not None else model(**batch).loss
                 del hidden
             with tracker.phase("overhead", f"{label} backward"):
                 loss.backward()

@@ -34,7 +34,7 @@ from lowmem_tune.events import (
     StepMetrics,
 )
 from lowmem_tune.hardware import nvml_index_of_torch_device
-from lowmem_tune.loss import IGNORE_INDEX, causal_lm_loss
+from lowmem_tune.loss import IGNORE_INDEX, causal_lm_loss, target_positions
 from lowmem_tune.modeling import (
     activation_checkpointing_enabled,
     disable_activation_checkpointing,
@@ -204,6 +204,7 @@ class TrainingRun:
             tokens += int(batch["attention_mask"].sum())
             targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             rows = self.world.rows(batch, t.micro_batch_size)
+            rows["target_positions"] = target_positions(rows["labels"])
             rows = {k: v.to(self.device, non_blocking=True) for k, v in rows.items()}
             loss = self.loss(rows, targets, last=micro == t.gradient_accumulation - 1)
             (loss / t.gradient_accumulation).backward()
@@ -302,7 +303,8 @@ class TrainingRun:
         total, count = torch.zeros((), device=self.device), 0
         t = self.profile.train
         for batch in eval_batches(self.data.heldout_items, t.micro_batch_size, self.data.pad_id, t.eval_batches):
-            n = int((batch["labels"][:, 1:] != -100).sum())
+            batch["target_positions"] = target_positions(batch["labels"])
+            n = batch["target_positions"].numel()
             batch = {k: v.to(self.device) for k, v in batch.items()}
             total += causal_lm_loss(self.model, batch) * n  # the model itself: no collective in evaluation
             count += n
