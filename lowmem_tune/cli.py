@@ -121,15 +121,17 @@ def monitor(run_dir: Path) -> None:
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write results JSON.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto", show_default=True,
+              help="auto: bf16 on GPUs and CPUs with bf16 units, else fp32.")
 @click.option("--add-bos/--no-add-bos", "add_bos", default=None,
               help="BOS before every request (default: as the tokenizer does on its own, like lm-eval and training).")
 def eval_(dataset: str, model: str | None, data_files: tuple[str, ...], limit: int | None, num_fewshot: int | None,
-          batch_size: int, output: Path | None, device: str, add_bos: bool | None) -> None:
+          batch_size: int, output: Path | None, device: str, dtype: str, add_bos: bool | None) -> None:
     """Evaluate a model on tasks scored the way the field scores them."""
     from lowmem_tune.evaluation import eval_command
 
     eval_command(dataset=dataset, model=model, data_files=data_files, limit=limit, num_fewshot=num_fewshot,
-                 batch_size=batch_size, output=output, device=device, add_bos=add_bos)
+                 batch_size=batch_size, output=output, device=device, dtype=dtype, add_bos=add_bos)
 
 
 @main.command()

@@ -29,6 +29,8 @@ class RunStarted:
     gpu_nvml_index: int | None = None
     """NVML's index of the GPU in use (NVML ignores CUDA_VISIBLE_DEVICES); None when NVML does not know it."""
     strategy_info: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    """The precision the weights train in (bfloat16, float32, ...); None in runs from before it was recorded."""
     time: float = field(default_factory=time.time)
 
 

@@ -44,16 +44,22 @@ def quiet_library_progress() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on a GPU with native bf16 (compute capability 8.0+), fp32 elsewhere.
+def fast_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16): measured on a
+    Xeon with AMX, a 2048 x 640 x 8192 matmul runs at 961 GFLOPS in bf16 and 276 in fp32. Without
+    these units oneDNN emulates bf16, slower than fp32."""
+    cpu = torch.cpu
+    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
-    fp32 on CPU because bf16 matmuls there are emulated and several times slower.
-    """
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on a GPU with native bf16 (compute capability 8.0+) and on a CPU with bf16
+    units (`fast_cpu_bf16`), fp32 elsewhere."""
     if name != "auto":
         return _DTYPES[name]
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
-        return torch.bfloat16
-    return torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and fast_cpu_bf16() else torch.float32
 
 
 def load_model(

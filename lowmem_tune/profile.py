@@ -38,8 +38,8 @@ class ModelSection:
     """Catalog name, hub id, local model directory, or a config.json."""
     init: Literal["pretrained", "random"] = "pretrained"
     dtype: Literal["auto", "bfloat16", "float32", "float16", "float64"] = "auto"
-    """auto: bfloat16 on a GPU that supports it, float32 on CPU (bf16 matmuls are slow there);
-    float64 is for checks of exactness."""
+    """auto: bfloat16 on a GPU that supports it and on a CPU with bf16 units (AMX or AVX512-BF16),
+    float32 elsewhere (bf16 is emulated there, and slower); float64 is for checks of exactness."""
     tokenizer: str | None = None
     revision: str | None = None
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"

@@ -308,7 +308,7 @@ def test_unparseable_answers_count_as_wrong(favour, tokenizer):
 
 def test_cli_commonsense_suite_on_fixtures(model_dir, tmp_path, random_model, tokenizer):
     out = tmp_path / "results.json"
-    args = ["eval", "--dataset", "commonsense", "--model", str(model_dir), "--device", "cpu",
+    args = ["eval", "--dataset", "commonsense", "--model", str(model_dir), "--device", "cpu", "--dtype", "float32",
             "--batch-size", "4", "--output", str(out)]
     for task in COMMONSENSE:
         args += ["--data-file", f"{task}={fixture_path(task)}"]

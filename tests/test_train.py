@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from lowmem_tune.cli import main
 from lowmem_tune.events import RunFinished
+from lowmem_tune.modeling import resolve_dtype
 from lowmem_tune.profile import profile_from_dict
 from lowmem_tune.train import RunControl, run_training
 from lowmem_tune.train.checkpoint import latest_checkpoint
@@ -86,6 +87,7 @@ def test_metrics_checkpoints_and_final_model(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3", "step-6"]
     assert isinstance(recorder.events[-1], RunFinished)
     assert (run / "profile.yaml").is_file() and (run / "events.jsonl").is_file()
+    assert recorder.events[0].dtype == str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
 
     # The final model loads with plain transformers and gives the trained model's logits.
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -25,7 +25,7 @@ from lowmem_tune.profile import Profile
 from lowmem_tune.tui.live import LiveRun
 from lowmem_tune.tui.pacing import RedrawPacer
 from lowmem_tune.tui.state import RunState, Series
-from lowmem_tune.tui.widgets import LossChart, MemoryPanel, StrategyPanel
+from lowmem_tune.tui.widgets import HeaderBar, LossChart, MemoryPanel, StrategyPanel
 
 NUM_LAYERS = 8
 TOTAL_STEPS = 20
@@ -35,7 +35,7 @@ GIB = 1024**3
 def started() -> RunStarted:
     return RunStarted(run_dir="runs/test", model="tiny-llama", strategy="owlore", device="cpu", gpu_name=None,
                       total_steps=TOTAL_STEPS, start_step=0, num_layers=NUM_LAYERS, planned_peak_bytes=2 * GIB,
-                      strategy_info={"name": "owlore", "sampled_layers": 2, "interval": 5,
+                      dtype="bfloat16", strategy_info={"name": "owlore", "sampled_layers": 2, "interval": 5,
                                      "layers": [{"layer": i, "probability": p} for i, p in
                                                 enumerate([0.05, 0.3, 0.1, 0.1, 0.05, 0.2, 0.1, 0.1])]})
 
@@ -83,6 +83,7 @@ def test_dashboard_renders_a_scripted_stream():
             progress = text_of(app.query_one("#progress-steps"))
             strategy = text_of(app.query_one(StrategyPanel))
             assert "step 5 / 20" in progress
+            assert "cpu · bfloat16" in str(app.query_one(HeaderBar).content)  # the precision that runs
             assert "elapsed 0:00:10" in text_of(app.query_one("#progress-times"))
             assert "ETA 0:00:30" in text_of(app.query_one("#progress-times"))
             assert any(0x2800 < ord(c) <= 0x28FF for c in chart_before), "no braille curve drawn"

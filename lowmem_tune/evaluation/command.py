@@ -71,7 +71,7 @@ def latest_final_model(runs: Path = RUNS_DIR) -> Path:
 
 def eval_command(dataset: str, model: str | None, data_files: tuple[str, ...] = (), limit: int | None = None,
                  num_fewshot: int | None = None, batch_size: int = 8, output: Path | None = None,
-                 device: str = "auto", add_bos: bool | None = None) -> None:
+                 device: str = "auto", dtype: str = "auto", add_bos: bool | None = None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -96,7 +96,7 @@ def eval_command(dataset: str, model: str | None, data_files: tuple[str, ...] = 
     resolved = resolve_model(model)
     torch_device = pick_device(device)
     tokenizer = _load_tokenizer(resolved)
-    loaded = load_model(resolved, "pretrained", resolve_dtype("auto", torch_device), torch_device)
+    loaded = load_model(resolved, "pretrained", resolve_dtype(dtype, torch_device), torch_device)
 
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -106,7 +106,8 @@ def _print_tables(report: dict[str, Any], arch: Architecture, candidates: list[C
         f"(context, cuBLAS workspace, allocator slack) and a {g['margin']:.0%} margin"
         + (f"; {gpus} of them, data parallel (memory per GPU)" if gpus > 1 else "")
     )
-    table = Table(title=f"Peak memory per strategy (GiB), seq len {report['workload']['seq_len']}",
+    w = report["workload"]
+    table = Table(title=f"Peak memory per strategy (GiB), seq len {w['seq_len']}, weights in {w['dtype']}",
                   caption=f"logit: the loss's logits, {LOSS_TARGETS}", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("strategy", no_wrap=True)
     for name in COMPONENTS:

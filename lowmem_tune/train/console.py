@@ -59,8 +59,9 @@ class PlainReporter:
     def emit(self, event: Event) -> None:
         match event:
             case RunStarted():
-                self._print(f"run {event.run_dir}: {event.model}, strategy {event.strategy} on {event.device}, "
-                            f"steps {event.start_step}->{event.total_steps}")
+                precision = f" in {event.dtype}" if event.dtype else ""
+                self._print(f"run {event.run_dir}: {event.model}, strategy {event.strategy} on {event.device}"
+                            f"{precision}, steps {event.start_step}->{event.total_steps}")
             case StepMetrics(metrics=m):
                 if m["step"] % self.log_every == 0 or m["step"] == m["total_steps"]:
                     self._print(_step_line(m))

@@ -154,7 +154,7 @@ class TrainingRun:
             start_step=self.step, num_layers=self.model.config.num_hidden_layers, planned_peak_bytes=self.planned_peak,
             gpu_total_bytes=torch.cuda.get_device_properties(self.device).total_memory if cuda else None,
             gpu_nvml_index=nvml_index_of_torch_device(self.device.index) if cuda else None,
-            strategy_info=self.strategy.describe(),
+            strategy_info=self.strategy.describe(), dtype=str(self.dtype).removeprefix("torch."),
         ))
 
     # ------------------------------------------------------------------ the loop

@@ -91,6 +91,7 @@ class HeaderBar(Panel):
         started = state.started
         if started is not None:
             device = started.device + (f" ({started.gpu_name})" if started.gpu_name else "")
+            device += f" · {started.dtype}" if started.dtype else ""
             text.append(f"{started.model} · {started.strategy} · {device} · {started.run_dir}  ")
         text.append(f" {status} ", style=f"reverse {STATUS_STYLES.get(status, '')}")
         self.show_text(text)
