@@ -118,6 +118,23 @@ def test_batching_and_padding_do_not_change_scores(tokenizer, random_model):
     assert four == pytest.approx(direct, abs=1e-4)
 
 
+def test_choices_of_one_token_share_one_forward(tokenizer, random_model):
+    # Each question's two one-token choices have the same input (its context): the decoder runs
+    # it once, and both scores are still each choice's own log-probability.
+    contexts = ["Q: Sam forgot his lunch.\nA:", "The lake freezes solid each winter.", "Answer:", "Question: is it"]
+    pairs = encode_pairs(tokenizer, [(c, choice) for c in contexts for choice in (" yes", " no")], bos=False)
+    assert all(len(cont) == 1 for _, cont in pairs)
+    rows = []
+    hook = random_model.get_decoder().register_forward_hook(lambda m, args, kwargs, out: rows.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        got = LoglikelihoodScorer(random_model, tokenizer, batch_size=8).score(pairs)
+    finally:
+        hook.remove()
+    assert sum(rows) == len(contexts)
+    assert got == pytest.approx([_direct_loglikelihood(random_model, c + t, len(t)) for c, t in pairs], abs=1e-4)
+
+
 # --- metrics -------------------------------------------------------------------------------------
 
 class _FixedScores:

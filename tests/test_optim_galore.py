@@ -257,3 +257,17 @@ def test_optimizer_runs_under_fake_tensor_mode_with_real_state_layout():
         with FakeTensorMode():
             fake = layout(bits, moments)
         assert fake == real
+
+
+def test_gradient_norms_of_large_bf16_tensors_are_exact():
+    """A float32 reduction over a whole large bf16 gradient drifts (1.9% at 16M equal values);
+    the norm clipping uses is summed in float64 pieces."""
+    from lowmem_tune.optim.norms import squared_norm
+
+    grad = torch.full((1 << 24,), 1e-3, dtype=torch.bfloat16)
+    exact = float(torch.linalg.vector_norm(grad, dtype=torch.float64).square())
+    assert squared_norm(grad).dtype == torch.float32
+    assert abs(float(squared_norm(grad)) / exact - 1) < 1e-6
+    small = torch.randn(7, 5, dtype=torch.float64)
+    assert squared_norm(small).dtype == torch.float64
+    assert float(squared_norm(small)) == pytest.approx(float(small.square().sum()), rel=1e-14)

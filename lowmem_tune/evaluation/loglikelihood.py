@@ -71,9 +71,10 @@ def model_max_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
 class LoglikelihoodScorer:
     """Sum of log p(continuation tokens | context) for many pairs, a batch at a time.
 
-    Sequences are sorted longest first (so a batch pads little) and right-padded: under causal
-    attention, padding after a sequence cannot change its logits. Only the continuation positions
-    reach the LM head (`modeling.logits_at`), and their log-softmax runs in float32.
+    Requests with the same input run once. Sequences are sorted longest first (so a batch pads
+    little) and right-padded: under causal attention, padding after a sequence cannot change its
+    logits. Only the continuation positions reach the LM head (`modeling.logits_at`), and their
+    log-softmax runs in float32.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 8,
@@ -87,28 +88,41 @@ class LoglikelihoodScorer:
     def score(self, pairs: Sequence[TokenPair], progress: Callable[[int], None] | None = None) -> list[float]:
         device = next(self.model.parameters()).device
         # lm-eval: keep the last max_length + 1 tokens, feed all but the last.
-        inputs = [(ctx + cont)[-(self.max_length + 1):][:-1] for ctx, cont in pairs]
+        inputs = [tuple((ctx + cont)[-(self.max_length + 1):][:-1]) for ctx, cont in pairs]
         targets = [cont[-len(inp):] if len(cont) > len(inp) else cont for (_, cont), inp in zip(pairs, inputs)]
-        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        # Requests with the same input have the same logits (the choices of a question whose
+        # continuations are one token each: BoolQ's " yes" / " no"), so each input runs once, as
+        # lm-eval's grouping by context does.
+        sharing: dict[tuple[int, ...], list[int]] = {}
+        for i, inp in enumerate(inputs):
+            sharing.setdefault(inp, []).append(i)
+        unique = sorted(sharing, key=len, reverse=True)
         results = [0.0] * len(pairs)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            width = max(len(inputs[i]) for i in batch)
+        for start in range(0, len(unique), self.batch_size):
+            batch = unique[start:start + self.batch_size]
+            width = len(batch[0])
             ids = torch.zeros((len(batch), width), dtype=torch.long)
             keep = torch.zeros((len(batch), width), dtype=torch.bool)
-            for row, i in enumerate(batch):
-                n, m = len(inputs[i]), len(targets[i])
-                ids[row, :n] = torch.tensor(inputs[i])
-                keep[row, n - m:n] = True  # the positions whose next token is a continuation token
+            rows, tokens, owners = [], [], []
+            first = 0  # the first kept position of this input, counted over the batch's kept rows
+            for row, inp in enumerate(batch):
+                need = max(len(targets[i]) for i in sharing[inp])
+                ids[row, :len(inp)] = torch.tensor(inp)
+                keep[row, len(inp) - need:len(inp)] = True  # positions whose next token is a target
+                for i in sharing[inp]:
+                    rows += range(first + need - len(targets[i]), first + need)
+                    tokens += targets[i]
+                    owners += [i] * len(targets[i])
+                first += need
             logits = logits_at(self.model, ids.to(device), keep.to(device))
             logprobs = torch.log_softmax(logits.float(), dim=-1)  # (kept positions, vocab), row-major
-            flat_targets = torch.tensor([t for i in batch for t in targets[i]], device=device)
-            token_lls = logprobs.gather(1, flat_targets[:, None]).squeeze(1)
-            segment = torch.repeat_interleave(torch.tensor([len(targets[i]) for i in batch], device=device))
-            sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(
-                0, segment, token_lls.double())
-            for i, total in zip(batch, sums.tolist()):
+            token_lls = logprobs[torch.tensor(rows, device=device), torch.tensor(tokens, device=device)]
+            owner_ids = sorted(set(owners))
+            slot = {i: k for k, i in enumerate(owner_ids)}
+            sums = torch.zeros(len(owner_ids), dtype=torch.float64, device=device).index_add_(
+                0, torch.tensor([slot[i] for i in owners], device=device), token_lls.double())
+            for i, total in zip(owner_ids, sums.tolist()):
                 results[i] = total
             if progress is not None:
-                progress(len(batch))
+                progress(len(owner_ids))
         return results

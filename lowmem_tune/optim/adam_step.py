@@ -31,13 +31,11 @@ def dense_step(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], gr
         flat = grad.reshape(-1)
         per_row = flat.numel() // p.shape[0]
 
-        def direction(start: int, rows: int) -> torch.Tensor:
-            out = torch.zeros((rows, *p.shape[1:]), dtype=torch.float32, device=p.device)
-            Blockwise8bitMoments.update_range(state, flat.narrow(0, start * per_row, rows * per_row), out,
-                                              start * per_row, betas, eps, lr=-1.0, weight_decay=0.0)
-            return out
+        def update_in_place(start: int, value: torch.Tensor) -> None:
+            Blockwise8bitMoments.update_range(state, flat.narrow(0, start * per_row, value.numel()), value,
+                                              start * per_row, betas, eps, lr, wd)
 
-        writer.apply(p, direction, lr, wd, decay_first=True, align=BLOCKSIZE)
+        writer.apply_in_place(p, update_in_place, align=BLOCKSIZE)
         return
     direction = storage_of(state).direction(state, grad.to(torch.promote_types(grad.dtype, torch.float32)), betas, eps)
     if _rounds(writer, p):

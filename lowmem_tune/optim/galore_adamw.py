@@ -33,6 +33,7 @@ import torch
 
 from lowmem_tune.optim.adam_step import dense_step, galore_step
 from lowmem_tune.optim.moments import MIN_8BIT_SIZE, carry_moments, moments_for
+from lowmem_tune.optim.norms import squared_norm
 from lowmem_tune.optim.offload import is_parked, park, tensor_bytes, unpark
 from lowmem_tune.optim.persistence import TRANSIENT, galore_state_dict, load_galore_state_dict
 from lowmem_tune.optim.projector import GaLoreProjector
@@ -245,7 +246,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if not self.sketch_grad(p, grad):
             low = _low_rank(state["projector"], grad)
             state["grad_acc"] = low if "grad_acc" not in state else state["grad_acc"].add_(low)
-        squared = _sq_norm(grad)
+        squared = squared_norm(grad)
         state["full_sq"] = squared if "full_sq" not in state else state["full_sq"].add_(squared)
         state["micro"] = state.get("micro", 0) + 1
         p.grad = None
@@ -287,10 +288,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     full_sq.extend(full)
                     low_only = state.pop("low_only", False)  # projected in backward: no full norm
                     full_exact &= state.pop("micro", 0) <= 1 and not low_only
+                    consumed_sq.append(squared_norm(low))
                 else:
                     low = p.grad
-                    full_sq.append(_sq_norm(low))
-                consumed_sq.append(_sq_norm(low))
+                    consumed_sq.append(squared_norm(low))
+                    full_sq.append(consumed_sq[-1])
                 pending.append((p, group, state, low))
         self.refreshed_last_step, self._refreshed = self._refreshed, 0
         if not pending:
@@ -335,7 +337,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         proj: GaLoreProjector = state["projector"]
         full = [state.pop("full_sq")] if "full_sq" in state else []
         if p.grad is not None:
-            full.append(_sq_norm(p.grad))
+            full.append(squared_norm(p.grad))
             if self.rule == "sketch":
                 if "basis_taken" not in state and "sketch" not in state:  # driven without hooks
                     self.sketch_grad(p, p.grad)
@@ -393,8 +395,3 @@ class GaLoreAdamW(torch.optim.Optimizer):
 def _low_rank(proj: GaLoreProjector, grad: torch.Tensor) -> torch.Tensor:
     """The projected gradient in at least float32 (float64 gradients keep their precision)."""
     return proj.project(grad).to(torch.promote_types(grad.dtype, torch.float32))
-
-
-def _sq_norm(t: torch.Tensor) -> torch.Tensor:
-    """Squared norm, accumulated in at least float32 (no full-size upcast copy of a bf16 gradient)."""
-    return torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32)).square()

@@ -1,9 +1,9 @@
 """Writing an update into a 16-bit weight with stochastic rounding, a block of rows at a time.
 
 The update is formed in float32 for one block (so the working copy is one block, never the whole
-matrix), added to the block's float32 value and rounded back with `StochasticRounding`. Weight
-decay follows the optimizer's convention: after the update (galore-torch, our Adam) or before it
-(bitsandbytes' kernel and torch.optim.AdamW).
+matrix), added to the block's float32 value and rounded back with `StochasticRounding`; weight
+decay after the update, as galore-torch and our Adam do. `apply_in_place` hands the block's
+float32 value to an update that writes it itself: bitsandbytes' 8-bit kernel, which decays first.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ BLOCK_ELEMENTS = 1 << 20
 
 RowsUpdate = Callable[[int, int], torch.Tensor]
 """update(start, rows): the float32 update of rows start .. start + rows (the step before the lr)."""
+InPlaceUpdate = Callable[[int, torch.Tensor], None]
+"""update(start, value): applies the whole step (lr and weight decay included) to `value`, the
+float32 copy of the rows from `start` on."""
 
 
 class WeightStore(Protocol):
@@ -50,15 +53,22 @@ class RoundingWriter:
         return weight.dtype in (torch.bfloat16, torch.float16)
 
     @torch.no_grad()
-    def apply(self, weight: torch.Tensor, update: RowsUpdate, lr: float, weight_decay: float = 0.0,
-              decay_first: bool = False, align: int = 1) -> None:
-        """weight <- round(w - lr * update - lr * wd * (...)), decaying w before or after the update."""
+    def apply(self, weight: torch.Tensor, update: RowsUpdate, lr: float, weight_decay: float = 0.0) -> None:
+        """weight <- round(w - lr * update - lr * wd * (w - lr * update)): decay after the update."""
+        for start, rows in row_blocks(weight):
+            block = weight.narrow(0, start, rows)
+            value = block.float()
+            value.add_(update(start, rows), alpha=-lr)
+            if weight_decay:
+                value.add_(value, alpha=-lr * weight_decay)
+            block.copy_(self.rounding.to_dtype(value, weight.dtype))
+
+    @torch.no_grad()
+    def apply_in_place(self, weight: torch.Tensor, update: InPlaceUpdate, align: int = 1) -> None:
+        """weight <- round(update(w)), for an update that writes a block's float32 value itself
+        (bitsandbytes' 8-bit kernel): no separate update tensor is formed."""
         for start, rows in row_blocks(weight, align):
             block = weight.narrow(0, start, rows)
             value = block.float()
-            if weight_decay and decay_first:
-                value.mul_(1 - lr * weight_decay)
-            value.add_(update(start, rows), alpha=-lr)
-            if weight_decay and not decay_first:
-                value.add_(value, alpha=-lr * weight_decay)
+            update(start, value)
             block.copy_(self.rounding.to_dtype(value, weight.dtype))
