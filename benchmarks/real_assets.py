@@ -84,14 +84,13 @@ def gemma_model() -> Path:
     if (folder / "config.json").is_file():
         return folder
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = gemma_gguf()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    from lowmem_tune.catalog import resolve_model
+    from lowmem_tune.modeling import load_model, load_tokenizer
+
+    gguf = resolve_model(str(gemma_gguf()))  # the product's own GGUF path: `model.name: x.gguf` reads it so
+    model = load_model(gguf, "pretrained", torch.float32, torch.device("cpu"))
+    tokenizer = load_tokenizer(gguf.pretrained_path)
     with atomic_directory(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

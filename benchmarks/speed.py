@@ -19,7 +19,7 @@ loading excluded; accuracy; per-row agreement with lm-evaluation-harness):
 - `before` (float32, no BOS: the old encoding), `fp32` and `auto` as above;
 - `lm-eval` 0.4.13 in float32 and in the `auto` precision, from the Python of another virtual
   environment (--lm-eval-python; lm_eval's pins clash with this project's).
-Peak memory of the held-out loss (`eval_loss`) on 8 batches, before and after: the peak resident
+Peak memory of the held-out loss (`eval_loss`) on 2 batches, before and after: the peak resident
 set of a process that loads the model and runs it, minus the resident set after loading.
 
     python benchmarks/speed.py --lm-eval-python /path/to/venv/bin/python
@@ -47,12 +47,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 SEQ_LEN, MICRO_BATCH, RANK, GAP, SCALE, LR = 256, 4, 128, 200, 0.25, 1e-5
 
 
-def profile_dict(model: Path, data: Path, out: Path, dtype: str, steps: int) -> dict[str, Any]:
+def profile_dict(model: Path, data: Path, out: Path, dtype: str, steps: int, heldout: int = 0) -> dict[str, Any]:
+    """The training profile every side runs; no held-out loss (`heldout` is for the memory child)."""
     return {
         "model": {"name": str(model), "dtype": dtype}, "hardware": {"device": "cpu"},
         "strategy": {"name": "galore", "rank": RANK, "update_proj_gap": GAP, "scale": SCALE, "bits": 8,
                      "layerwise": True},
-        "data": {"dataset": str(data), "format": "boolq", "max_seq_len": SEQ_LEN, "heldout": 200},
+        "data": {"dataset": str(data), "format": "boolq", "max_seq_len": SEQ_LEN, "heldout": heldout},
         "train": {"max_steps": steps, "micro_batch_size": MICRO_BATCH, "gradient_accumulation": 1, "lr": LR,
                   "scheduler": "constant", "activation_checkpointing": True, "seed": 0, "save_every": 10**9,
                   "eval_every": 10**9, "log_every": 1},
@@ -186,7 +187,7 @@ def child_lm_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_eval_loss_memory(args: argparse.Namespace) -> dict[str, Any]:
-    """Peak resident set of the held-out loss over 8 batches, above the resident set after loading."""
+    """Peak resident set of the held-out loss over 2 batches, above the resident set after loading."""
     import psutil
     import torch
 
@@ -197,7 +198,7 @@ def child_eval_loss_memory(args: argparse.Namespace) -> dict[str, Any]:
     from lowmem_tune.profile import profile_from_dict
     from lowmem_tune.train.setup import prepare_data
 
-    profile = profile_from_dict(profile_dict(args.model, args.data, args.work / "mem", args.dtype, 1))
+    profile = profile_from_dict(profile_dict(args.model, args.data, args.work / "mem", args.dtype, 1, heldout=200))
     resolved = resolve_model(str(args.model))
     data = prepare_data(profile, resolved, args.work / "mem")
     model = load_model(resolved, "pretrained", torch.float32, torch.device("cpu"))  # parameters trainable, as in a run
@@ -205,7 +206,7 @@ def child_eval_loss_memory(args: argparse.Namespace) -> dict[str, Any]:
     Path("/proc/self/clear_refs").write_text("5")  # the peak resident set (VmHWM) starts again from here
     model.eval()
     with torch.no_grad():
-        losses = [float(causal_lm_loss(model, b)) for b in eval_batches(data.heldout_items, MICRO_BATCH, data.pad_id, 8)]
+        losses = [float(causal_lm_loss(model, b)) for b in eval_batches(data.heldout_items, MICRO_BATCH, data.pad_id, 2)]
     status = Path("/proc/self/status").read_text().splitlines()
     peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
     return {"above_loaded_bytes": peak - loaded, "loss": statistics.mean(losses)}
@@ -270,24 +271,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         before = checkout(args.before, work / "before")
+        after = checkout("HEAD", work / "after")  # the committed code: edits made meanwhile do not leak in
         try:
             train_data = boolq_jsonl(work, None)  # JSONL, which the code at --before reads too
             if not args.skip_train:
                 for pair in range(args.pairs):
                     row: dict[str, Any] = {"pair": pair}
-                    for side, tree, dtype, kind in (("before", before, "float32", "train"), ("fp32", ROOT, "float32", "train"),
-                                                    ("auto", ROOT, "auto", "train"), ("hf", ROOT, auto, "hf-train")):
+                    for side, tree, dtype, kind in (("before", before, "float32", "train"), ("fp32", after, "float32", "train"),
+                                                    ("auto", after, "auto", "train"), ("hf", after, auto, "hf-train")):
                         run = run_child(kind, py, tree, work, model, train_data, dtype, args.steps)
                         row[side] = {"tokens_per_s": tokens_per_s(run, args.warmup), "losses": run["losses"]}
                         print(side, round(row[side]["tokens_per_s"], 1), flush=True)
                     report["train"].append(row)
             if not args.skip_eval:
                 rows = boolq_jsonl(work, args.eval_rows)
-                sides = [("before", py, before, "float32", "eval"), ("fp32", py, ROOT, "float32", "eval"),
-                         ("auto", py, ROOT, auto, "eval")]
+                sides = [("before", py, before, "float32", "eval"), ("fp32", py, after, "float32", "eval"),
+                         ("auto", py, after, auto, "eval")]
                 if args.lm_eval_python:
-                    sides += [("lm-eval fp32", args.lm_eval_python, ROOT, "float32", "lm-eval"),
-                              (f"lm-eval {auto}", args.lm_eval_python, ROOT, auto, "lm-eval")]
+                    sides += [("lm-eval fp32", args.lm_eval_python, after, "float32", "lm-eval"),
+                              (f"lm-eval {auto}", args.lm_eval_python, after, auto, "lm-eval")]
                 for pair in range(args.pairs):
                     row = {"pair": pair}
                     for side, python, tree, dtype, kind in sides:
@@ -295,10 +297,11 @@ def main() -> None:
                         row[side] = {"examples_per_s": run["rows"] / run["seconds"], "correct": run["correct"]}
                         print(side, round(row[side]["examples_per_s"], 2), sum(run["correct"]) / run["rows"], flush=True)
                     report["eval"].append(row)
-                for side, tree in (("before", before), ("after", ROOT)):
+                for side, tree in (("before", before), ("after", after)):
                     report["memory"][side] = run_child("eval-loss-memory", py, tree, work, model, train_data, "float32")
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, capture_output=True)
+            for tree in (before, after):
+                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
     write_results(report, args, auto)
 
 
@@ -342,7 +345,7 @@ def write_results(report: dict[str, Any], args: argparse.Namespace, auto: str) -
             lines += ["", f"fp32, per row: ours and lm-eval agree on {agree} of {len(first['fp32']['correct'])} rows."]
     if report["memory"]:
         m = report["memory"]
-        lines += ["", "Held-out loss (8 batches), peak resident set above the loaded model: "
+        lines += ["", "Held-out loss (2 batches), peak resident set above the loaded model: "
                   f"before {m['before']['above_loaded_bytes'] / 2**20:.0f} MiB, after "
                   f"{m['after']['above_loaded_bytes'] / 2**20:.0f} MiB (loss {m['before']['loss']:.4f} / "
                   f"{m['after']['loss']:.4f})."]

@@ -53,6 +53,26 @@ _LLAMA3_ROPE = {
     "rope_theta": 500000.0,
 }
 
+def _gemma3(hidden: int, inter: int, layers: int, heads: int, kv: int, head_dim: int, vocab: int, window: int,
+            max_positions: int, query_scalar: int, global_rope: dict[str, Any] | None = None,
+            **extra: Any) -> dict[str, Any]:
+    """Gemma 3's text decoder: five sliding-window layers to one global layer, tied embeddings."""
+    return {
+        **_llama(hidden, inter, layers, heads, kv, vocab, head_dim=head_dim, max_position_embeddings=max_positions,
+                 rms_norm_eps=1e-6, tie_word_embeddings=True),
+        "sliding_window": window,
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)],
+        "query_pre_attn_scalar": query_scalar,
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": global_rope or {"rope_type": "default", "rope_theta": 1000000.0}},
+        **extra,
+    }
+
+
+_GEMMA3_LONG = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}
+_QWEN3 = {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "rms_norm_eps": 1e-6,
+          "max_position_embeddings": 40960}
+
 CATALOG: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
@@ -83,6 +103,34 @@ CATALOG: dict[str, ModelSpec] = {
                          tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
         ModelSpec("tinyllama-1.1b", "TinyLlama/TinyLlama_v1.1", "llama",
                   _llama(2048, 5632, 22, 32, 4, 32000, max_position_embeddings=2048, rms_norm_eps=1e-5)),
+        ModelSpec("llama-3.1-8b", "meta-llama/Llama-3.1-8B", "llama",
+                  _llama(4096, 14336, 32, 32, 8, 128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                         rope_parameters={**_LLAMA3_ROPE, "factor": 8.0})),
+        ModelSpec("mistral-nemo-12b", "mistralai/Mistral-Nemo-Base-2407", "mistral",
+                  _llama(5120, 14336, 40, 32, 8, 131072, head_dim=128, max_position_embeddings=1024000,
+                         rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+        ModelSpec("qwen3-0.6b", "Qwen/Qwen3-0.6B-Base", "qwen3",
+                  _llama(1024, 3072, 28, 16, 8, 151936, head_dim=128, tie_word_embeddings=True, **_QWEN3)),
+        ModelSpec("qwen3-1.7b", "Qwen/Qwen3-1.7B-Base", "qwen3",
+                  _llama(2048, 6144, 28, 16, 8, 151936, head_dim=128, tie_word_embeddings=True, **_QWEN3)),
+        ModelSpec("qwen3-4b", "Qwen/Qwen3-4B-Base", "qwen3",
+                  _llama(2560, 9728, 36, 32, 8, 151936, head_dim=128, tie_word_embeddings=True, **_QWEN3)),
+        ModelSpec("qwen3-8b", "Qwen/Qwen3-8B-Base", "qwen3",
+                  _llama(4096, 12288, 36, 32, 8, 151936, head_dim=128, tie_word_embeddings=False, **_QWEN3)),
+        ModelSpec("qwen3-14b", "Qwen/Qwen3-14B-Base", "qwen3",
+                  _llama(5120, 17408, 40, 40, 8, 151936, head_dim=128, tie_word_embeddings=False, **_QWEN3)),
+        # Gemma 3: 270m and 1b are text-only checkpoints; for 4b, 12b and 27b (image and text
+        # checkpoints) the row is their text decoder, which is what text finetuning trains.
+        ModelSpec("gemma-3-270m", "google/gemma-3-270m", "gemma3_text",
+                  _gemma3(640, 2048, 18, 4, 1, 256, 262144, 512, 32768, 256)),
+        ModelSpec("gemma-3-1b", "google/gemma-3-1b-pt", "gemma3_text",
+                  _gemma3(1152, 6912, 26, 4, 1, 256, 262144, 512, 32768, 256)),
+        ModelSpec("gemma-3-4b", "google/gemma-3-4b-pt", "gemma3_text",
+                  _gemma3(2560, 10240, 34, 8, 4, 256, 262208, 1024, 131072, 256, _GEMMA3_LONG)),
+        ModelSpec("gemma-3-12b", "google/gemma-3-12b-pt", "gemma3_text",
+                  _gemma3(3840, 15360, 48, 16, 8, 256, 262208, 1024, 131072, 256, _GEMMA3_LONG)),
+        ModelSpec("gemma-3-27b", "google/gemma-3-27b-pt", "gemma3_text",
+                  _gemma3(5376, 21504, 62, 32, 16, 128, 262208, 1024, 131072, 168, _GEMMA3_LONG)),
         # Tiny architectures for tests, the demo and CPU benchmarks (random weights, local tokenizer).
         ModelSpec("demo-llama", None, "llama",
                   _llama(128, 352, 4, 4, 4, 512, max_position_embeddings=512, rms_norm_eps=1e-5)),
@@ -90,6 +138,8 @@ CATALOG: dict[str, ModelSpec] = {
                   _llama(64, 176, 2, 4, 2, 256, max_position_embeddings=256, rms_norm_eps=1e-5)),
         ModelSpec("small-llama", None, "llama",
                   _llama(512, 1376, 8, 8, 8, 8000, max_position_embeddings=2048, rms_norm_eps=1e-5)),
+        ModelSpec("tiny-gemma3", None, "gemma3_text",
+                  _gemma3(64, 128, 6, 2, 1, 32, 512, 16, 256, 32)),
     ]
 }
 
@@ -104,11 +154,15 @@ class ResolvedModel:
     local_dir: Path | None
     source: str  # "catalog", "local", "hub"
 
+    gguf_file: str | None = None
+    """The GGUF file in `local_dir` the weights and tokenizer come from (source "gguf")."""
+
     @property
     def pretrained_path(self) -> str | None:
-        """Where `from_pretrained` reads weights: the local directory, else the hub id."""
+        """Where the weights are: the local directory (or the GGUF file in it), else the hub id.
+        `modeling.load_model` and `load_tokenizer` read either."""
         if self.local_dir is not None:
-            return str(self.local_dir)
+            return str(self.local_dir / self.gguf_file) if self.gguf_file else str(self.local_dir)
         return self.hub_id
 
 
@@ -123,8 +177,11 @@ def resolve_model(name: str) -> ResolvedModel:
             raise UserError(f"model directory {path} has no config.json (expected a save_pretrained folder)")
         return ResolvedModel(path.name, _config_from_file(path / "config.json"), None, path, "local")
     if path.is_file():
+        if path.suffix == ".gguf":
+            return ResolvedModel(path.stem, _config_from_gguf(path), None, path.parent, "gguf", path.name)
         if path.suffix != ".json":
-            raise UserError(f"--model {name}: a file must be a config.json; give the model's directory instead")
+            raise UserError(f"--model {name}: a file must be a config.json or a .gguf file; give the model's "
+                            "directory instead")
         return ResolvedModel(path.parent.name or path.stem, _config_from_file(path), None, path.parent, "local")
     if name.startswith((".", "/", "~")):
         raise UserError(f"model directory not found: {path} (a save_pretrained folder, a catalog name or a hub id)")
@@ -147,6 +204,26 @@ def _config_from_file(path: Path) -> PretrainedConfig:
         return AutoConfig.for_model(model_type, **data)
     except ValueError as err:
         raise UserError(f"{path}: unsupported model_type {model_type!r} ({err})") from None
+
+
+def gguf_installed() -> None:
+    """transformers reads GGUF files through the `gguf` package, which lowmem-tune does not install."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading a .gguf model needs the gguf package: pip install gguf")
+
+
+def _config_from_gguf(path: Path) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    gguf_installed()
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{path}: could not read it as a GGUF model ({one_line(err)})") from None
+    config.__dict__.pop("quantization_config", None)  # dequantized when loaded: a plain model from then on
+    return config
 
 
 def _config_from_hub(hub_id: str) -> PretrainedConfig:

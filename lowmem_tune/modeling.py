@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from lowmem_tune.catalog import ResolvedModel
+from lowmem_tune.catalog import ResolvedModel, gguf_installed
 from lowmem_tune.compress.storage import load_compressed
 from lowmem_tune.errors import UserError, one_line
 
@@ -86,23 +88,38 @@ def load_model(
         )
     if resolved.local_dir is not None and getattr(resolved.config, "welore", None):
         return load_compressed(resolved.local_dir, dtype, device, attn_implementation)
+    source, kwargs = pretrained_source(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as err:
         first = one_line(err)
         raise UserError(
             f"could not load weights of {path!r}: {first} (offline? download it first with "
             "`huggingface-cli download`, or point model.name at a local directory)"
         ) from None
+    if resolved.gguf_file:  # dequantized on loading: from here on a plain model, saved as one
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
     return model.to(device)
 
 
+def pretrained_source(source: str) -> tuple[str, dict[str, str]]:
+    """`from_pretrained`'s arguments for a directory, a hub id or a .gguf file (read from its
+    directory with `gguf_file`, through the gguf package)."""
+    if source.endswith(".gguf"):
+        gguf_installed()
+        path = Path(source)
+        return str(path.parent), {"gguf_file": path.name}
+    return source, {}
+
+
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    """A tokenizer from a local directory or a hub id; failure is a one-line UserError."""
+    """A tokenizer from a local directory, a hub id or a .gguf file; failure is a one-line UserError."""
     from transformers import AutoTokenizer
 
+    path, kwargs = pretrained_source(source)
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"could not load a tokenizer from {source!r}: {one_line(err)}") from None
 

@@ -142,6 +142,8 @@ def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(tmp_path):
         ("data.dataset=nosuchtask", "data.dataset"),
         ("train.lr=-1", "train.lr"),
         ("model.name=llama-2-7", "did you mean"),
+        ("eval.tasks=[boolk]", "did you mean 'boolq'"),
+        ("eval.data_files={boolq: /nonexistent/boolq.jsonl}", "eval.data_files names task(s) boolq"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, override, message):

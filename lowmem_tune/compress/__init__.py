@@ -25,7 +25,6 @@ from lowmem_tune.compress.ranks import (
 from lowmem_tune.compress.spectra import singular_values, weights_fingerprint
 from lowmem_tune.compress.storage import (
     compressed_ranks,
-    copy_tokenizer,
     load_compressed,
     record_plan,
     save_compressed,
@@ -55,7 +54,7 @@ def compress_model(model: PreTrainedModel, rank_reduction: float, min_ratio: flo
 
 __all__ = [
     "LowRankLinear", "MatrixRank", "RankPlan", "assumed_ranks", "assumed_ranks_of",
-    "compress_model", "compressed_ranks", "copy_tokenizer", "decoder_matrices", "factorize",
+    "compress_model", "compressed_ranks", "decoder_matrices", "factorize",
     "install_empty", "load_compressed", "lowrank_modules", "merge_lowrank",
     "plan_from_ranks", "plan_ranks", "record_plan", "save_compressed", "save_merged", "select_ranks",
     "singular_values", "weights_fingerprint",

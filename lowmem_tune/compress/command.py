@@ -11,14 +11,23 @@ from lowmem_tune.catalog import resolve_model
 from lowmem_tune.compress import (
     compress_model,
     compressed_ranks,
-    copy_tokenizer,
     load_compressed,
     save_compressed,
     save_merged,
 )
 from lowmem_tune.errors import UserError
-from lowmem_tune.modeling import load_model, pick_device
+from lowmem_tune.modeling import load_model, load_tokenizer, pick_device
 from lowmem_tune.resources import cache_dir
+
+
+def _save_tokenizer(source: str, out_dir: Path) -> None:
+    """The source model's tokenizer (a directory's files, a GGUF file's vocabulary) beside the
+    written model, when it has one: a model without one compresses all the same."""
+    try:
+        tokenizer = load_tokenizer(source)
+    except UserError:
+        return
+    tokenizer.save_pretrained(out_dir)
 
 
 def _stored_dtype(config) -> torch.dtype:
@@ -63,7 +72,7 @@ def compress_command(model: str, rank_reduction: float, min_ratio: float, output
             save_merged(dense, tmp)
         else:
             save_compressed(dense, plan, tmp)
-        copy_tokenizer(resolved.local_dir, tmp)
+        _save_tokenizer(resolved.pretrained_path, tmp)
     s = plan.summary()
     console.print(
         f"ERR {s['rank_reduction_achieved']:.4f} (target {rank_reduction}), τ={plan.tau:.4f}: "
@@ -88,5 +97,5 @@ def merge_command(model: str, output: Path) -> None:
     _refuse_non_empty(Path(output))
     with atomic_directory(output) as tmp:
         merged = save_merged(compressed, tmp)
-        copy_tokenizer(source, tmp)
+        _save_tokenizer(str(source), tmp)
     Console(stderr=True).print(f"merged {merged} low-rank matrices; dense model written to {output}")

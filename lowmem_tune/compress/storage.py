@@ -9,7 +9,6 @@ The LRC weights are stored as `<projection>.left` (out×k) and `<projection>.rig
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -25,9 +24,6 @@ from lowmem_tune.quantize import int8_layers
 
 CONFIG_KEY = "welore"
 TABLE_FILE = "welore.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-
 
 def compressed_ranks(config: PretrainedConfig) -> dict[str, int] | None:
     """The recorded LRC ranks of a compressed model's config, or None for a dense model."""
@@ -98,14 +94,6 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     for name in files:
         state.update(load_file(str(path / name)))
     return state
-
-
-def copy_tokenizer(source: Path | None, out_dir: Path) -> None:
-    if source is None or not source.is_dir():
-        return
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, out_dir / name)
 
 
 def trainable_summary(model: nn.Module) -> tuple[int, int]:

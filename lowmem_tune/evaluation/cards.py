@@ -8,6 +8,8 @@ in lm-evaluation-harness, so its task definitions translate one to one.
 
 from __future__ import annotations
 
+import difflib
+
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,8 +177,10 @@ def load_card(name: str) -> TaskCard:
     """The card evaluate/tasks/NAME.yaml, validated."""
     path = _tasks_dir() / f"{name}.yaml"
     if not path.is_file():
+        close = difflib.get_close_matches(name, available_tasks() + available_suites(), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise UserError(
-            f"unknown task {name!r}: tasks are {', '.join(available_tasks())}; "
+            f"unknown task {name!r}: {hint}tasks are {', '.join(available_tasks())}; "
             f"suites are {', '.join(available_suites())}"
         )
     data = _read_yaml(path)

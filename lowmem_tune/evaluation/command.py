@@ -76,8 +76,8 @@ def eval_command(dataset: str, model: str | None, data_files: tuple[str, ...] = 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lowmem_tune.catalog import resolve_model
-    from lowmem_tune.evaluation.cards import expand_tasks, load_card
-    from lowmem_tune.evaluation.runner import evaluate_tasks
+    from lowmem_tune.evaluation.cards import expand_tasks
+    from lowmem_tune.evaluation.runner import check_tasks, evaluate_tasks
     from lowmem_tune.modeling import load_model, pick_device, quiet_library_progress, resolve_dtype
 
     if limit is not None and limit < 1:
@@ -86,9 +86,8 @@ def eval_command(dataset: str, model: str | None, data_files: tuple[str, ...] = 
         raise UserError(f"--batch-size {batch_size}: give a positive batch size")
     quiet_library_progress()  # their bars would tear through ours
     tasks = expand_tasks([dataset])
-    for task in tasks:
-        load_card(task)  # unknown names fail before the model loads
     files = parse_data_files(data_files, tasks)
+    check_tasks(tasks, files)  # unknown names and missing files fail before the model loads
     if model is None:
         model = str(latest_final_model())
         Console(stderr=True).print(f"evaluating {model} (the latest run's final model under ./{RUNS_DIR}; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -149,6 +150,21 @@ def run_task(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, card: T
     return scores, protocol
 
 
+def check_tasks(tasks: list[str], data_files: dict[str, str], key: str = "--data-file") -> list[str]:
+    """The task names (suites expanded), once their cards load and the local data files named
+    for them exist: what a run checks before its model loads, so a typo fails in the first second."""
+    names = expand_tasks(tasks)
+    for name in names:
+        load_card(name)
+    stray = sorted(set(data_files) - set(names))
+    if stray:
+        raise UserError(f"{key} names task(s) {', '.join(stray)} that are not being evaluated ({', '.join(names)})")
+    for task, path in data_files.items():
+        if not Path(path).expanduser().exists():
+            raise UserError(f"{key} {task}={path}: no such file or directory")
+    return names
+
+
 def evaluate_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: list[str], *,
                    limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
                    data_files: dict[str, str] | None = None, add_bos: bool | None = None,
@@ -160,11 +176,8 @@ def evaluate_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
 
     The model is put in eval mode for the duration and given back in the mode it came in.
     """
-    names = expand_tasks(tasks)
+    names = check_tasks(tasks, data_files or {})
     data_files = dict(data_files or {})
-    stray = sorted(set(data_files) - set(names))
-    if stray:
-        raise UserError(f"--data-file names task(s) {', '.join(stray)} that are not being evaluated ({', '.join(names)})")
     cards = [load_card(name) for name in names]
     param = next(model.parameters())
     results: dict[str, Any] = {"tasks": {}, "protocol": {

@@ -642,6 +642,774 @@ SHAPES = {
    ]
   }
  },
+ "llama-3.1-8b": {
+  "fingerprint": "f81f41b6b6d05b2f",
+  "architecture": {
+   "name": "llama-3.1-8b",
+   "model_type": "llama",
+   "num_layers": 32,
+   "hidden_size": 4096,
+   "intermediate_size": 14336,
+   "num_heads": 32,
+   "num_kv_heads": 8,
+   "head_dim": 128,
+   "vocab_size": 128256,
+   "tied_embeddings": False,
+   "params": 8030261248,
+   "embedding_params": 525336576,
+   "lm_head_params": 525336576,
+   "final_norm_params": 4096,
+   "layer_norm_params": 8192,
+   "linears": [
+    {
+     "name": "q_proj",
+     "out_features": 4096,
+     "in_features": 4096,
+     "bias": False
+    },
+    {
+     "name": "k_proj",
+     "out_features": 1024,
+     "in_features": 4096,
+     "bias": False
+    },
+    {
+     "name": "v_proj",
+     "out_features": 1024,
+     "in_features": 4096,
+     "bias": False
+    },
+    {
+     "name": "o_proj",
+     "out_features": 4096,
+     "in_features": 4096,
+     "bias": False
+    },
+    {
+     "name": "gate_proj",
+     "out_features": 14336,
+     "in_features": 4096,
+     "bias": False
+    },
+    {
+     "name": "up_proj",
+     "out_features": 14336,
+     "in_features": 4096,
+     "bias": False
+    },
+    {
+     "name": "down_proj",
+     "out_features": 4096,
+     "in_features": 14336,
+     "bias": False
+    }
+   ]
+  }
+ },
+ "mistral-nemo-12b": {
+  "fingerprint": "279f66271133d11b",
+  "architecture": {
+   "name": "mistral-nemo-12b",
+   "model_type": "mistral",
+   "num_layers": 40,
+   "hidden_size": 5120,
+   "intermediate_size": 14336,
+   "num_heads": 32,
+   "num_kv_heads": 8,
+   "head_dim": 128,
+   "vocab_size": 131072,
+   "tied_embeddings": False,
+   "params": 12247782400,
+   "embedding_params": 671088640,
+   "lm_head_params": 671088640,
+   "final_norm_params": 5120,
+   "layer_norm_params": 10240,
+   "linears": [
+    {
+     "name": "q_proj",
+     "out_features": 4096,
+     "in_features": 5120,
+     "bias": False
+    },
+    {
+     "name": "k_proj",
+     "out_features": 1024,
+     "in_features": 5120,
+     "bias": False
+    },
+    {
+     "name": "v_proj",
+     "out_features": 1024,
+     "in_features": 5120,
+     "bias": False
+    },
+    {
+     "name": "o_proj",
+     "out_features": 5120,
+     "in_features": 4096,
+     "bias": False
+    },
+    {
+     "name": "gate_proj",
+     "out_features": 14336,
+     "in_features": 5120,
+     "bias": False
+    },
+    {
+     "name": "up_proj",
+     "out_features": 14336,
+     "in_features": 5120,
+     "bias": False
+    },
+    {
+     "name": "down_proj",
+     "out_features": 5120,
+     "in_features": 14336,
+     "bias": False
+    }
+   ]
+  }
+ },
+ "qwen3-0.6b": {
+  "fingerprint": "9ea3ee77c491f085",
+  "architecture": {
+   "name": "qwen3-0.6b",
+   "model_type": "qwen3",
+   "num_layers": 28,
+   "hidden_size": 1024,
+   "intermediate_size": 3072,
+   "num_heads": 16,
+   "num_kv_heads": 8,
+   "head_dim": 128,
+   "vocab_size": 151936,
+   "tied_embeddings": True,
+   "params": 596049920,
+   "embedding_params": 155582464,
+   "lm_head_params": 0,
+   "final_norm_params": 1024,
+   "layer_norm_params": 2304,
+   "linears": [
+    {
+     "name": "q_proj",
+     "out_features": 2048,
+     "in_features": 1024,
+     "bias": False
+    },
+    {
+     "name": "k_proj",
+     "out_features": 1024,
+     "in_features": 1024,
+     "bias": False
+    },
+    {
+     "name": "v_proj",
+     "out_features": 1024,
+     "in_features": 1024,
+     "bias": False
+    },
+    {
+     "name": "o_proj",
+     "out_features": 1024,
+     "in_features": 2048,
+     "bias": False
+    },
+    {
+     "name": "gate_proj",
+     "out_features": 3072,
+     "in_features": 1024,
+     "bias": False
+    },
+    {
+     "name": "up_proj",
+     "out_features": 3072,
+     "in_features": 1024,
+     "bias": False
+    },
+    {
+     "name": "down_proj",
+     "out_features": 1024,
+     "in_features": 3072,
+     "bias": False
+    }
+   ]
+  }
+ },
+ "qwen3-1.7b": {
+  "fingerprint": "893d54e59e406a7d",
+  "architecture": {
+   "name": "qwen3-1.7b",
+   "model_type": "qwen3",
+   "num_layers": 28,
+   "hidden_size": 2048,
+   "intermediate_size": 6144,
+   "num_heads": 16,
+   "num_kv_heads": 8,
+   "head_dim": 128,
+   "vocab_size": 151936,
+   "tied_embeddings": True,
+   "params": 1720574976,
+   "embedding_params": 311164928,
+   "lm_head_params": 0,
+   "final_norm_params": 2048,
+   "layer_norm_params": 4352,
+   "linears": [
+    {
+     "name": "q_proj",
+     "out_features": 2048,
+     "in_features": 2048,
+     "bias": False
+    },
+    {
+     "name": "k_proj",
+     "out_features": 1024,
+     "in_features": 2048,
+     "bias": False
+    },
+    {
+     "name": "v_proj",
+     "out_features": 1024,
+     "in_features": 2048,
+     "bias": False
+    },
+    {
+     "name": "o_proj",
+     "out_features": 2048,
+     "in_features": 2048,
+     "bias": False
+    },
+    {
+     "name": "gate_proj",
+     "out_features": 6144,
+     "in_features": 2048,
+     "bias": False
+    },
+    {
+     "name": "up_proj",
+     "out_features": 6144,
+     "in_features": 2048,
+     "bias": False
+    },
+    {
+     "name": "down_proj",
+     "out_features": 2048,
+     "in_features": 6144,
+     "bias": False
+    }
+   ]
+  }
+ },
+ "qwen3-4b": {
+  "fingerprint": "ada04085412ffe99",
+  "architecture": {
+   "name": "qwen3-4b",
+   "model_type": "qwen3",
+   "num_layers": 36,
+   "hidden_size": 2560,
+   "intermediate_size": 9728,
+   "num_heads": 32,
+   "num_kv_heads": 8,
+   "head_dim": 128,
+   "vocab_size": 151936,
+   "tied_embeddings": True,
+   "params": 4022468096,
+   "embedding_params": 388956160,
+   "lm_head_params": 0,
+   "final_norm_params": 2560,
+   "layer_norm_params": 5376,
+   "linears": [
+    {
+     "name": "q_proj",
+     "out_features": 4096,
+     "in_features": 2560,
+     "bias": False
+    },
+    {
+     "name": "k_proj",
+     "out_features": 1024,
+     "in_features": 2560,
+     "bias": False
+    },
+    {
+     "name": "v_proj",
+     "out_features": 1024,
+     "in_features": 2560,
+     "bias": False
+    },
+    {
+     "name": "o_proj",
+     "out_features": 2560,
+     "in_features": 4096,
+     "bias": False
+    },
+    {
+     "name": "gate_proj",
+     "out_features": 9728,
+     "in_features": 2560,
+     "bias": False
+    },
+    {
+     "name": "up_proj",
+     "out_features": 9728,
+     "in_features": 2560,
+     "bias": False
+    },
+    {
+     "name": "down_proj",
+     "out_features": 2560,
+     "in_features": 9728,
+     "bias": False
+    }
+   ]
+  }
+ },
+ "qwen3-8b": {
+  "fingerprint": "1a89543253b2a315",
+  "architecture": {
+   "name": "qwen3-8b",
+   "model_type": "qwen3",
+   "num_layers": 36,
+   "hidden_size": 4096,
+   "intermediate_size": 12288,
+   "num_heads": 32,
+   "num_kv_heads": 8,
+   "head_dim": 128,
+   "vocab_size": 151936,
+   "tied_embeddings": False,
+   "params": 8190735360,
+   "embedding_params": 622329856,
+   "lm_head_params": 622329856,
+   "final_norm_params": 4096,
+   "layer_norm_params": 8448,
+   "linears": [
+    {
+     "name": "q_proj",
+     "out_features": 4096,
+     "in_features": 4096,
+     "bias": False
+    },
+    {
+     "name": "k_proj",
+     "out_features": 1024,
+     "in_features": 4096,
+     "bias": False
+    },
+    {
+     "name": "v_proj",
+     "out_features": 1024,
+     "in_features": 4096,
+     "bias": False
+    },
+    {
+     "name": "o_proj",
+     "out_features": 4096,
+     "in_features": 4096,
+     "bias": False
+    },
+    {
+     "name": "gate_proj",
+     "out_features": 12288,
+     "in_features": 4096,
+     "bias": False
+    },
+    {
+     "name": "up_proj",
+     "out_features": 12288,
+     "in_features": 4096,
+     "bias": False
+    },
+    {
+     "name": "down_proj",
+     "out_features": 4096,
+     "in_features": 12288,
+     "bias": False
+    }
+   ]
+  }
+ },
+ "qwen3-14b": {
+  "fingerprint": "4f7aa5d4bd484e4c",
+  "architecture": {
+   "name": "qwen3-14b",
+   "model_type": "qwen3",
+   "num_layers": 40,
+   "hidden_size": 5120,
+   "intermediate_size": 17408,
+   "num_heads": 40,
+   "num_kv_heads": 8,
+   "head_dim": 128,
+   "vocab_size": 151936,
+   "tied_embeddings": False,
+   "params": 14768307200,
+   "embedding_params": 777912320,
+   "lm_head_params": 777912320,
+   "final_norm_params": 5120,
+   "layer_norm_params": 10496,
+   "linears": [
+    {
+     "name": "q_proj",
+     "out_features": 5120,
+     "in_features": 5120,
+     "bias": False
+    },
+    {
+     "name": "k_proj",
+     "out_features": 1024,
+     "in_features": 5120,
+     "bias": False
+    },
+    {
+     "name": "v_proj",
+     "out_features": 1024,
+     "in_features": 5120,
+     "bias": False
+    },
+    {
+     "name": "o_proj",
+     "out_features": 5120,
+     "in_features": 5120,
+     "bias": False
+    },
+    {
+     "name": "gate_proj",
+     "out_features": 17408,
+     "in_features": 5120,
+     "bias": False
+    },
+    {
+     "name": "up_proj",
+     "out_features": 17408,
+     "in_features": 5120,
+     "bias": False
+    },
+    {
+     "name": "down_proj",
+     "out_features": 5120,
+     "in_features": 17408,
+     "bias": False
+    }
+   ]
+  }
+ },
+ "gemma-3-270m": {
+  "fingerprint": "6ee461824eec360c",
+  "architecture": {
+   "name": "gemma-3-270m",
+   "model_type": "gemma3_text",
+   "num_layers": 18,
+   "hidden_size": 640,
+   "intermediate_size": 2048,
+   "num_heads": 4,
+   "num_kv_heads": 1,
+   "head_dim": 256,
+   "vocab_size": 262144,
+   "tied_embeddings": True,
+   "params": 268098176,
+   "embedding_params": 167772160,
+   "lm_head_params": 0,
+   "final_norm_params": 640,
+   "layer_norm_params": 3072,
+   "linears": [
+    {
+     "name": "q_proj",
+     "out_features": 1024,
+     "in_features": 640,
+     "bias": False
+    },
+    {
+     "name": "k_proj",
+     "out_features": 256,
+     "in_features": 640,
+     "bias": False
+    },
+    {
+     "name": "v_proj",
+     "out_features": 256,
+     "in_features": 640,
+     "bias": False
+    },
+    {
+     "name": "o_proj",
+     "out_features": 640,
+     "in_features": 1024,
+     "bias": False
+    },
+    {
+     "name": "gate_proj",
+     "out_features": 2048,
+     "in_features": 640,
+     "bias": False
+    },
+    {
+     "name": "up_proj",
+     "out_features": 2048,
+     "in_features": 640,
+     "bias": False
+    },
+    {
+     "name": "down_proj",
+     "out_features": 640,
+     "in_features": 2048,
+     "bias": False
+    }
+   ]
+  }
+ },
+ "gemma-3-1b": {
+  "fingerprint": "9a2392cecc0dee9e",
+  "architecture": {
+   "name": "gemma-3-1b",
+   "model_type": "gemma3_text",
+   "num_layers": 26,
+   "hidden_size": 1152,
+   "intermediate_size": 6912,
+   "num_heads": 4,
+   "num_kv_heads": 1,
+   "head_dim": 256,
+   "vocab_size": 262144,
+   "tied_embeddings": True,
+   "params": 999885952,
+   "embedding_params": 301989888,
+   "lm_head_params": 0,
+   "final_norm_params": 1152,
+   "layer_norm_params": 5120,
+   "linears": [
+    {
+     "name": "q_proj",
+     "out_features": 1024,
+     "in_features": 1152,
+     "bias": False
+    },
+    {
+     "name": "k_proj",
+     "out_features": 256,
+     "in_features": 1152,
+     "bias": False
+    },
+    {
+     "name": "v_proj",
+     "out_features": 256,
+     "in_features": 1152,
+     "bias": False
+    },
+    {
+     "name": "o_proj",
+     "out_features": 1152,
+     "in_features": 1024,
+     "bias": False
+    },
+    {
+     "name": "gate_proj",
+     "out_features": 6912,
+     "in_features": 1152,
+     "bias": False
+    },
+    {
+     "name": "up_proj",
+     "out_features": 6912,
+     "in_features": 1152,
+     "bias": False
+    },
+    {
+     "name": "down_proj",
+     "out_features": 1152,
+     "in_features": 6912,
+     "bias": False
+    }
+   ]
+  }
+ },
+ "gemma-3-4b": {
+  "fingerprint": "e140facf1252f094",
+  "architecture": {
+   "name": "gemma-3-4b",
+   "model_type": "gemma3_text",
+   "num_layers": 34,
+   "hidden_size": 2560,
+   "intermediate_size": 10240,
+   "num_heads": 8,
+   "num_kv_heads": 4,
+   "head_dim": 256,
+   "vocab_size": 262208,
+   "tied_embeddings": True,
+   "params": 3880263168,
+   "embedding_params": 671252480,
+   "lm_head_params": 0,
+   "final_norm_params": 2560,
+   "layer_norm_params": 10752,
+   "linears": [
+    {
+     "name": "q_proj",
+     "out_features": 2048,
+     "in_features": 2560,
+     "bias": False
+    },
+    {
+     "name": "k_proj",
+     "out_features": 1024,
+     "in_features": 2560,
+     "bias": False
+    },
+    {
+     "name": "v_proj",
+     "out_features": 1024,
+     "in_features": 2560,
+     "bias": False
+    },
+    {
+     "name": "o_proj",
+     "out_features": 2560,
+     "in_features": 2048,
+     "bias": False
+    },
+    {
+     "name": "gate_proj",
+     "out_features": 10240,
+     "in_features": 2560,
+     "bias": False
+    },
+    {
+     "name": "up_proj",
+     "out_features": 10240,
+     "in_features": 2560,
+     "bias": False
+    },
+    {
+     "name": "down_proj",
+     "out_features": 2560,
+     "in_features": 10240,
+     "bias": False
+    }
+   ]
+  }
+ },
+ "gemma-3-12b": {
+  "fingerprint": "5a39f6cd254bbd7f",
+  "architecture": {
+   "name": "gemma-3-12b",
+   "model_type": "gemma3_text",
+   "num_layers": 48,
+   "hidden_size": 3840,
+   "intermediate_size": 15360,
+   "num_heads": 16,
+   "num_kv_heads": 8,
+   "head_dim": 256,
+   "vocab_size": 262208,
+   "tied_embeddings": True,
+   "params": 11766034176,
+   "embedding_params": 1006878720,
+   "lm_head_params": 0,
+   "final_norm_params": 3840,
+   "layer_norm_params": 15872,
+   "linears": [
+    {
+     "name": "q_proj",
+     "out_features": 4096,
+     "in_features": 3840,
+     "bias": False
+    },
+    {
+     "name": "k_proj",
+     "out_features": 2048,
+     "in_features": 3840,
+     "bias": False
+    },
+    {
+     "name": "v_proj",
+     "out_features": 2048,
+     "in_features": 3840,
+     "bias": False
+    },
+    {
+     "name": "o_proj",
+     "out_features": 3840,
+     "in_features": 4096,
+     "bias": False
+    },
+    {
+     "name": "gate_proj",
+     "out_features": 15360,
+     "in_features": 3840,
+     "bias": False
+    },
+    {
+     "name": "up_proj",
+     "out_features": 15360,
+     "in_features": 3840,
+     "bias": False
+    },
+    {
+     "name": "down_proj",
+     "out_features": 3840,
+     "in_features": 15360,
+     "bias": False
+    }
+   ]
+  }
+ },
+ "gemma-3-27b": {
+  "fingerprint": "5757c363f17b572e",
+  "architecture": {
+   "name": "gemma-3-27b",
+   "model_type": "gemma3_text",
+   "num_layers": 62,
+   "hidden_size": 5376,
+   "intermediate_size": 21504,
+   "num_heads": 32,
+   "num_kv_heads": 16,
+   "head_dim": 128,
+   "vocab_size": 262208,
+   "tied_embeddings": True,
+   "params": 27009346304,
+   "embedding_params": 1409630208,
+   "lm_head_params": 0,
+   "final_norm_params": 5376,
+   "layer_norm_params": 21760,
+   "linears": [
+    {
+     "name": "q_proj",
+     "out_features": 4096,
+     "in_features": 5376,
+     "bias": False
+    },
+    {
+     "name": "k_proj",
+     "out_features": 2048,
+     "in_features": 5376,
+     "bias": False
+    },
+    {
+     "name": "v_proj",
+     "out_features": 2048,
+     "in_features": 5376,
+     "bias": False
+    },
+    {
+     "name": "o_proj",
+     "out_features": 5376,
+     "in_features": 4096,
+     "bias": False
+    },
+    {
+     "name": "gate_proj",
+     "out_features": 21504,
+     "in_features": 5376,
+     "bias": False
+    },
+    {
+     "name": "up_proj",
+     "out_features": 21504,
+     "in_features": 5376,
+     "bias": False
+    },
+    {
+     "name": "down_proj",
+     "out_features": 5376,
+     "in_features": 21504,
+     "bias": False
+    }
+   ]
+  }
+ },
  "demo-llama": {
   "fingerprint": "8c84818d34a28ae0",
   "architecture": {
@@ -829,6 +1597,70 @@ SHAPES = {
      "name": "down_proj",
      "out_features": 512,
      "in_features": 1376,
+     "bias": False
+    }
+   ]
+  }
+ },
+ "tiny-gemma3": {
+  "fingerprint": "5393acf6d2e8eba0",
+  "architecture": {
+   "name": "tiny-gemma3",
+   "model_type": "gemma3_text",
+   "num_layers": 6,
+   "hidden_size": 64,
+   "intermediate_size": 128,
+   "num_heads": 2,
+   "num_kv_heads": 1,
+   "head_dim": 32,
+   "vocab_size": 512,
+   "tied_embeddings": True,
+   "params": 255936,
+   "embedding_params": 32768,
+   "lm_head_params": 0,
+   "final_norm_params": 64,
+   "layer_norm_params": 320,
+   "linears": [
+    {
+     "name": "q_proj",
+     "out_features": 64,
+     "in_features": 64,
+     "bias": False
+    },
+    {
+     "name": "k_proj",
+     "out_features": 32,
+     "in_features": 64,
+     "bias": False
+    },
+    {
+     "name": "v_proj",
+     "out_features": 32,
+     "in_features": 64,
+     "bias": False
+    },
+    {
+     "name": "o_proj",
+     "out_features": 64,
+     "in_features": 64,
+     "bias": False
+    },
+    {
+     "name": "gate_proj",
+     "out_features": 128,
+     "in_features": 64,
+     "bias": False
+    },
+    {
+     "name": "up_proj",
+     "out_features": 128,
+     "in_features": 64,
+     "bias": False
+    },
+    {
+     "name": "down_proj",
+     "out_features": 64,
+     "in_features": 128,
      "bias": False
     }
    ]

@@ -234,11 +234,14 @@ def compute_outlier_ratios(model: nn.Module, batches: list[torch.Tensor], thresh
 
 
 def weights_identity(pretrained_path: str, local_dir: Path | None) -> str:
-    """Hub id, or a local directory plus the names, sizes and mtimes of its weight files (so a
-    directory overwritten by a later run gets new ratios)."""
+    """Hub id, or a local directory (or GGUF file) plus the names, sizes and mtimes of its weight
+    files (so a directory overwritten by a later run gets new ratios)."""
     if local_dir is None:
         return pretrained_path
-    files = sorted(p for p in Path(local_dir).iterdir() if p.suffix in (".safetensors", ".bin"))
+    if pretrained_path.endswith(".gguf"):
+        files = [Path(pretrained_path)]
+    else:
+        files = sorted(p for p in Path(local_dir).iterdir() if p.suffix in (".safetensors", ".bin"))
     stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     return f"{Path(local_dir).resolve()}|{stamp}"
 

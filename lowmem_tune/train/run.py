@@ -111,6 +111,10 @@ class TrainingRun:
         torch.manual_seed(p.train.seed)
         resolved = resolve_model(p.model.name)
         self.data = prepare_data(p, resolved, self.run_dir, world.size)
+        if p.eval.tasks or p.eval.data_files:  # a typo fails now, not after training
+            from lowmem_tune.evaluation.runner import check_tasks
+
+            check_tasks(p.eval.tasks, p.eval.data_files, "eval.data_files")
         self.stream = self.data.stream  # global micro-batches: every process takes its rows
         self.strategy = build_strategy(p)
         check_distributed(p, world)
