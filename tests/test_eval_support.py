@@ -42,7 +42,7 @@ def _strings(value) -> list[str]:
 
 
 def _corpus() -> list[str]:
-    lines = [s for task in COMMONSENSE + WELORE for row in fixture_rows(task) for s in _strings(row)]
+    lines = [s for task in COMMONSENSE + WELORE + ["sst2"] for row in fixture_rows(task) for s in _strings(row)]
     lines += [f"{r['passage']}\nQuestion: {r['question']}?\nAnswer: {'yes' if r['answer'] else 'no'}"
               for r in generate_synthetic_boolq("validation", 50)]
     lines += ["Below is a question that describes a task. Write a response that appropriately completes "

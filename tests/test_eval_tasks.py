@@ -65,6 +65,9 @@ def reference_requests(task: str, row: dict) -> tuple[list[tuple[str, str]], lis
     elif task in ("arc_easy", "arc_challenge"):
         ctx = f"Question: {row['question']}\nAnswer:"
         choices, gold = row["choices"]["text"], row["choices"]["label"].index(row["answerKey"])
+    elif task == "sst2":
+        ctx = f"{row['sentence']}\nQuestion: Is this sentence positive or negative?\nAnswer:"
+        choices, gold = ["negative", "positive"], row["label"]
     elif task == "openbookqa":
         ctx = row["question_stem"]
         choices, gold = row["choices"]["text"], row["choices"]["label"].index(row["answerKey"].lstrip())
@@ -111,7 +114,7 @@ TOKENIZERS = ["tokenizer", "bos_tokenizer"]  # adds no BOS by default; adds BOS,
 
 
 @pytest.mark.parametrize("kind", TOKENIZERS)
-@pytest.mark.parametrize("task", COMMONSENSE)
+@pytest.mark.parametrize("task", COMMONSENSE + ["sst2"])
 def test_loglikelihood_task_matches_the_reference(task, kind, random_model, request, tmp_path):
     tok = request.getfixturevalue(kind)
     rows = fixture_rows(task)
