@@ -32,8 +32,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         summed over the targets and divided by their count (or by `target_count`)."""
         count = (targets != IGNORE_INDEX).sum().clamp(min=1) if target_count is None else max(target_count, 1)
         wants_hidden, wants_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
-        grad_weight = torch.zeros_like(weight) if wants_weight else None
+        grad_hidden = torch.empty_like(hidden) if wants_hidden else None  # every row is written below
+        grad_weight = (torch.empty_like(weight) if hidden.shape[0] else torch.zeros_like(weight)) if wants_weight else None
         wide = torch.promote_types(hidden.dtype, torch.float32)  # float32 at least, as HF's loss
         total = torch.zeros((), dtype=wide, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
@@ -51,8 +51,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 grad_logits = grad_logits.mul_(keep[:, None].to(wide) / count).to(hidden.dtype)
                 if wants_hidden:
                     grad_hidden.narrow(0, start, rows).copy_(grad_logits @ weight)
-                if wants_weight:
-                    grad_weight.add_(grad_logits.T @ h)
+                if wants_weight and start == 0:
+                    torch.mm(grad_logits.T, h, out=grad_weight)
+                elif wants_weight:
+                    grad_weight.addmm_(grad_logits.T, h)
             del log_probs
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total / count

@@ -48,9 +48,10 @@ class StochasticRounding:
         """Uniform int16 values (-2^15 .. 2^15 - 1) shaped like x: the four 16-bit quarters of 64-bit
         draws, a quarter of the generator's work of drawing each value on its own (on the CPU that
         drawing is sequential, and was the largest cost of a bf16 update)."""
-        generator = None if is_fake(x) else self._generator(x.device)
+        if is_fake(x):  # `plan --verify`: shapes, not values (and no device generator to draw from)
+            return torch.empty(x.shape, dtype=torch.int16, device=x.device)
         words = torch.empty(-(-x.numel() // 4), dtype=torch.int64, device=x.device)
-        words.random_(-(1 << 63), None, generator=generator)
+        words.random_(-(1 << 63), None, generator=self._generator(x.device))
         return words.view(torch.int16)[:x.numel()].view(x.shape)
 
     def to_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -58,10 +59,7 @@ class StochasticRounding:
         if dtype == torch.float32:
             return x
         if dtype == torch.bfloat16:
-            # bfloat16 is the top half of a float32: add 16 random low bits to the magnitude, then
-            # truncate them. Carrying into bit 16 happens with probability (x - lo) / (hi - lo).
-            bits = as_contiguous(x).view(torch.int32).add(self._random_int16(x), alpha=1).add_(1 << 15)
-            return bits.bitwise_and_(_LOW_HALF).view(torch.float32).to(torch.bfloat16)
+            return self._bf16_bits(as_contiguous(x).clone()).to(torch.bfloat16)
         if dtype == torch.float16:
             near = x.to(torch.float16)
             gap = near.float() - x
@@ -70,6 +68,21 @@ class StochasticRounding:
             take_other = self.uniform_like(x) * away < gap.abs()
             return torch.where(take_other, other, near)
         raise ValueError(f"no stochastic rounding to {dtype}")
+
+    def round_into(self, target: torch.Tensor, scratch: torch.Tensor) -> None:
+        """target (bf16 / fp16) <- the float32 `scratch` rounded stochastically; `scratch` (a
+        contiguous temporary of the caller's) is overwritten."""
+        if target.dtype == torch.bfloat16:
+            target.copy_(self._bf16_bits(scratch))  # its low 16 bits are zero: the conversion is exact
+        else:
+            target.copy_(self.to_dtype(scratch, target.dtype))
+
+    def _bf16_bits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (contiguous float32, overwritten) with 16 random bits added to its magnitude and the
+        low 16 truncated: bfloat16 is the top half of a float32, and the carry into bit 16
+        happens with probability (x - lo) / (hi - lo)."""
+        bits = x.view(torch.int32).add_(self._random_int16(x)).add_(1 << 15).bitwise_and_(_LOW_HALF)
+        return bits.view(torch.float32)
 
     def to_grid(self, v: torch.Tensor) -> torch.Tensor:
         """float32 `v` rounded stochastically to whole numbers (INT8 weight codes): floor(v + U)."""

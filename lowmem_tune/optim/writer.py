@@ -61,7 +61,7 @@ class RoundingWriter:
             value.add_(update(start, rows), alpha=-lr)
             if weight_decay:
                 value.add_(value, alpha=-lr * weight_decay)
-            block.copy_(self.rounding.to_dtype(value, weight.dtype))
+            self.rounding.round_into(block, value)
 
     @torch.no_grad()
     def apply_in_place(self, weight: torch.Tensor, update: InPlaceUpdate, align: int = 1) -> None:
@@ -71,4 +71,4 @@ class RoundingWriter:
             block = weight.narrow(0, start, rows)
             value = block.float()
             update(start, value)
-            block.copy_(self.rounding.to_dtype(value, weight.dtype))
+            self.rounding.round_into(block, value)
