@@ -212,7 +212,67 @@ def child_eval_loss_memory(args: argparse.Namespace) -> dict[str, Any]:
     return {"above_loaded_bytes": peak - loaded, "loss": statistics.mean(losses)}
 
 
-CHILDREN = {"train": child_train, "hf-train": child_hf_train, "eval": child_eval, "lm-eval": child_lm_eval,
+def child_breakdown(args: argparse.Namespace) -> dict[str, Any]:
+    """Where a step's time goes (seconds per step, after --warmup steps), and the matmul rate."""
+    import torch
+
+    import lowmem_tune.optim.galore_adamw as galore_adamw
+    from lowmem_tune.catalog import resolve_model
+    from lowmem_tune.modeling import resolve_dtype
+    from lowmem_tune.profile import profile_from_dict
+    from lowmem_tune.train import RunControl
+    from lowmem_tune.train.run import TrainingRun
+
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - began
+        return wrapper
+
+    galore_adamw.dense_step = timed("optimizer: AdamW on the dense tensors (the tied embedding)", galore_adamw.dense_step)
+    galore_adamw.galore_step = timed("optimizer: GaLore matrices", galore_adamw.galore_step)
+    galore_adamw.GaLoreAdamW.step_clipped = timed("optimizer: all", galore_adamw.GaLoreAdamW.step_clipped)
+    torch.Tensor.backward = timed("backward (with recompute, GaLore's hooks)", torch.Tensor.backward)
+
+    class Quiet:
+        def emit(self, event: Any) -> None:
+            pass
+
+    raw = profile_dict(args.model, args.data, args.work / f"parts-{time.time_ns()}", args.dtype, 10**6)
+    run = TrainingRun(profile_from_dict(raw), False, Quiet(), RunControl())
+    run.setup()
+    try:
+        for _ in range(args.warmup):
+            run.train_step()
+        seconds.clear()
+        tokens, began = 0, time.perf_counter()
+        for _ in range(args.steps):
+            tokens += run.train_step()["tokens"]
+        total = time.perf_counter() - began
+    finally:
+        run.cleanup()
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    a, b = torch.randn(2048, 640, dtype=dtype), torch.randn(640, 8192, dtype=dtype)
+    a @ b
+    began = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    rate = 10 * 2 * 2048 * 640 * 8192 / (time.perf_counter() - began)
+    config = resolve_model(str(args.model)).config
+    embedding = config.vocab_size * config.hidden_size
+    decoder = sum(p.numel() for p in run.model.parameters()) - embedding
+    return {"step_s": total / args.steps, "tokens_per_step": tokens / args.steps,
+            "parts_s": {k: v / args.steps for k, v in seconds.items()}, "matmul_flops": rate,
+            # forward + backward + the recompute of activation checkpointing: 8 multiply-adds per weight and token
+            "decoder_matmul_s": 8 * decoder * tokens / args.steps / rate, "dtype": str(dtype)}
+
+
+CHILDREN = {"train": child_train, "breakdown": child_breakdown, "hf-train": child_hf_train, "eval": child_eval, "lm-eval": child_lm_eval,
             "eval-loss-memory": child_eval_loss_memory}
 
 
@@ -220,13 +280,13 @@ CHILDREN = {"train": child_train, "hf-train": child_hf_train, "eval": child_eval
 
 
 def run_child(kind: str, python: str, tree: Path, work: Path, model: Path, data: Path, dtype: str,
-              steps: int = 0) -> dict[str, Any]:
+              steps: int = 0, warmup: int = 2) -> dict[str, Any]:
     result = work / f"{kind}-{time.time_ns()}.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(ROOT / "benchmarks")]),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run([python, str(Path(__file__).resolve()), "--child", kind, "--work", str(work), "--model", str(model),
-                    "--data", str(data), "--dtype", dtype, "--steps", str(steps), "--result", str(result)],
-                   check=True, env=env, cwd=work)
+                    "--data", str(data), "--dtype", dtype, "--steps", str(steps), "--warmup", str(warmup),
+                    "--result", str(result)], check=True, env=env, cwd=work)
     return json.loads(result.read_text())
 
 
@@ -283,6 +343,8 @@ def main() -> None:
                         row[side] = {"tokens_per_s": tokens_per_s(run, args.warmup), "losses": run["losses"]}
                         print(side, round(row[side]["tokens_per_s"], 1), flush=True)
                     report["train"].append(row)
+                report["breakdown"] = run_child("breakdown", py, after, work, model, train_data, "auto", args.steps,
+                                                args.warmup)
             if not args.skip_eval:
                 rows = boolq_jsonl(work, args.eval_rows)
                 sides = [("before", py, before, "float32", "eval"), ("fp32", py, after, "float32", "eval"),
@@ -328,6 +390,13 @@ def write_results(report: dict[str, Any], args: argparse.Namespace, auto: str) -
             t = {k: r[k]["tokens_per_s"] for k in ("before", "fp32", "auto", "hf")}
             lines.append(f"| {r['pair']} | {t['before']:.1f} | {t['fp32']:.1f} | {t['auto']:.1f} | {t['hf']:.1f} | "
                          f"{t['auto'] / t['before']:.2f} | {t['auto'] / t['hf']:.2f} |")
+        if "breakdown" in report:
+            bd = report["breakdown"]
+            lines += ["", f"Where a step goes (`auto`, {bd['dtype']}, {bd['tokens_per_step']:.0f} tokens a step, "
+                      f"{bd['step_s']:.2f} s a step; seconds per step):", ""]
+            lines += [f"- {name}: {value:.2f}" for name, value in bd["parts_s"].items()]
+            lines += [f"- the decoder's matmuls at this CPU's measured rate ({bd['matmul_flops'] / 1e9:.0f} GFLOPS, "
+                      f"a 2048 x 640 x 8192 product): {bd['decoder_matmul_s']:.2f}"]
         same = all(r["before"]["losses"] == r["fp32"]["losses"] for r in report["train"])
         lines += ["", f"Losses, before vs fp32: {'identical' if same else 'differ'} "
                   f"(before {report['train'][0]['before']['losses']}, fp32 {report['train'][0]['fp32']['losses']}); "
