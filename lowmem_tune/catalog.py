@@ -156,6 +156,8 @@ class ResolvedModel:
 
     gguf_file: str | None = None
     """The GGUF file in `local_dir` the weights and tokenizer come from (source "gguf")."""
+    revision: str | None = None
+    """The hub revision (branch, tag or commit) config, weights and tokenizer are read at."""
 
     @property
     def pretrained_path(self) -> str | None:
@@ -166,8 +168,14 @@ class ResolvedModel:
         return self.hub_id
 
 
-def resolve_model(name: str) -> ResolvedModel:
-    """Resolve a catalog name, a local model directory, a config.json, or a hub id."""
+def resolve_model(name: str, revision: str | None = None) -> ResolvedModel:
+    """Resolve a catalog name, a local model directory, a config.json, a .gguf file, or a hub id
+    (at `revision`, which only a hub id has)."""
+    if revision is not None:
+        if "/" not in name or name.count("/") != 1 or Path(name).expanduser().exists():
+            raise UserError(f"model.revision {revision!r}: only a hub id (owner/name) has revisions, not {name!r}; "
+                            "remove model.revision")
+        return ResolvedModel(name, _config_from_hub(name, revision), name, None, "hub", revision=revision)
     if name in CATALOG:
         spec = CATALOG[name]
         return ResolvedModel(name, spec.build_config(), spec.hub_id, None, "catalog")
@@ -226,11 +234,11 @@ def _config_from_gguf(path: Path) -> PretrainedConfig:
     return config
 
 
-def _config_from_hub(hub_id: str) -> PretrainedConfig:
+def _config_from_hub(hub_id: str, revision: str | None = None) -> PretrainedConfig:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(hub_id)
+        return AutoConfig.from_pretrained(hub_id, revision=revision)
     except (OSError, ValueError) as err:
         first = one_line(err)
         raise UserError(

@@ -88,7 +88,7 @@ def load_model(
         )
     if resolved.local_dir is not None and getattr(resolved.config, "welore", None):
         return load_compressed(resolved.local_dir, dtype, device, attn_implementation)
-    source, kwargs = pretrained_source(path)
+    source, kwargs = pretrained_source(path, resolved.revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as err:
@@ -103,21 +103,22 @@ def load_model(
     return model.to(device)
 
 
-def pretrained_source(source: str) -> tuple[str, dict[str, str]]:
-    """`from_pretrained`'s arguments for a directory, a hub id or a .gguf file (read from its
-    directory with `gguf_file`, through the gguf package)."""
+def pretrained_source(source: str, revision: str | None = None) -> tuple[str, dict[str, str]]:
+    """`from_pretrained`'s arguments for a directory, a hub id (at `revision`) or a .gguf file
+    (read from its directory with `gguf_file`, through the gguf package)."""
     if source.endswith(".gguf"):
         gguf_installed()
         path = Path(source)
         return str(path.parent), {"gguf_file": path.name}
-    return source, {}
+    return source, {"revision": revision} if revision else {}
 
 
-def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    """A tokenizer from a local directory, a hub id or a .gguf file; failure is a one-line UserError."""
+def load_tokenizer(source: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """A tokenizer from a local directory, a hub id (at `revision`) or a .gguf file; failure is a
+    one-line UserError."""
     from transformers import AutoTokenizer
 
-    path, kwargs = pretrained_source(source)
+    path, kwargs = pretrained_source(source, revision)
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:

@@ -109,7 +109,7 @@ class TrainingRun:
             # 40x slower after a few dozen steps; flushing them to zero changes nothing we can measure.
             torch.set_flush_denormal(True)
         torch.manual_seed(p.train.seed)
-        resolved = resolve_model(p.model.name)
+        resolved = resolve_model(p.model.name, p.model.revision)
         self.data = prepare_data(p, resolved, self.run_dir, world.size)
         if p.eval.tasks or p.eval.data_files:  # a typo fails now, not after training
             from lowmem_tune.evaluation.runner import check_tasks

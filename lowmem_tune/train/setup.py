@@ -55,7 +55,7 @@ def tokenizer_for(profile: Profile, resolved: ResolvedModel, run_dir: Path, text
     run's data, saved in the run directory so a resumed run uses the very same one."""
     source = profile.model.tokenizer or (resolved.pretrained_path if profile.model.init == "pretrained" else None)
     if source is not None:
-        tokenizer = load_tokenizer(source)
+        tokenizer = load_tokenizer(source, resolved.revision if source == resolved.pretrained_path else None)
     else:
         saved = run_dir / "tokenizer"
         if (saved / "tokenizer.json").is_file():
