@@ -332,6 +332,8 @@ def main() -> None:
         work = Path(tmp)
         before = checkout(args.before, work / "before")
         after = checkout("HEAD", work / "after")  # the committed code: edits made meanwhile do not leak in
+        report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=after).stdout.strip()
         try:
             train_data = boolq_jsonl(work, None)  # JSONL, which the code at --before reads too
             if not args.skip_train:
@@ -370,10 +372,10 @@ def main() -> None:
 def write_results(report: dict[str, Any], args: argparse.Namespace, auto: str) -> None:
     import transformers
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    commit = report.pop("commit")
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    meta = {"date": time.strftime("%Y-%m-%d"), "commit": commit.strip(), "before": args.before,
+    meta = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "before": args.before,
             "transformers": transformers.__version__, "cpu": cpu, "cores": os.cpu_count(), "auto_dtype": auto,
             "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]])}
     RESULTS.mkdir(parents=True, exist_ok=True)

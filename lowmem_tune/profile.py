@@ -235,7 +235,8 @@ def load_profile(path: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     file_strategy = dict(raw.get("strategy") or {}) if isinstance(raw.get("strategy"), dict) else {}
     apply_overrides(raw, overrides)
     strategy = raw.get("strategy")
-    if isinstance(strategy, dict) and strategy.get("name") != file_strategy.get("name", strategy.get("name")):
+    file_name = file_strategy.get("name", StrategySection.name)  # a file that names none runs the default
+    if isinstance(strategy, dict) and strategy.get("name", file_name) != file_name:
         reads = strategy_knobs(str(strategy["name"]))
         dropped = [k for k in file_strategy if k not in reads and strategy.get(k) == file_strategy[k]]
         for key in dropped:

@@ -50,6 +50,18 @@ def test_overrides(tmp_path):
         load_profile(path, ["max_steps=3"])
 
 
+def test_switching_strategy_drops_the_default_strategys_keys_when_the_file_names_none(tmp_path):
+    # No strategy.name in the file: it runs the default (galore), whose rank full does not read.
+    path = write(tmp_path, "strategy: {rank: 32, update_proj_gap: 50}\n")
+    notes: list[str] = []
+    profile = load_profile(path, ["strategy.name=full"], notes)
+    assert profile.strategy.name == "full"
+    assert "strategy.rank" in notes[0] and "strategy.update_proj_gap" in notes[0]
+    assert load_profile(path).strategy.rank == 32  # without --set the file's keys stand
+    with pytest.raises(UserError, match="does not apply to strategy full"):
+        load_profile(path, ["strategy.name=full", "strategy.rank=8"])
+
+
 def test_missing_and_invalid_yaml(tmp_path):
     with pytest.raises(UserError, match="profile not found"):
         load_profile(tmp_path / "nope.yaml")
