@@ -316,3 +316,60 @@ def test_training_examples_and_evaluation_requests_begin_the_same_way(tmp_path, 
         assert (tokens == {bos}) if expect_bos else (bos not in tokens), stage
     results = json.loads((tmp_path / "run" / "eval.json").read_text())["final"]
     assert results["protocol"]["tasks"]["boolq"]["bos"] is expect_bos
+
+
+def _fail_loading(*args, **kwargs):
+    raise RuntimeError("out of memory while loading the weights")
+
+
+def _fail_evaluating(self, stage):
+    raise OSError("the evaluation data vanished")
+
+
+def _fail_saving(self, model, out_dir):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("where, patch, reason, checkpoint", [
+    ("setup", ("lowmem_tune.train.run.load_model", _fail_loading), "out of memory while loading", None),
+    ("final evaluation", ("lowmem_tune.train.run.TrainingRun.evaluate", _fail_evaluating), "evaluation data vanished",
+     "step-6"),
+    ("saving", ("lowmem_tune.strategies.base.Strategy.save_final", _fail_saving), "No space left on device", "step-6"),
+])
+def test_a_run_that_fails_outside_the_loop_still_ends_with_the_reason(tmp_path, monkeypatch, where, patch, reason,
+                                                                      checkpoint):
+    monkeypatch.setattr(*patch)
+    raw = tiny_profile(tmp_path / "run", eval={"tasks": ["synthetic-boolq"], "limit": 8})
+    with pytest.raises((RuntimeError, OSError)):
+        run_training(profile_from_dict(raw), resume=False, sink=Recorder())
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    last = events[-1]
+    assert last["type"] == "RunFinished" and last["status"] == "failed", where
+    assert reason in last["message"]
+    if checkpoint:
+        assert f"checkpoints/{checkpoint}" in last["message"]
+    else:
+        assert "no checkpoint was written" in last["message"]
+    assert sum(e["type"] == "RunFinished" for e in events) == 1
+    assert not list((tmp_path / "run").glob(".final*"))  # no half-written final model
+
+
+def test_resume_drops_the_earlier_sessions_end_and_later_lines(tmp_path):
+    control = RunControl()
+    raw = tiny_profile(tmp_path / "run", train={"save_every": 2})
+    assert run_training(profile_from_dict(raw), False, StopAfter(control, 3), control).status == "stopped"
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert any(e["type"] == "CheckpointSaved" and e["step"] == 3 for e in events)  # the stop's checkpoint
+    # Resume from step 3 after cutting the checkpoint of step 3 away: the run continues from step 2,
+    # and events of step 3 (its metrics, its checkpoint, the stop) are not part of its story.
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-3")
+    assert run_training(profile_from_dict(raw), True, Recorder()).status == "completed"
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    finished = [e for e in events if e["type"] == "RunFinished"]
+    assert [e["status"] for e in finished] == ["completed"]
+    saved = [e["step"] for e in events if e["type"] == "CheckpointSaved"]
+    assert saved == [2, 4, 6]
+    steps = [e["metrics"]["step"] for e in events if e["type"] == "StepMetrics"]
+    assert steps == [1, 2, 3, 4, 5, 6]

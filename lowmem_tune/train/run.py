@@ -21,7 +21,7 @@ import torch
 from lowmem_tune.atomic import write_json_atomic, write_text_atomic
 from lowmem_tune.catalog import resolve_model
 from lowmem_tune.data import calibration_sequences, eval_batches
-from lowmem_tune.errors import UserError
+from lowmem_tune.errors import UserError, one_line
 from lowmem_tune.events import (
     CheckpointSaved,
     EvalLoss,
@@ -74,6 +74,9 @@ def run_training(profile: Profile, resume: bool, sink: EventSink, control: RunCo
     try:
         run.setup()
         return run.train()
+    except BaseException as err:  # setup, final evaluation, saving: the run still ends, with the reason
+        run.end_on(err)
+        raise
     finally:
         run.cleanup()
 
@@ -92,6 +95,8 @@ class TrainingRun:
         self.eval_results: dict[str, Any] = {"baseline": None, "final": None}
         self.world = World.from_env()
         self.stopping = self.aborting = self.checkpoint_asked = False
+        self.ended = False
+        """A RunFinished has been emitted (`_end`)."""
         """Requests every process agreed on at the last step (one stops, all stop at the same step)."""
 
     # ------------------------------------------------------------------ setup
@@ -103,6 +108,9 @@ class TrainingRun:
         world.start(self.device.type)
         if not world.main:
             self.sink = FailuresOnly(world.rank)  # one process speaks and writes the run directory
+        if world.main:  # before anything can fail, so that `monitor` sees how the run ended
+            self.files = RunFilesSink(self.run_dir, self.resume_from.step if self.resume_from else None)
+        self.events = FanOut(self.sink, *([self.files] if self.files else []))
         self.dtype = resolve_dtype(p.model.dtype, self.device)
         if self.device.type == "cpu":
             # Denormal floats (tiny second moments in bitsandbytes' CPU kernels) made 8-bit AdamW steps
@@ -121,9 +129,6 @@ class TrainingRun:
         load_on = torch.device("cpu") if self.strategy.loads_on_cpu and p.model.init == "pretrained" else self.device
         self.model = load_model(resolved, p.model.init, self.dtype, load_on, p.model.attn_implementation,
                                 seed=p.train.seed)
-        if world.main:
-            self.files = RunFilesSink(self.run_dir, self.resume_from.step if self.resume_from else None)
-        self.events = FanOut(self.sink, *([self.files] if self.files else []))
         train_items = self.data.train_items
         ctx = StrategyContext(
             device=self.device, dtype=self.dtype, run_dir=self.run_dir, model_id=model_identity(p, resolved),
@@ -188,10 +193,10 @@ class TrainingRun:
         except torch.cuda.OutOfMemoryError:
             return self._failed(self._out_of_memory_message())
         if self.aborting:
-            self.events.emit(RunFinished("stopped", self.step, "aborted"))
+            self._end("stopped", self.step, "aborted")
             return RunOutcome("stopped", self.step, 130)
         if self.step < t.max_steps:
-            self.events.emit(RunFinished("stopped", self.step, f"stopped at step {self.step}; continue with --resume"))
+            self._end("stopped", self.step, f"stopped at step {self.step}; continue with --resume")
             return RunOutcome("stopped", self.step, 0)
         return self.finish()
 
@@ -275,7 +280,7 @@ class TrainingRun:
         if self.profile.eval.tasks:
             self.eval_results["final"] = self.evaluate("final")
             write_json_atomic(self.run_dir / "eval.json", self.eval_results)
-        self.events.emit(RunFinished("completed", self.step, "", str(final_dir) if final_dir else None))
+        self._end("completed", self.step, "", str(final_dir) if final_dir else None)
         return RunOutcome("completed", self.step, 0, final_dir)
 
     def cleanup(self) -> None:
@@ -285,9 +290,26 @@ class TrainingRun:
             self.files.close()
         self.world.stop()
 
+    def _end(self, status: str, step: int, message: str, final_dir: str | None = None) -> None:
+        self.events.emit(RunFinished(status, step, message, final_dir))
+        self.ended = True
+
+    def end_on(self, err: BaseException) -> None:
+        """A run that raised (in setup, the final evaluation, saving, or an abort) still ends: one
+        RunFinished with the reason and the last good checkpoint, unless it has ended already."""
+        if self.ended or not hasattr(self, "events"):
+            return
+        if isinstance(err, KeyboardInterrupt):
+            reason = "aborted"
+        else:
+            reason = f"{type(err).__name__}: {one_line(err)}" if not isinstance(err, UserError) else str(err)
+        kept = latest_checkpoint(self.run_dir / "checkpoints")
+        where = f"the last good checkpoint is {kept.path} (step {kept.step})" if kept else "no checkpoint was written"
+        self._end("stopped" if isinstance(err, KeyboardInterrupt) else "failed", self.step, f"{reason}; {where}")
+
     def _failed(self, message: str) -> RunOutcome:
         failed_at = self.step + 1  # the step being computed when it failed
-        self.events.emit(RunFinished("failed", failed_at, message))
+        self._end("failed", failed_at, message)
         return RunOutcome("failed", failed_at, 1)
 
     # ------------------------------------------------------------------ pieces
@@ -322,8 +344,12 @@ class TrainingRun:
         if activation_checkpointing_enabled(self.model):
             disable_activation_checkpointing(self.model)  # the training is over; generation wants the cache
         self.model.config.use_cache = True
-        self.strategy.save_final(self.model, tmp)
-        self.data.tokenizer.save_pretrained(tmp)
+        try:
+            self.strategy.save_final(self.model, tmp)
+            self.data.tokenizer.save_pretrained(tmp)
+        except BaseException:  # a full disk: no half-written copy is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final_dir.exists():
             shutil.rmtree(final_dir)
         tmp.rename(final_dir)

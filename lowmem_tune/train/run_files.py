@@ -13,7 +13,8 @@ class RunFilesSink:
     """Appends every event to events.jsonl and each step's metrics to metrics.jsonl.
 
     Lines are flushed as written so `monitor` can follow a live run. On resume, lines of steps
-    after the checkpoint are dropped first, so the files describe one consistent trajectory.
+    after the checkpoint (and the earlier session's end) are dropped first, so the files describe
+    one consistent trajectory.
     """
 
     def __init__(self, run_dir: Path, resume_step: int | None) -> None:
@@ -25,8 +26,7 @@ class RunFilesSink:
                 path.unlink(missing_ok=True)
         else:
             _truncate_after(self.metrics_path, resume_step, lambda d: d.get("step"))
-            _truncate_after(self.events_path, resume_step,
-                            lambda d: d["metrics"].get("step") if d.get("type") == "StepMetrics" else None)
+            _truncate_after(self.events_path, resume_step, _event_step)
         self._metrics = open(self.metrics_path, "a", buffering=1)
         self._events = open(self.events_path, "a", buffering=1)
 
@@ -38,6 +38,16 @@ class RunFilesSink:
     def close(self) -> None:
         self._metrics.close()
         self._events.close()
+
+
+def _event_step(data: dict) -> float | None:
+    """The step an events.jsonl line belongs to; the end of the earlier session (its RunFinished)
+    belongs to no step the resumed run keeps."""
+    if data.get("type") == "RunFinished":
+        return float("inf")
+    if data.get("type") == "StepMetrics":
+        return data["metrics"].get("step")
+    return data.get("step")  # EvalLoss, CheckpointSaved carry theirs; the others none
 
 
 def _truncate_after(path: Path, step: int, step_of) -> None:
