@@ -167,3 +167,49 @@ def test_other_processes_say_only_their_own_failure(capsys):
     assert capsys.readouterr().err == ""
     sink.emit(RunFinished("failed", 3, "CUDA out of memory; lower train.micro_batch_size"))
     assert capsys.readouterr().err == "process 1: run failed at step 3: CUDA out of memory; lower train.micro_batch_size\n"
+
+
+def test_only_the_first_process_writes_the_tokenizer_and_strategy_json(tmp_path):
+    """A second process trains the same local tokenizer in memory and writes nothing; the first
+    writes it whole (so a process reading it meanwhile finds all of it or none of it)."""
+    from lowmem_tune.catalog import resolve_model
+    from lowmem_tune.strategies import StrategyContext, build_strategy
+    from lowmem_tune.train.setup import prepare_data
+
+    raw = demo_profile(tmp_path / "run", micro=2, name="owlore", sampled_layers=1, interval=2)
+    profile = profile_from_dict(raw)
+    resolved = resolve_model("demo-llama")
+    second = prepare_data(profile, resolved, tmp_path / "run", processes=2, main=False)
+    assert not (tmp_path / "run" / "tokenizer").exists()
+    first = prepare_data(profile, resolved, tmp_path / "run", processes=2, main=True)
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
+    assert first.tokenizer.get_vocab() == second.tokenizer.get_vocab()
+    for main, written in ((False, False), (True, True)):
+        strategy = build_strategy(profile)
+        from lowmem_tune.modeling import load_model
+
+        model = load_model(resolved, "random", torch.float64, torch.device("cpu"))
+        ctx = StrategyContext(device=torch.device("cpu"), dtype=torch.float64, run_dir=tmp_path / "run",
+                              model_id="", main=main)
+        strategy.prepare_model(model, ctx)
+        strategy.write_summary()
+        assert (tmp_path / "run" / "strategy.json").is_file() == written
+
+
+def test_a_process_that_waits_too_long_at_a_barrier_says_for_what(tmp_path):
+    script = tmp_path / "wait.py"
+    script.write_text(
+        "import time, torch.distributed as dist\n"
+        "from lowmem_tune.errors import UserError\n"
+        "from lowmem_tune.train.distributed import World\n"
+        "world = World.from_env(); world.start('cpu')\n"
+        "if world.rank == 0:\n"
+        "    time.sleep(8)\n"
+        "try:\n"
+        "    world.barrier(\"process 0's baseline evaluation\", 2, 'set eval.baseline: false')\n"
+        "except UserError as err:\n"
+        "    print('ERROR', err, flush=True)\n"
+    )
+    done = torchrun([str(script)], tmp_path, timeout=120)
+    assert "ERROR process 1 waited 2 s for process 0's baseline evaluation" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "set eval.baseline: false" in done.stdout

@@ -145,7 +145,7 @@ class LayerSamplingStrategy(Strategy):
             ctx.info(f"{self.name}: only {self.sampler.sampled} layers can be sampled at a time "
                      f"(strategy.sampled_layers is {self.cfg.sampled_layers})")
         self.applied: list[int] = []
-        self.run_dir = ctx.run_dir
+        self.run_dir = ctx.run_dir if ctx.main else None  # one process writes strategy.json
         return model
 
     def parameter_groups(self, model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -18,6 +18,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lowmem_tune.errors import UserError
+from lowmem_tune.errors import UserError, one_line
 from lowmem_tune.events import RunFinished
 from lowmem_tune.loss import causal_lm_loss
 from lowmem_tune.optim import GaLoreUpdater, Updater
@@ -65,9 +66,16 @@ class World:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
+    def barrier(self, what: str, timeout_s: float, fix: str) -> None:
+        """Wait until every process is here; a process still missing after `timeout_s` seconds
+        ends the run with a message naming `what` it was waiting for and the `fix`."""
+        if not self.distributed:
+            return
+        try:
+            dist.barrier(async_op=True).wait(timeout=timedelta(seconds=timeout_s))
+        except RuntimeError as err:
+            raise UserError(f"process {self.rank} waited {timeout_s:.0f} s for {what} and gave up "
+                            f"({one_line(err)}); {fix}") from None
 
     def average_(self, tensors: list[torch.Tensor]) -> None:
         """Average `tensors` across the ranks in place, a bucket of BUCKET_BYTES at a time."""

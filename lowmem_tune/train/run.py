@@ -64,6 +64,10 @@ class RunOutcome:
     final_dir: Path | None = None
 
 
+BASELINE_WAIT_S = 6 * 3600
+"""How long the other processes wait for process 0's baseline evaluation before they give up."""
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -118,7 +122,7 @@ class TrainingRun:
             torch.set_flush_denormal(True)
         torch.manual_seed(p.train.seed)
         resolved = resolve_model(p.model.name, p.model.revision)
-        self.data = prepare_data(p, resolved, self.run_dir, world.size)
+        self.data = prepare_data(p, resolved, self.run_dir, world.size, world.main)
         if p.eval.tasks or p.eval.data_files:  # a typo fails now, not after training
             from lowmem_tune.evaluation.runner import check_tasks
 
@@ -138,9 +142,12 @@ class TrainingRun:
         self.model = self.strategy.prepare_model(self.model, ctx)
         if p.train.activation_checkpointing:
             enable_activation_checkpointing(self.model)
-        if p.eval.tasks and p.eval.baseline and self.resume_from is None and world.main:
-            self.eval_results["baseline"] = self.evaluate("baseline")
-            write_json_atomic(self.run_dir / "eval.json", self.eval_results)
+        if p.eval.tasks and p.eval.baseline and self.resume_from is None:
+            if world.main:
+                self.eval_results["baseline"] = self.evaluate("baseline")
+                write_json_atomic(self.run_dir / "eval.json", self.eval_results)
+            world.barrier("process 0's baseline evaluation", BASELINE_WAIT_S,
+                          "evaluate fewer examples (eval.limit) or set eval.baseline: false")
         self.updater = self.strategy.build_updater(self.model, ctx)
         self.loss = data_parallel_loss(self.model, self.updater, world, self.device)
         if self.resume_from is not None:

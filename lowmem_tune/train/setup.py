@@ -9,6 +9,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from lowmem_tune.atomic import atomic_directory
 from lowmem_tune.catalog import ResolvedModel
 from lowmem_tune.data import BatchStream, load_examples, split_heldout, tokenize_examples, train_local_tokenizer
 from lowmem_tune.errors import UserError
@@ -28,12 +29,13 @@ class RunData:
     stream: BatchStream
 
 
-def prepare_data(profile: Profile, resolved: ResolvedModel, run_dir: Path, processes: int = 1) -> RunData:
+def prepare_data(profile: Profile, resolved: ResolvedModel, run_dir: Path, processes: int = 1,
+                 main: bool = True) -> RunData:
     """Examples loaded and split, the tokenizer, tokenized items and the seeded batch stream of
-    global micro-batches (micro batch size x `processes` rows)."""
+    global micro-batches (micro batch size x `processes` rows). Only the `main` process writes."""
     examples = load_examples(profile.data)
     train_examples, heldout_examples = split_heldout(examples, profile.data.heldout, profile.train.seed)
-    tokenizer = tokenizer_for(profile, resolved, run_dir, [e.prompt + e.response for e in train_examples])
+    tokenizer = tokenizer_for(profile, resolved, run_dir, [e.prompt + e.response for e in train_examples], main)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_items, heldout_items = (
         tokenize_examples(exs, tokenizer, profile.data.max_seq_len, profile.data.train_on_prompt, profile.data.packing,
@@ -50,9 +52,11 @@ def prepare_data(profile: Profile, resolved: ResolvedModel, run_dir: Path, proce
     return RunData(tokenizer, pad_id, train_items, heldout_items, stream)
 
 
-def tokenizer_for(profile: Profile, resolved: ResolvedModel, run_dir: Path, texts: list[str]) -> PreTrainedTokenizerBase:
+def tokenizer_for(profile: Profile, resolved: ResolvedModel, run_dir: Path, texts: list[str],
+                  main: bool = True) -> PreTrainedTokenizerBase:
     """The model's tokenizer; a random-init model without one gets a small tokenizer trained on the
-    run's data, saved in the run directory so a resumed run uses the very same one."""
+    run's data, saved in the run directory (by the main process, whole or not at all) so a resumed
+    run uses the very same one. Every process trains the same one from the same data."""
     source = profile.model.tokenizer or (resolved.pretrained_path if profile.model.init == "pretrained" else None)
     if source is not None:
         tokenizer = load_tokenizer(source, resolved.revision if source == resolved.pretrained_path else None)
@@ -63,7 +67,9 @@ def tokenizer_for(profile: Profile, resolved: ResolvedModel, run_dir: Path, text
         else:
             vocab = min(LOCAL_TOKENIZER_VOCAB, resolved.config.vocab_size)
             tokenizer = train_local_tokenizer(texts, vocab)
-            tokenizer.save_pretrained(saved)
+            if main:
+                with atomic_directory(saved) as tmp:
+                    tokenizer.save_pretrained(tmp)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if len(tokenizer) > resolved.config.vocab_size:
