@@ -85,6 +85,8 @@ def _launch(out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "lowmem_tune", "run", "demo", "--headless", "--nproc-per-node", "2",
                              "--set", f"output.dir={out}", "--set", "train.max_steps=14", "--set", "train.save_every=100",
+                             # bf16 weights: stochastic rounding, whose generator state the resume must restore
+                             "--set", "model.dtype=bfloat16",
                              "--set", "eval.tasks=[]", *extra], cwd=out.parent, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

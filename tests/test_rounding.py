@@ -47,6 +47,21 @@ def test_the_generator_state_replays_the_same_bits():
     assert torch.equal(again.to_dtype(x, torch.bfloat16), expected)
 
 
+def test_a_process_on_another_device_of_the_same_type_resumes_the_saved_state():
+    """Process 0 saves its generator's state; process 1 (cuda:1 in a real run: here the CPU under
+    another device name in the saved state, as checkpoints before the fix named it) resumes that
+    state rather than a fresh seed, so every process keeps drawing the same bits."""
+    first = StochasticRounding(seed=3)
+    x = torch.rand(1000)
+    first.to_dtype(x, torch.bfloat16)
+    saved = first.state_dict()
+    expected = first.to_dtype(x, torch.bfloat16)
+    renamed = {"seed": saved["seed"], "generators": {"cpu:0": saved["generators"]["cpu"]}}
+    other = StochasticRounding(seed=3)
+    other.load_state_dict(renamed)
+    assert torch.equal(other.to_dtype(x, torch.bfloat16), expected)
+
+
 ULP_AT_2_POW_MINUS_6 = 2.0 ** -13  # bf16 spacing in [2^-6, 2^-5): 0.02 lives there
 
 

@@ -6,8 +6,9 @@ spacing therefore still moves a weight in expectation, where rounding to nearest
 GaLore's update at lr 1e-5 and scale 0.25 moves a bf16 weight of 0.02 by much less than half its
 ulp (~6e-5). Grids: bfloat16 and float16 weights, and the integer codes of INT8 weights.
 
-Randomness comes from one generator per device, seeded from the run's seed; their states are in
-the checkpoint, so a resumed run draws the same bits and stays bit-identical.
+Randomness comes from one generator per device type, seeded from the run's seed; its state is in
+the checkpoint, so a resumed run draws the same bits and stays bit-identical. Every process of a
+data-parallel run draws the same bits (their weights stay equal), from the state process 0 saved.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class StochasticRounding:
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if device.type == "meta":
             return None
-        key = str(device)
+        key = device.type
         if key not in self._generators:
             generator = torch.Generator(device=device).manual_seed(self.seed)
             if key in self._saved:
@@ -95,4 +96,6 @@ class StochasticRounding:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed = int(state["seed"])
         self._generators.clear()
-        self._saved = dict(state["generators"])
+        # by device type (checkpoints before said "cuda:0"): process 1 on cuda:1 resumes the state
+        # process 0 saved, the one every process shares
+        self._saved = {torch.device(key).type: value for key, value in state["generators"].items()}
