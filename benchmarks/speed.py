@@ -11,8 +11,9 @@ Training (tokens/s, median over the steps after --warmup; the loss of each step)
 - `fp32` and `auto`: this checkout with the same profile in float32, and with `model.dtype:
   auto` (bf16 on a CPU with AMX / AVX512-BF16).
 - `hf`: HF Trainer with `optim="galore_adamw_layerwise"` (galore-torch 1.0) on the very same
-  tokenized examples, weights in the precision `auto` chose, same batch, rank, gap, scale, lr and
-  checkpointing (HF refuses accumulation with layerwise GaLore; none is used here).
+  micro-batches in the same order, weights in the precision `auto` chose, same rank, gap, scale,
+  lr and checkpointing (HF refuses accumulation with layerwise GaLore; none is used here). HF's
+  loss multiplies every position by the head; ours, the target positions only.
 
 Evaluation (BoolQ zero-shot, --eval-rows rows, batch 8; examples/s over the scoring alone, model
 loading excluded; accuracy; per-row agreement with lm-evaluation-harness):
@@ -96,7 +97,8 @@ def child_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_hf_train(args: argparse.Namespace) -> dict[str, Any]:
-    """HF Trainer on the examples our pipeline tokenizes (same split, order by its own sampler)."""
+    """HF Trainer on the very micro-batches our run takes, in its order (our pipeline tokenizes,
+    pads and orders them; HF's sampler is sequential over them)."""
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -111,14 +113,8 @@ def child_hf_train(args: argparse.Namespace) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     ends: list[float] = []
     losses: list[float] = []
-    tokens: list[int] = []
-
-    def collate(items: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        from lowmem_tune.data import collate as pad
-
-        batch = pad(items, data.pad_id)
-        tokens.append(int(batch["attention_mask"].sum()))
-        return batch
+    batches = [data.stream.next_batch() for _ in range(args.steps)]
+    tokens = [int(b["attention_mask"].sum()) for b in batches]
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -129,7 +125,8 @@ def child_hf_train(args: argparse.Namespace) -> dict[str, Any]:
                 losses.append(float(logs["loss"]))
 
     training = TrainingArguments(
-        output_dir=str(args.work / "hf-out"), max_steps=args.steps, per_device_train_batch_size=MICRO_BATCH,
+        output_dir=str(args.work / "hf-out"), max_steps=args.steps, per_device_train_batch_size=1,
+        train_sampling_strategy="sequential",
         gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=0.0, optim="galore_adamw_layerwise", optim_target_modules=["self_attn", "mlp"],
         optim_args=f"rank={RANK}, update_proj_gap={GAP}, scale={SCALE}", logging_steps=1, report_to=[],
@@ -138,10 +135,10 @@ def child_hf_train(args: argparse.Namespace) -> dict[str, Any]:
         remove_unused_columns=False,
     )
     began = time.perf_counter()
-    Trainer(model=model, args=training, train_dataset=data.train_items, data_collator=collate,
+    Trainer(model=model, args=training, train_dataset=batches, data_collator=lambda rows: rows[0],
             callbacks=[Clock()]).train()
     seconds = [b - a for a, b in zip([began] + ends, ends)]
-    return {"seconds": seconds, "tokens": tokens[:len(seconds)], "losses": losses, "dtype": str(dtype)}
+    return {"seconds": seconds, "tokens": tokens, "losses": losses, "dtype": str(dtype)}
 
 
 def child_eval(args: argparse.Namespace) -> dict[str, Any]:
