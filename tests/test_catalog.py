@@ -8,8 +8,9 @@ import pytest
 
 from lowmem_tune.catalog import CATALOG, count_parameters, resolve_model
 from lowmem_tune.errors import UserError
-from lowmem_tune.planner.architecture import resolve_architecture, spec_fingerprint, summarize
-from lowmem_tune.planner.catalog_shapes import SHAPES
+from lowmem_tune.planner.architecture import catalog_shapes, resolve_architecture, spec_fingerprint, summarize
+
+SHAPES = catalog_shapes()
 
 
 def test_llama2_7b_parameter_count():
