@@ -3,21 +3,35 @@ with torch.load(weights_only=True) — the projector as `projector.*` entries, n
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from lowmem_tune.optim.offload import is_parked
 from lowmem_tune.optim.projector import GaLoreProjector
+from lowmem_tune.optim.writer import RoundingWriter
 
-if TYPE_CHECKING:
-    from lowmem_tune.optim.galore_adamw import GaLoreAdamW
+
+class GaLoreState(Protocol):
+    """What the checkpoint format reads and writes of GaLoreAdamW (which imports this module)."""
+
+    state: Any
+    param_groups: list[dict[str, Any]]
+    global_step: int
+    writer: RoundingWriter | None
+
+    def params(self) -> list[torch.Tensor]: ...
+
+    def param_index(self) -> dict[int, int]: ...
+
+    def new_projector(self, p: torch.Tensor) -> GaLoreProjector: ...
+
 
 TRANSIENT = ("grad_acc", "full_sq", "micro", "sketch", "basis_taken", "deferred", "low_only")
 """Per-step state, gone by the end of every step: never in a checkpoint."""
 
 
-def galore_state_dict(opt: GaLoreAdamW) -> dict[str, Any]:
+def galore_state_dict(opt: GaLoreState) -> dict[str, Any]:
     """Plain tensors, numbers and strings: the projectors flattened, transient step state left out."""
     index = opt.param_index()
     states = {}
@@ -39,7 +53,7 @@ def galore_state_dict(opt: GaLoreAdamW) -> dict[str, Any]:
     return saved
 
 
-def load_galore_state_dict(opt: GaLoreAdamW, state_dict: dict[str, Any]) -> None:
+def load_galore_state_dict(opt: GaLoreState, state_dict: dict[str, Any]) -> None:
     """Moments onto their parameter's device; parked state stays on the CPU."""
     params = opt.params()
     saved_groups = state_dict["param_groups"]
