@@ -59,6 +59,9 @@ SIZES = {
     "cpu": {"sst2": {"heldout": 300, "dev": 100, "train": None, "steps": 60},
             "mix": {"heldout": 100, "dev": 25, "train": 250, "steps": 80},
             "micro_batch": 8, "max_seq_len": 256, "seeds": 2},
+    "smoke": {"sst2": {"heldout": 20, "dev": 10, "train": 60, "steps": 2},  # checks the script, measures nothing
+              "mix": {"heldout": 8, "dev": 4, "train": 10, "steps": 2},
+              "micro_batch": 2, "max_seq_len": 128, "seeds": 2},
     "gpu": {"sst2": {"heldout": 300, "dev": 100, "train": None, "steps": 300},
             "mix": {"heldout": 500, "dev": 100, "train": None, "steps": 1000},
             "micro_batch": 16, "max_seq_len": 512, "seeds": 3},
@@ -143,7 +146,7 @@ def planned_profile(strategy: str, seq_len: int) -> dict[str, Any]:
 def run_profile(args: argparse.Namespace, plan: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     size = SIZES[args.size]
     raw = json.loads(json.dumps(plan))
-    raw["model"] = {"name": str(args.model), "dtype": "auto"}
+    raw["model"] = {"name": str(args.model), "dtype": args.dtype}
     raw["hardware"] = {"device": args.device}
     raw["data"] = {"dataset": data["train"], "format": "instruction", "prompt_template": "{prompt}",
                    "response_template": "{response}", "max_seq_len": size["max_seq_len"], "heldout": 0}
@@ -178,7 +181,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         from lowmem_tune.modeling import load_model, resolve_dtype
 
         device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = load_model(resolve_model(str(args.model)), "pretrained", resolve_dtype("auto", device), device)
+        model = load_model(resolve_model(str(args.model)), "pretrained", resolve_dtype(args.dtype, device), device)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         return {"heldout": scores(model, "heldout"), "dev": scores(model, "dev")}
 
@@ -216,7 +219,8 @@ def launch(args: argparse.Namespace, work: Path, data_file: Path, strategy: str,
            lr: float = 0.0, seed: int = 0) -> dict[str, Any]:
     result = work / f"result-{time.time_ns()}.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "--experiment", args.experiment,
-               "--size", args.size, "--device", args.device, "--strategy", strategy, "--lr", str(lr), "--seed",
+               "--size", args.size, "--device", args.device, "--dtype", args.dtype, "--strategy", strategy,
+               "--lr", str(lr), "--seed",
                str(seed), "--work", str(work), "--model", str(args.model), "--data", str(data_file), "--result",
                str(result)]
     if plan_file is not None:
@@ -262,6 +266,9 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=STRATEGIES)
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="the runs' model.dtype (auto: bf16 on GPUs and CPUs with bf16 units)")
+    parser.add_argument("--tag", default="", help="a suffix for the result files (e.g. fp32)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--experiment", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", help=argparse.SUPPRESS)
@@ -306,11 +313,13 @@ def write_results(report: dict[str, Any], args: argparse.Namespace) -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "command": " ".join(["python", "benchmarks/real_task.py", *sys.argv[1:]])}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"real_task_{experiment}"
+    stem = RESULTS / f"real_task_{experiment}{'_' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, **report}, indent=1, default=str) + "\n")
     base = report["base"]["heldout"]
+    dtypes = sorted({r["dtype"] for entry in report["strategies"].values() for r in entry["runs"]})
     lines = [f"Gemma 3 270M (dequantized Q4_K_M) finetuned on `{experiment}` — {meta['date']}, commit {meta['commit']}, "
-             f"{meta['machine']}, size `{args.size}` (`{meta['command']}`), {report['wall_s'] / 60:.0f} min in all.", "",
+             f"{meta['machine']}, weights in {', '.join(dtypes)}, size `{args.size}` (`{meta['command']}`), "
+             f"{report['wall_s'] / 60:.0f} min in all.", "",
              "Held-out parts: " + ", ".join(f"{t} n={report['data']['counts'][t]['heldout']} (majority "
                                             f"{100 * report['data']['majority'][t]:.1f} %)" for t in tasks)
              + f"; train parts: {sum(c['train'] for c in report['data']['counts'].values())} examples.", ""]
