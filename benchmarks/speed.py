@@ -10,10 +10,12 @@ Training (tokens/s, median over the steps after --warmup; the loss of each step)
   activation checkpointing.
 - `fp32` and `auto`: this checkout with the same profile in float32, and with `model.dtype:
   auto` (bf16 on a CPU with AMX / AVX512-BF16).
-- `hf`: HF Trainer with `optim="galore_adamw_layerwise"` (galore-torch 1.0) on the very same
-  micro-batches in the same order, weights in the precision `auto` chose, same rank, gap, scale,
+- `hf`: HF Trainer with `optim="galore_adamw_layerwise"` (galore-torch 1.0; its 8-bit variant
+  calls torch.cuda.synchronize() and cannot run on a CPU) on the very same micro-batches in the
+  same order, weights in the precision `auto` chose, same rank, gap, scale,
   lr and checkpointing (HF refuses accumulation with layerwise GaLore; none is used here). HF's
   loss multiplies every position by the head; ours, the target positions only.
+- `auto 32-bit`: ours with 32-bit optimizer states (`strategy.bits: 32`), as HF's.
 
 Evaluation (BoolQ zero-shot, --eval-rows rows, batch 8; examples/s over the scoring alone, model
 loading excluded; accuracy; per-row agreement with lm-evaluation-harness):
@@ -35,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,11 +51,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 SEQ_LEN, MICRO_BATCH, RANK, GAP, SCALE, LR = 256, 4, 128, 200, 0.25, 1e-5
 
 
-def profile_dict(model: Path, data: Path, out: Path, dtype: str, steps: int, heldout: int = 0) -> dict[str, Any]:
+def profile_dict(model: Path, data: Path, out: Path, dtype: str, steps: int, heldout: int = 0,
+                 bits: int = 8) -> dict[str, Any]:
     """The training profile every side runs; no held-out loss (`heldout` is for the memory child)."""
     return {
         "model": {"name": str(model), "dtype": dtype}, "hardware": {"device": "cpu"},
-        "strategy": {"name": "galore", "rank": RANK, "update_proj_gap": GAP, "scale": SCALE, "bits": 8,
+        "strategy": {"name": "galore", "rank": RANK, "update_proj_gap": GAP, "scale": SCALE, "bits": bits,
                      "layerwise": True},
         "data": {"dataset": str(data), "format": "boolq", "max_seq_len": SEQ_LEN, "heldout": heldout},
         "train": {"max_steps": steps, "micro_batch_size": MICRO_BATCH, "gradient_accumulation": 1, "lr": LR,
@@ -88,7 +92,8 @@ def child_train(args: argparse.Namespace) -> dict[str, Any]:
             pass
 
     out = args.work / f"run-{time.time_ns()}"
-    profile = profile_from_dict(profile_dict(args.model, args.data, out, args.dtype, args.steps), source="speed")
+    profile = profile_from_dict(profile_dict(args.model, args.data, out, args.dtype, args.steps, bits=args.bits),
+                                source="speed")
     run_training(profile, False, Quiet(), RunControl())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     elapsed = [m["elapsed_s"] for m in metrics]
@@ -277,13 +282,14 @@ CHILDREN = {"train": child_train, "breakdown": child_breakdown, "hf-train": chil
 
 
 def run_child(kind: str, python: str, tree: Path, work: Path, model: Path, data: Path, dtype: str,
-              steps: int = 0, warmup: int = 2) -> dict[str, Any]:
+              steps: int = 0, warmup: int = 2, bits: int = 8) -> dict[str, Any]:
+    """One side in its own process, from the copy of this script in `tree` (the commit measured)."""
     result = work / f"{kind}-{time.time_ns()}.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(ROOT / "benchmarks")]),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    subprocess.run([python, str(Path(__file__).resolve()), "--child", kind, "--work", str(work), "--model", str(model),
+    subprocess.run([python, str(work / "speed.py"), "--child", kind, "--work", str(work), "--model", str(model),
                     "--data", str(data), "--dtype", dtype, "--steps", str(steps), "--warmup", str(warmup),
-                    "--result", str(result)], check=True, env=env, cwd=work)
+                    "--bits", str(bits), "--result", str(result)], check=True, env=env, cwd=work)
     return json.loads(result.read_text())
 
 
@@ -311,6 +317,7 @@ def main() -> None:
     for hidden in ("--work", "--model", "--data", "--result"):
         parser.add_argument(hidden, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--bits", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         args.result.write_text(json.dumps(CHILDREN[args.child](args)))
@@ -327,6 +334,7 @@ def main() -> None:
     report: dict[str, Any] = {"train": [], "eval": [], "memory": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        shutil.copy(Path(__file__), work / "speed.py")  # this script as it started, whatever the checkout becomes
         before = checkout(args.before, work / "before")
         after = checkout("HEAD", work / "after")  # the committed code: edits made meanwhile do not leak in
         report["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -336,9 +344,11 @@ def main() -> None:
             if not args.skip_train:
                 for pair in range(args.pairs):
                     row: dict[str, Any] = {"pair": pair}
-                    for side, tree, dtype, kind in (("before", before, "float32", "train"), ("fp32", after, "float32", "train"),
-                                                    ("auto", after, "auto", "train"), ("hf", after, auto, "hf-train")):
-                        run = run_child(kind, py, tree, work, model, train_data, dtype, args.steps)
+                    for side, tree, dtype, kind, bits in (
+                            ("before", before, "float32", "train", 8), ("fp32", after, "float32", "train", 8),
+                            ("auto", after, "auto", "train", 8), ("auto 32-bit", after, "auto", "train", 32),
+                            ("hf", after, auto, "hf-train", 32)):
+                        run = run_child(kind, py, tree, work, model, train_data, dtype, args.steps, args.warmup, bits)
                         row[side] = {"tokens_per_s": tokens_per_s(run, args.warmup), "losses": run["losses"]}
                         print(side, round(row[side]["tokens_per_s"], 1), flush=True)
                     report["train"].append(row)
@@ -383,12 +393,13 @@ def write_results(report: dict[str, Any], args: argparse.Namespace, auto: str) -
     if report["train"]:
         lines += [f"Training: galore, 8-bit moments, layerwise, rank {RANK}, micro batch {MICRO_BATCH} x {SEQ_LEN} "
                   f"tokens, activation checkpointing; tokens/s (median of steps after {args.warmup}).", "",
-                  "| pair | before (fp32) | fp32 | auto | HF Trainer (auto's dtype) | auto / before | auto / HF |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| pair | before (fp32) | fp32 | auto | auto, 32-bit states | HF Trainer | auto / before | "
+                  "auto / HF | 32-bit states: ours / HF |", "|---|---|---|---|---|---|---|---|---|"]
         for r in report["train"]:
-            t = {k: r[k]["tokens_per_s"] for k in ("before", "fp32", "auto", "hf")}
-            lines.append(f"| {r['pair']} | {t['before']:.1f} | {t['fp32']:.1f} | {t['auto']:.1f} | {t['hf']:.1f} | "
-                         f"{t['auto'] / t['before']:.2f} | {t['auto'] / t['hf']:.2f} |")
+            t = {k: r[k]["tokens_per_s"] for k in ("before", "fp32", "auto", "auto 32-bit", "hf")}
+            lines.append(f"| {r['pair']} | {t['before']:.1f} | {t['fp32']:.1f} | {t['auto']:.1f} | {t['auto 32-bit']:.1f} | "
+                         f"{t['hf']:.1f} | {t['auto'] / t['before']:.2f} | {t['auto'] / t['hf']:.2f} | "
+                         f"{t['auto 32-bit'] / t['hf']:.2f} |")
         if "breakdown" in report:
             bd = report["breakdown"]
             lines += ["", f"Where a step goes (`auto`, {bd['dtype']}, {bd['tokens_per_step']:.0f} tokens a step, "
