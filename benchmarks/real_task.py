@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -218,7 +219,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 def launch(args: argparse.Namespace, work: Path, data_file: Path, strategy: str, plan_file: Path | None,
            lr: float = 0.0, seed: int = 0) -> dict[str, Any]:
     result = work / f"result-{time.time_ns()}.json"
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", "--experiment", args.experiment,
+    command = [sys.executable, str(work / "real_task.py"), "--child", "--experiment", args.experiment,
                "--size", args.size, "--device", args.device, "--dtype", args.dtype, "--strategy", strategy,
                "--lr", str(lr), "--seed",
                str(seed), "--work", str(work), "--model", str(args.model), "--data", str(data_file), "--result",
@@ -237,6 +238,7 @@ def mean_acc(scores: dict[str, Any]) -> float:
 
 def run_experiment(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     size = SIZES[args.size]
+    shutil.copy(Path(__file__), work / "real_task.py")  # the runs use the script as it started
     data = prepare(args.experiment, size, work)
     data_file = work / f"{args.experiment}-data.json"
     data_file.write_text(json.dumps(data))
