@@ -132,15 +132,15 @@ def prepare(experiment: str, size: dict[str, Any], work: Path) -> dict[str, Any]
 # --------------------------------------------------------------------------- one run (a child process)
 
 
-def planned_profile(strategy: str, seq_len: int) -> dict[str, Any]:
-    """What `plan --model gemma-3-270m --gpu 24GB --strategy S` writes."""
+def planned_profile(strategy: str, seq_len: int, tree: Path) -> dict[str, Any]:
+    """What `plan --model gemma-3-270m --gpu 24GB --strategy S` (the code in `tree`) writes."""
     import yaml
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "plan.yaml"
         subprocess.run([sys.executable, "-m", "lowmem_tune", "plan", "--model", "gemma-3-270m", "--gpu", "24GB",
                         "--strategy", strategy, "--seq-len", str(seq_len), "-o", str(out)], check=True,
-                       capture_output=True)
+                       capture_output=True, env={**os.environ, "PYTHONPATH": str(tree)})
         return yaml.safe_load(out.read_text())
 
 
@@ -226,7 +226,7 @@ def launch(args: argparse.Namespace, work: Path, data_file: Path, strategy: str,
                str(result)]
     if plan_file is not None:
         command += ["--plan", str(plan_file)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(args.tree), str(ROOT / "benchmarks")]),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run(command, check=True, env=env, cwd=work)
     return json.loads(result.read_text())
@@ -247,7 +247,7 @@ def run_experiment(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     print("base", {t: round(s["acc"], 3) for t, s in report["base"]["heldout"].items()}, flush=True)
     for strategy in args.strategies:
         plan_file = work / f"plan-{strategy}.json"
-        plan_file.write_text(json.dumps(planned_profile(strategy, size["max_seq_len"])))
+        plan_file.write_text(json.dumps(planned_profile(strategy, size["max_seq_len"], args.tree)))
         trials = {}
         planned_lr = json.loads(plan_file.read_text())["train"]["lr"]
         for lr in [round(planned_lr * f, 12) for f in LR_FACTORS.get(strategy, [1.0, 3.0])]:
@@ -290,7 +290,16 @@ def main() -> None:
         args.experiment = experiment
         began = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            report = run_experiment(args, Path(tmp))
+            # the committed code, in a worktree: editing the checkout during the hours this takes changes nothing
+            args.tree = Path(tmp) / "tree"
+            subprocess.run(["git", "worktree", "add", "--detach", str(args.tree), "HEAD"], check=True, cwd=ROOT,
+                           capture_output=True)
+            args.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                         cwd=args.tree).stdout.strip()
+            try:
+                report = run_experiment(args, Path(tmp))
+            finally:
+                subprocess.run(["git", "worktree", "remove", "--force", str(args.tree)], cwd=ROOT, capture_output=True)
         report["wall_s"] = time.perf_counter() - began
         write_results(report, args)
 
@@ -308,10 +317,9 @@ def interval(runs: list[dict[str, Any]], task: str) -> tuple[float, float]:
 def write_results(report: dict[str, Any], args: argparse.Namespace) -> None:
     import platform
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     experiment = report["experiment"]
     tasks = report["data"]["tasks"]
-    meta = {"date": time.strftime("%Y-%m-%d"), "commit": commit.strip(), "size": args.size,
+    meta = {"date": time.strftime("%Y-%m-%d"), "commit": args.commit, "size": args.size,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "command": " ".join(["python", "benchmarks/real_task.py", *sys.argv[1:]])}
     RESULTS.mkdir(parents=True, exist_ok=True)
