@@ -52,6 +52,9 @@ class Architecture:
     final_norm_params: int
     layer_norm_params: int  # per decoder layer
     linears: tuple[LinearShape, ...]  # per decoder layer
+    activations: dict[str, int]
+    """Bytes per token one decoder layer keeps for backward, measured on fake tensors
+    (`verify.layer_activation_profile`): trained_D, frozen_D, norms_D and per_position_D."""
 
     @property
     def layer_params(self) -> int:
@@ -110,6 +113,8 @@ def summarize(name: str, config: Any) -> Architecture:
             seen.add(id(p))
             params += p.numel()
     assert isinstance(head, nn.Linear)
+    from lowmem_tune.planner.verify import layer_activation_profile
+
     return Architecture(
         name=name,
         model_type=config.model_type,
@@ -127,6 +132,7 @@ def summarize(name: str, config: Any) -> Architecture:
         final_norm_params=sum(p.numel() for p in norm.parameters()),
         layer_norm_params=layer_norm_params,
         linears=linears,
+        activations=layer_activation_profile(config),
     )
 
 

@@ -1,11 +1,12 @@
 """Bytes of the pieces a training step holds: optimizer states, activations, logits, GaLore's
-projectors, accumulators and sketches, stochastic rounding's working blocks. The constants were
-measured on fake tensors (`plan --verify`, `benchmarks/planner_accuracy.py`), not taken from
-papers: per token and decoder layer, HF Llama with SDPA keeps the fp32 copy of each RMSNorm input
-(4h), the norm's two 16-bit outputs (2·2h), gate, up, SiLU and product (4·I), q and the attention
-output (2·q_dim), k and v (2·kv_dim) and the fp32 log-sum-exp (4·heads); with activation
-checkpointing only each layer's input (h) stays, plus one layer's working set while it is
-recomputed.
+projectors, accumulators and sketches, stochastic rounding's working blocks. What a decoder layer
+keeps for backward is measured per architecture on fake tensors (`Architecture.activations`, from
+`verify.layer_activation_profile`), not written as a formula: HF Llama with SDPA keeps the fp32
+copy of each RMSNorm input, the norms' 16-bit outputs, gate, up, SiLU and product, q, k, v and the
+attention output and the fp32 log-sum-exp, about 183 KiB a token in bf16 at 7B; Gemma 3 keeps more
+per parameter (four float32 norms a layer and norms on q and k). With activation checkpointing only
+each layer's input (h) stays, plus one layer's working set while it is recomputed. The other
+constants were measured the same way (`plan --verify`, `benchmarks/planner_accuracy.py`).
 """
 
 from __future__ import annotations
@@ -57,20 +58,21 @@ def adam_state_bytes(numel: int, kind: str, dtype_bytes: int) -> int:
     return 2 * (numel + 4 * -(-numel // BLOCKSIZE))
 
 
-def layer_activation_bytes(arch: Architecture, w: Workload) -> int:
-    """Bytes one decoder layer keeps for backward without checkpointing (see module docstring)."""
-    h, d = arch.hidden_size, w.dtype_bytes
-    per_token = (2 * (4 * h + 2 * d * h) + 4 * d * arch.intermediate_size
-                 + 2 * d * arch.q_dim + 2 * d * arch.kv_dim + 4 * arch.num_heads + 8)
-    return w.tokens * per_token
-
-
-def frozen_layer_activation_bytes(arch: Architecture, w: Workload) -> int:
-    """A frozen decoder layer that gradients still pass through (LISA / OwLore) keeps less: no
-    linear saves its input for a weight gradient, so the two norm outputs, the attention output's
-    copy for o_proj and the MLP product are not kept (measured: 4·d·h + d·I per token fewer)."""
+def _measured_layer_bytes(arch: Architecture, w: Workload, mode: str) -> int:
     d = w.dtype_bytes
-    return layer_activation_bytes(arch, w) - w.tokens * d * (4 * arch.hidden_size + arch.intermediate_size)
+    return w.tokens * (arch.activations[f"{mode}_{d}"] + arch.activations[f"per_position_{d}"] * w.seq_len)
+
+
+def layer_activation_bytes(arch: Architecture, w: Workload) -> int:
+    """Bytes one decoder layer keeps for backward without checkpointing (measured per token)."""
+    return _measured_layer_bytes(arch, w, "trained")
+
+
+def frozen_layer_activation_bytes(arch: Architecture, w: Workload, norms_train: bool = False) -> int:
+    """A frozen decoder layer that gradients still pass through (LISA / OwLore) keeps less: no
+    linear saves its input for a weight gradient (measured per token too). With `norms_train`
+    (WeLore's layers) its norms keep what their weights' gradients need."""
+    return _measured_layer_bytes(arch, w, "norms" if norms_train else "frozen")
 
 
 def layer_backward_extra_bytes(arch: Architecture, w: Workload) -> int:
@@ -85,20 +87,24 @@ the planner sees no data, so it counts them all."""
 
 
 def logits_bytes(arch: Architecture, w: Workload, head_trained: bool = True) -> int:
-    """What the chunked loss (loss.py) holds: one chunk's float32 logits and log-softmax and its
-    16-bit gradient, the gradient of the hidden states, and — formed in the loss's forward — the
-    head's gradient when the head trains (targets: `LOSS_TARGETS`)."""
+    """What the chunked loss (loss.py) holds: one chunk's float32 logits and log-softmax and a
+    16-bit product or gradient beside them (8 + d bytes a logit, measured on fake tensors: the
+    earlier 8 + 2d counted one 16-bit copy too many, 4% over at Gemma's 262k vocabulary), the
+    target rows gathered and their gradient, and — formed in the loss's forward — the head's
+    gradient when the head trains (targets: `LOSS_TARGETS`)."""
     chunk = min(w.tokens, LOSS_CHUNK_TOKENS)
-    head = arch.vocab_size * arch.hidden_size * w.dtype_bytes if head_trained else 0
-    return chunk * arch.vocab_size * (8 + 2 * w.dtype_bytes) + w.tokens * arch.hidden_size * w.dtype_bytes + head
+    d = w.dtype_bytes
+    head = arch.vocab_size * arch.hidden_size * d if head_trained else 0
+    return chunk * arch.vocab_size * (8 + d) + 2 * w.tokens * arch.hidden_size * d + head
 
 
 def activation_bytes(arch: Architecture, w: Workload, trained_from_layer: int = 0,
-                     frozen_layers: int = 0) -> tuple[int, int]:
+                     frozen_layers: int = 0, norms_train: bool = False) -> tuple[int, int]:
     """(kept activations, transient working set) at the backward peak.
 
     Layers below the first trainable one (with frozen embeddings) keep nothing; `frozen_layers`
-    of the others keep a frozen layer's smaller set (without checkpointing)."""
+    of the others keep a frozen layer's smaller set (without checkpointing; `norms_train`: their
+    norms train)."""
     layers = arch.num_layers - trained_from_layer
     h, d = arch.hidden_size, w.dtype_bytes
     final_norm = w.tokens * d * h  # the lm_head's input (measured: the norm's fp32 copy is gone by then)
@@ -107,7 +113,7 @@ def activation_bytes(arch: Architecture, w: Workload, trained_from_layer: int = 
         working = layer_activation_bytes(arch, w) + layer_backward_extra_bytes(arch, w)
         return kept, working
     kept = ((layers - frozen_layers) * layer_activation_bytes(arch, w)
-            + frozen_layers * frozen_layer_activation_bytes(arch, w) + final_norm)
+            + frozen_layers * frozen_layer_activation_bytes(arch, w, norms_train) + final_norm)
     return kept, layer_backward_extra_bytes(arch, w)
 
 

@@ -92,6 +92,7 @@ class _Parts:
     layer_transient: int = 0  # an INT8 layer's weight, dequantized inside its forward and backward
     trained_from_layer: int = 0
     frozen_layers: int = 0  # layers gradients pass through without training them (lisa, owlore)
+    frozen_norms_train: bool = False  # ... whose norms train all the same (welore's train_norms, on by default)
     lrc_activation_bytes: int = 0  # what WeLore's factors keep on top of frozen layers
     notes: list[str] = field(default_factory=list)
 
@@ -283,6 +284,7 @@ def _welore_parts(arch: Architecture, s: Settings, w: Workload, parts: _Parts) -
     norms = norms + [t for t in heads if t != arch.final_norm_params]
     parts.lrc_activation_bytes = _welore_layer_extra(arch, lrcs, w)
     parts.frozen_layers = arch.num_layers
+    parts.frozen_norms_train = True
     trainable = sum(n * (f.out_features * f.in_features) for f, n, _ in factors) + sum(norms)
     parts.notes.append(f"gives up {s.rank_reduction:.0%} of the decoder's rank; trains {trainable:,} of "
                        f"{arch.params - removed:,} parameters ({trainable / (arch.params - removed):.1%})")
@@ -319,7 +321,8 @@ def _welore_layer_extra(arch: Architecture, lrcs: list[AssumedLrc], w: Workload)
 def estimate(strategy: str, arch: Architecture, settings: Settings, workload: Workload) -> Estimate:
     """The peak bytes of training `arch` with `strategy`, by component (see module docstring)."""
     p = _parts(strategy, arch, settings, workload)
-    kept_acts, working = activation_bytes(arch, workload, p.trained_from_layer, p.frozen_layers)
+    kept_acts, working = activation_bytes(arch, workload, p.trained_from_layer, p.frozen_layers,
+                                          p.frozen_norms_train)
     if not workload.gradient_checkpointing:
         kept_acts += p.lrc_activation_bytes
     logits = logits_bytes(arch, workload, head_trained=_embeddings_train(strategy, settings))

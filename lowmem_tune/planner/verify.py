@@ -235,3 +235,49 @@ def _run(profile: Profile, strategy, config, dtype, ctx, tracker, steps: int, n_
             updater.set_lr(t.lr)
             updater.step()
     updater.close()
+
+
+def layer_activation_profile(config: Any) -> dict[str, int]:
+    """Bytes per token one decoder layer keeps for its backward, measured on fake tensors: a
+    decoder of two layers minus one of one layer, run forward on one sequence of 256 and one of
+    512 tokens. Keys "trained_D" (its weights train), "frozen_D" (frozen, a gradient passing
+    through to layers below: LISA, OwLore) and "norms_D" (only its norms train: WeLore's layers,
+    before their low-rank factors) for D = 2 (16-bit) and 4 (float32) bytes per value, at a
+    sequence of no length; "per_position_D" is what each position of the sequence adds per token
+    (the attention mask each layer keeps, a sequence x sequence tensor per row). Whatever the
+    family keeps (Gemma's four float32 norms, Qwen3's and Gemma's q/k norms) is in the measurement."""
+    import copy
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForCausalLM
+
+    def per_token(dtype: torch.dtype, mode: str, tokens: int) -> int:
+        kept = []
+        for layers in (1, 2):
+            small = copy.deepcopy(config)
+            small.num_hidden_layers = layers
+            if getattr(small, "layer_types", None):
+                small.layer_types = small.layer_types[:layers]
+            tracker = _memory_tracker_class()()
+            with FakeTensorMode(allow_non_fake_inputs=True), tracker:
+                model = AutoModelForCausalLM.from_config(small, dtype=dtype, attn_implementation="sdpa")
+                model.get_input_embeddings().weight.requires_grad_(False)
+                model.enable_input_require_grads()  # the gradient reaches the layer's input either way
+                for p in model.get_decoder().layers.parameters():
+                    p.requires_grad_(mode == "trained" or (mode == "norms" and p.ndim == 1))
+                before = tracker.total
+                hidden = model.get_decoder()(input_ids=torch.zeros((1, tokens), dtype=torch.long),
+                                             use_cache=False).last_hidden_state
+                kept.append(tracker.total - before)
+                del hidden
+        return (kept[1] - kept[0]) // tokens
+
+    profile: dict[str, int] = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        d = torch.finfo(dtype).bits // 8
+        for mode in ("trained", "frozen", "norms"):
+            short, long = per_token(dtype, mode, 256), per_token(dtype, mode, 512)
+            profile[f"per_position_{d}"] = (long - short) // 256
+            profile[f"{mode}_{d}"] = short - profile[f"per_position_{d}"] * 256
+    return profile
