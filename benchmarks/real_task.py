@@ -259,6 +259,8 @@ def run_experiment(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         seeds = range(1, size["seeds"]) if strategy in SEEDED else range(0)
         runs += [launch(args, work, data_file, strategy, plan_file, chosen, seed) for seed in seeds]
         report["strategies"][strategy] = {"lr": chosen, "trials": {str(k): v for k, v in trials.items()}, "runs": runs}
+        report["wall_s"] = time.perf_counter() - args.began
+        write_results(report, args)  # after each strategy: hours of runs survive a crash in a later one
     return report
 
 
@@ -288,7 +290,7 @@ def main() -> None:
     args.model = gemma_model()
     for experiment in args.experiments:
         args.experiment = experiment
-        began = time.perf_counter()
+        args.began = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             # the committed code, in a worktree: editing the checkout during the hours this takes changes nothing
             args.tree = Path(tmp) / "tree"
@@ -297,11 +299,9 @@ def main() -> None:
             args.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                          cwd=args.tree).stdout.strip()
             try:
-                report = run_experiment(args, Path(tmp))
+                run_experiment(args, Path(tmp))
             finally:
                 subprocess.run(["git", "worktree", "remove", "--force", str(args.tree)], cwd=ROOT, capture_output=True)
-        report["wall_s"] = time.perf_counter() - began
-        write_results(report, args)
 
 
 def interval(runs: list[dict[str, Any]], task: str) -> tuple[float, float]:
@@ -333,9 +333,9 @@ def write_results(report: dict[str, Any], args: argparse.Namespace) -> None:
              "Held-out parts: " + ", ".join(f"{t} n={report['data']['counts'][t]['heldout']} (majority "
                                             f"{100 * report['data']['majority'][t]:.1f} %)" for t in tasks)
              + f"; train parts: {sum(c['train'] for c in report['data']['counts'].values())} examples.", ""]
-    head = "| strategy | lr (dev-chosen) | seeds | " + " | ".join(tasks) + (" | average |" if len(tasks) > 1 else "")
-    lines += [head + " tokens/s | peak RSS GiB | wall s / run |",
-              "|---" * (head.count("|") + 2) + "|"]
+    columns = ["strategy", "lr (dev-chosen)", "seeds", *tasks, *(["average"] if len(tasks) > 1 else []),
+               "tokens/s", "peak RSS GiB", "wall s / run"]
+    lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     base_avg = mean_acc(base)
     lines.append("| base model | — | — | " + " | ".join(f"{100 * base[t]['acc']:.1f} ± {196 * (base[t]['acc_stderr'] or 0):.1f}"
                                               for t in tasks)
