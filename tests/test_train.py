@@ -162,10 +162,13 @@ def test_bad_input_is_one_line_exit_2(tmp_path, override, message):
 
 
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
-    """SIGKILL while step-N is being written: step-(N-k) stays loadable and --resume works."""
+    """SIGKILL while step-N is being written: step-(N-k) stays loadable, and --resume from it gives
+    the losses of a run that was never killed."""
     import yaml
 
-    raw = tiny_profile(tmp_path / "run", train={"max_steps": 400, "save_every": 2, "keep_checkpoints": 2})
+    # constant lr: the resumed run stops early, and its losses must not depend on max_steps
+    settings = {"save_every": 2, "keep_checkpoints": 2, "scheduler": "constant"}
+    raw = tiny_profile(tmp_path / "run", train={"max_steps": 400, **settings})
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(raw))
     # Slow every checkpoint write down so the kill lands inside one, deterministically.
@@ -175,7 +178,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     checkpoints = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 120
     while time.time() < deadline:
-        partial = list(checkpoints.glob(".tmp-step-*")) if checkpoints.exists() else []
+        partial = list(checkpoints.glob(".step-*.tmp-*")) if checkpoints.exists() else []
         if partial and latest_checkpoint(checkpoints) is not None and (partial[0] / "model.safetensors").exists():
             break
         time.sleep(0.05)
@@ -192,7 +195,10 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     raw["train"]["max_steps"] = survivor.step + 2
     outcome = run_training(profile_from_dict(raw), resume=True, sink=Recorder())
     assert outcome.status == "completed" and outcome.step == survivor.step + 2
-    assert not list(checkpoints.glob(".tmp-step-*"))
+    assert not list(checkpoints.glob(".step-*"))
+    unbroken = tiny_profile(tmp_path / "ref", train={"max_steps": survivor.step + 2, **settings})
+    run_training(profile_from_dict(unbroken), resume=False, sink=Recorder())
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
 
 
 def test_sigint_then_resume_matches_an_uninterrupted_run(tmp_path):

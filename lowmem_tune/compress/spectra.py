@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowmem_tune.atomic import atomic_file
 from lowmem_tune.compress.ranks import decoder_matrices
 
 SPECTRA_DIR = "welore-spectra"
@@ -64,12 +64,5 @@ def compute_singular_values(model: nn.Module, device: torch.device | None = None
 
 
 def _save_atomic(spectra: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in spectra.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in spectra.items()}, str(tmp))

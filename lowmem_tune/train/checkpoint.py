@@ -8,7 +8,6 @@ loads with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
+
+from lowmem_tune.atomic import atomic_directory
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 MODEL_FILE = "model.safetensors"
@@ -50,19 +51,12 @@ def latest_checkpoint(checkpoints_dir: Path) -> CheckpointInfo | None:
 def save_checkpoint(checkpoints_dir: Path, step: int, model: nn.Module, state: dict[str, Any],
                     keep: int) -> Path:
     """Write step-N atomically, then drop all but the newest `keep` checkpoints."""
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step-{step}"
-    tmp = checkpoints_dir / f".tmp-step-{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / MODEL_FILE))
-    torch.save(state, tmp / STATE_FILE)
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. stop right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(checkpoints_dir)
+    # re-saving a step (a stop right after a periodic save) replaces it without a moment where
+    # neither copy is complete
+    with atomic_directory(final, replace=True) as tmp:
+        save_model(model, str(tmp / MODEL_FILE))
+        torch.save(state, tmp / STATE_FILE)
     for old in list_checkpoints(checkpoints_dir)[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)
     return final
@@ -84,24 +78,6 @@ def load_checkpoint(info: CheckpointInfo, model: nn.Module) -> dict[str, Any]:
 
 def load_trainer_state(info: CheckpointInfo) -> dict[str, Any]:
     return torch.load(info.path / STATE_FILE, map_location="cpu", weights_only=True)
-
-
-def remove_partial_writes(checkpoints_dir: Path) -> None:
-    if checkpoints_dir.is_dir():
-        for entry in checkpoints_dir.glob(".tmp-step-*"):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    for file in path.iterdir() if path.is_dir() else []:
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:

@@ -9,7 +9,6 @@ and whatever else the updater measured come to the host in one synchronization.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import psutil
 import torch
 
-from lowmem_tune.atomic import write_json_atomic, write_text_atomic
+from lowmem_tune.atomic import atomic_directory, write_json_atomic, write_text_atomic
 from lowmem_tune.catalog import resolve_model
 from lowmem_tune.data import calibration_sequences, eval_batches
 from lowmem_tune.errors import UserError, one_line
@@ -345,21 +344,12 @@ class TrainingRun:
         return float(total) / max(count, 1)
 
     def _save_final(self, final_dir: Path) -> None:
-        tmp = final_dir.with_name(f".{final_dir.name}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
         if activation_checkpointing_enabled(self.model):
             disable_activation_checkpointing(self.model)  # the training is over; generation wants the cache
         self.model.config.use_cache = True
-        try:
+        with atomic_directory(final_dir, replace=True) as tmp:  # a full disk leaves the old final/ whole
             self.strategy.save_final(self.model, tmp)
             self.data.tokenizer.save_pretrained(tmp)
-        except BaseException:  # a full disk: no half-written copy is left behind
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        tmp.rename(final_dir)
 
     def _planned_peak(self) -> int | None:
         """What `plan` predicts for this profile, shown beside the measured memory (GPU runs only)."""

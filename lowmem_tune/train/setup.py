@@ -9,13 +9,13 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from lowmem_tune.atomic import atomic_directory
+from lowmem_tune.atomic import atomic_directory, remove_interrupted
 from lowmem_tune.catalog import ResolvedModel
 from lowmem_tune.data import BatchStream, load_examples, split_heldout, tokenize_examples, train_local_tokenizer
 from lowmem_tune.errors import UserError
 from lowmem_tune.modeling import load_tokenizer
 from lowmem_tune.profile import Profile
-from lowmem_tune.train.checkpoint import CheckpointInfo, latest_checkpoint, remove_partial_writes
+from lowmem_tune.train.checkpoint import CheckpointInfo, latest_checkpoint
 
 LOCAL_TOKENIZER_VOCAB = 512
 
@@ -90,7 +90,8 @@ def model_identity(profile: Profile, resolved: ResolvedModel) -> str:
 def checkpoint_to_resume(run_dir: Path, resume: bool) -> CheckpointInfo | None:
     """The checkpoint `--resume` continues from; refuses to start over a run that exists."""
     checkpoints_dir = run_dir / "checkpoints"
-    remove_partial_writes(checkpoints_dir)
+    remove_interrupted(run_dir)  # a final/ being replaced
+    remove_interrupted(checkpoints_dir)
     latest = latest_checkpoint(checkpoints_dir)
     if resume:
         if latest is None:
