@@ -192,7 +192,7 @@ def test_only_the_first_process_writes_the_tokenizer_and_strategy_json(tmp_path)
 
         model = load_model(resolved, "random", torch.float64, torch.device("cpu"))
         ctx = StrategyContext(device=torch.device("cpu"), dtype=torch.float64, run_dir=tmp_path / "run",
-                              model_id="", main=main)
+                              main=main)
         strategy.prepare_model(model, ctx)
         strategy.write_summary()
         assert (tmp_path / "run" / "strategy.json").is_file() == written

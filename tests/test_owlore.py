@@ -119,36 +119,41 @@ def test_temperature_flattens_probabilities():
     assert sum(flat) == pytest.approx(1.0)
 
 
-def test_ratios_are_cached_per_model_calibration_and_threshold(tmp_path):
+def test_ratios_are_cached_per_weights_calibration_and_threshold(tmp_path, monkeypatch):
+    import lowmem_tune.strategies.outliers as outliers
+
     model = tiny_llama()
     plant_outliers(model, layer=1)
-    first, hit = compute_outlier_ratios(model, calibration(), 5.0, "test", "model-a", tmp_path)
+    first, hit = compute_outlier_ratios(model, calibration(), 5.0, "test", tmp_path)
     assert not hit
-    with torch.no_grad():  # the cached values come back without running the model
-        for p in model.parameters():
-            p.zero_()
-    again, hit = compute_outlier_ratios(model, calibration(), 5.0, "test", "model-a", tmp_path)
+    _, hit = compute_outlier_ratios(model, calibration(), 6.0, "test", tmp_path)
+    assert not hit
+    _, hit = compute_outlier_ratios(model, calibration(seed=1), 5.0, "test", tmp_path)
+    assert not hit
+    copy = tiny_llama()
+    copy.load_state_dict(model.state_dict())  # the same weights, another object (another path on disk)
+    measure = outliers.input_column_norms
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the model ran again")
+
+    monkeypatch.setattr(outliers, "input_column_norms", not_again)
+    again, hit = compute_outlier_ratios(copy, calibration(), 5.0, "test", tmp_path)
     assert hit and again == first
-    _, hit = compute_outlier_ratios(model, calibration(), 6.0, "test", "model-a", tmp_path)
-    assert not hit
-    _, hit = compute_outlier_ratios(model, calibration(seed=1), 5.0, "test", "model-a", tmp_path)
-    assert not hit
-    _, hit = compute_outlier_ratios(model, calibration(), 5.0, "test", "model-b", tmp_path)
+    monkeypatch.setattr(outliers, "input_column_norms", measure)
+    with torch.no_grad():  # weights changed in place (a folder overwritten by a later run): a new entry
+        copy.model.layers[0].mlp.down_proj.weight.mul_(2)
+    _, hit = compute_outlier_ratios(copy, calibration(), 5.0, "test", tmp_path)
     assert not hit
     assert len(list((tmp_path / "outliers").glob("*.json"))) == 4
 
 
-def test_unidentified_models_are_not_cached(tmp_path):
-    """Without a model id nothing is written anywhere in the cache, and a second call computes the
-    ratios again (a miss); the same call with an id writes one entry and then hits it."""
+def test_without_a_cache_directory_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     model = tiny_llama()
-    first, hit = compute_outlier_ratios(model, calibration(), 5.0, "test", "", tmp_path)
-    assert not hit and not any(tmp_path.rglob("*"))
-    again, hit = compute_outlier_ratios(model, calibration(), 5.0, "test", "", tmp_path)
-    assert not hit and again == first and not any(tmp_path.rglob("*"))
-    compute_outlier_ratios(model, calibration(), 5.0, "test", "model-a", tmp_path)
-    _, hit = compute_outlier_ratios(model, calibration(), 5.0, "test", "model-a", tmp_path)
-    assert hit and len([p for p in tmp_path.rglob("*") if p.is_file()]) == 1
+    first, hit = compute_outlier_ratios(model, calibration(), 5.0, "test", None)
+    again, hit_again = compute_outlier_ratios(model, calibration(), 5.0, "test", None)
+    assert not hit and not hit_again and again == first and not any(tmp_path.rglob("*"))
 
 
 def _owlore(tmp_path: Path, model: LlamaForCausalLM, **strategy):
@@ -165,7 +170,7 @@ def _owlore(tmp_path: Path, model: LlamaForCausalLM, **strategy):
 
     strat = build_strategy(profile)
     ctx = StrategyContext(device=torch.device("cpu"), dtype=torch.float32, run_dir=tmp_path,
-                          model_id="tiny-planted", calibration_batches=calibration_batches)
+                          calibration_batches=calibration_batches)
     strat.prepare_model(model, ctx)
     return strat, ctx, asked
 

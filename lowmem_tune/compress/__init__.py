@@ -22,7 +22,7 @@ from lowmem_tune.compress.ranks import (
     plan_from_ranks,
     select_ranks,
 )
-from lowmem_tune.compress.spectra import singular_values, weights_fingerprint
+from lowmem_tune.compress.spectra import singular_values
 from lowmem_tune.compress.storage import (
     compressed_ranks,
     load_compressed,
@@ -57,5 +57,5 @@ __all__ = [
     "compress_model", "compressed_ranks", "decoder_matrices", "factorize",
     "install_empty", "load_compressed", "lowrank_modules", "merge_lowrank",
     "plan_from_ranks", "plan_ranks", "record_plan", "save_compressed", "save_merged", "select_ranks",
-    "singular_values", "weights_fingerprint",
+    "singular_values",
 ]

@@ -1,15 +1,12 @@
 """Singular values of the decoder matrices: float32 SVD (GPU when there is one), cached on disk.
 
-The cache file is keyed by the weights themselves (a SHA-256 over every decoder matrix's bytes,
-names, shapes and dtypes), so a second run on the same model is a file read, and a changed model
-can never pick up stale spectra. Hashing reads the weights once; it is far cheaper than the SVDs.
+The cache file is keyed by the decoder matrices themselves (`lowmem_tune.cache`), so a second run
+on the same model is a file read, and a changed model can never pick up stale spectra. Hashing
+reads the weights once; it is far cheaper than the SVDs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -17,30 +14,21 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowmem_tune.atomic import atomic_file
+from lowmem_tune.cache import cache_entry, tensors_fingerprint
 from lowmem_tune.compress.ranks import decoder_matrices
 
 SPECTRA_DIR = "welore-spectra"
 
 
-def _matrix_digest(name: str, weight: torch.Tensor) -> bytes:
-    data = weight.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    digest = hashlib.sha256(f"{name}|{tuple(weight.shape)}|{weight.dtype}".encode())
-    digest.update(memoryview(data))  # hashlib releases the GIL here, so threads hash in parallel
-    return digest.digest()
-
-
 def weights_fingerprint(model: nn.Module) -> str:
     """A content hash of the decoder matrices (what the spectra depend on)."""
-    linears = decoder_matrices(model)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda item: _matrix_digest(item[0], item[1].weight), linears.items()))
-    return hashlib.sha256(b"".join(digests)).hexdigest()
+    return tensors_fingerprint({name: linear.weight for name, linear in decoder_matrices(model).items()})
 
 
 def singular_values(model: nn.Module, cache_dir: Path, device: torch.device | None = None,
                     progress: bool = True) -> dict[str, torch.Tensor]:
     """Descending float32 singular values of every decoder matrix, by module name (on the CPU)."""
-    path = Path(cache_dir) / SPECTRA_DIR / f"{weights_fingerprint(model)}.safetensors"
+    path = cache_entry(cache_dir, SPECTRA_DIR, weights_fingerprint(model), ".safetensors")
     if path.is_file():
         return load_file(str(path))
     spectra = compute_singular_values(model, device, progress)

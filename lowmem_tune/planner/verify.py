@@ -166,7 +166,7 @@ def verify_profile(profile: Profile, steps: int = 2, micro_batches: int | None =
     t = profile.train
     n_micro = micro_batches or min(t.gradient_accumulation, 2)
     tracker = _memory_tracker_class()()
-    ctx = StrategyContext(device=torch.device("cpu"), dtype=dtype, model_id=resolved.name, fake=True)
+    ctx = StrategyContext(device=torch.device("cpu"), dtype=dtype, fake=True)
 
     try:
         with _bitsandbytes_maps_outside_fake_mode(), FakeTensorMode(allow_non_fake_inputs=True), tracker:

@@ -36,8 +36,6 @@ class StrategyContext:
     dtype: torch.dtype
     run_dir: Path | None = None
     cache_dir: Path = field(default_factory=default_cache_dir)
-    model_id: str = ""
-    """Identity of the model's weights (name + revision or a content hash) for caches."""
     calibration_batches: Callable[[int, int], Iterator[torch.Tensor]] | None = None
     """calibration_batches(n_sequences, seq_len) yields input_ids tensors from the run's data."""
     events: EventSink = field(default_factory=_NullSink)

@@ -247,8 +247,7 @@ class OwLore(LayerSamplingStrategy):
         if ctx.fake:
             return LayerChoice([1.0 / count] * count, note="owlore: no real values under --verify; sampling uniformly")
         batches, source = self.calibration(model, ctx)
-        ratios, hit = compute_outlier_ratios(model, batches, self.cfg.outlier_threshold, source,
-                                             ctx.model_id, ctx.cache_dir)
+        ratios, hit = compute_outlier_ratios(model, batches, self.cfg.outlier_threshold, source, ctx.cache_dir)
         probabilities = sampling_probabilities(ratios, self.cfg.temperature)
         notes = []
         if hit:

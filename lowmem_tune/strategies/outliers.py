@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lowmem_tune.atomic import write_json_atomic
+from lowmem_tune.cache import cache_entry, tensors_fingerprint
 from lowmem_tune.errors import UserError
 from lowmem_tune.layers import decoder_layers, dense_weight, layer_linears
 
@@ -190,11 +191,6 @@ def read_calibration_file(path: str | Path) -> str:
 # --------------------------------------------------------------------------- caching
 
 
-def cache_path(cache_dir: Path, model_id: str, calibration_hash: str, threshold: float) -> Path:
-    key = hashlib.sha256(f"{model_id}|{calibration_hash}|{threshold!r}".encode()).hexdigest()[:24]
-    return Path(cache_dir) / "outliers" / f"{key}.json"
-
-
 def load_cached(path: Path) -> OutlierRatios | None:
     try:
         return OutlierRatios(**json.loads(path.read_text()))
@@ -205,16 +201,16 @@ def load_cached(path: Path) -> OutlierRatios | None:
 
 
 def compute_outlier_ratios(model: nn.Module, batches: list[torch.Tensor], threshold: float, calibration: str,
-                           model_id: str = "", cache_dir: Path | None = None) -> tuple[OutlierRatios, bool]:
-    """D_l for every decoder layer, read from / written to the cache when the model is identified.
-
-    The cache key is (model_id, sha256 of the calibration token ids, M); without a model_id the
-    weights cannot be identified (a random init) and nothing is cached. Returns (ratios, cache_hit).
-    """
+                           cache_dir: Path | None = None) -> tuple[OutlierRatios, bool]:
+    """D_l for every decoder layer, read from / written to the cache (when there is one) under the
+    model's weights, the calibration token ids and M. Returns (ratios, cache_hit)."""
     digest = token_hash(batches)
-    path = cache_path(cache_dir, model_id, digest, threshold) if model_id and cache_dir else None
-    if path is not None and (cached := load_cached(path)) is not None:
-        return cached, True
+    path = None
+    if cache_dir is not None:
+        path = cache_entry(cache_dir, "outliers", tensors_fingerprint(model.state_dict()), ".json",
+                           calibration=digest, threshold=threshold)
+        if (cached := load_cached(path)) is not None:
+            return cached, True
     norms = input_column_norms(model, batches)
     outliers, weights = layer_outlier_counts(model, norms, threshold)
     result = OutlierRatios(
@@ -231,19 +227,6 @@ def compute_outlier_ratios(model: nn.Module, batches: list[torch.Tensor], thresh
 
 
 # --------------------------------------------------------------------------- `inspect outliers`
-
-
-def weights_identity(pretrained_path: str, local_dir: Path | None) -> str:
-    """Hub id, or a local directory (or GGUF file) plus the names, sizes and mtimes of its weight
-    files (so a directory overwritten by a later run gets new ratios)."""
-    if local_dir is None:
-        return pretrained_path
-    if pretrained_path.endswith(".gguf"):
-        files = [Path(pretrained_path)]
-    else:
-        files = sorted(p for p in Path(local_dir).iterdir() if p.suffix in (".safetensors", ".bin"))
-    stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    return f"{Path(local_dir).resolve()}|{stamp}"
 
 
 def load_tokenizer(pretrained_path: str | None, tokenizer_name: str | None = None):
@@ -310,8 +293,7 @@ def inspect_outliers_command(model: str, calibration_file: Path | None, samples:
     loaded = load_model(resolved, "random" if random_weights else "pretrained",
                         resolve_dtype("auto", torch_device), torch_device)
     batches, source = _calibration_for_inspect(resolved, calibration_file, samples, seq_len)
-    model_id = "" if random_weights else weights_identity(resolved.pretrained_path, resolved.local_dir)
-    result, hit = compute_outlier_ratios(loaded, batches, threshold, source, model_id, cache_dir())
+    result, hit = compute_outlier_ratios(loaded, batches, threshold, source, cache_dir())
     probabilities = sampling_probabilities(result)
     title = f"Outlier ratios of {resolved.name}" + (" (random weights)" if random_weights else "")
     console.print(render_outlier_chart(result, probabilities, title))

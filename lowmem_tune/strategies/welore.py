@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from lowmem_tune.atomic import atomic_directory, write_json_atomic
+from lowmem_tune.cache import cache_entry, tensors_fingerprint
 from lowmem_tune.catalog import resolve_model
 from lowmem_tune.compress import (
-    weights_fingerprint,
     RankPlan,
     assumed_ranks_of,
     compress_model,
@@ -99,8 +99,8 @@ class WeLore(Strategy):
         """Compress the dense model where it is (the CPU, for a pretrained one: see `loads_on_cpu`;
         each matrix's SVD runs on the device), cache the compressed model, and move it to the
         device: the device never holds the dense model. A second run reads it from the cache."""
-        key = f"{weights_fingerprint(model)}-err{self.cfg.rank_reduction:g}-min{self.cfg.min_ratio:g}"
-        cached = Path(ctx.cache_dir) / COMPRESSED_CACHE / key
+        cached = cache_entry(ctx.cache_dir, COMPRESSED_CACHE, tensors_fingerprint(model.state_dict()),
+                             rank_reduction=self.cfg.rank_reduction, min_ratio=self.cfg.min_ratio)
         if (cached / "config.json").is_file():
             ctx.info(f"WeLore: the compressed model read from the cache ({cached})")
             model.to("meta")  # free the dense weights before loading the compressed ones

@@ -51,7 +51,7 @@ from lowmem_tune.train.control import RunControl
 from lowmem_tune.train.distributed import FailuresOnly, World, check_distributed, check_resume_world, data_parallel_loss
 from lowmem_tune.train.run_files import RunFilesSink
 from lowmem_tune.train.schedule import lr_at
-from lowmem_tune.train.setup import checkpoint_to_resume, model_identity, prepare_data
+from lowmem_tune.train.setup import checkpoint_to_resume, prepare_data
 
 
 @dataclass
@@ -134,7 +134,7 @@ class TrainingRun:
                                 seed=p.train.seed)
         train_items = self.data.train_items
         ctx = StrategyContext(
-            device=self.device, dtype=self.dtype, run_dir=self.run_dir, model_id=model_identity(p, resolved),
+            device=self.device, dtype=self.dtype, run_dir=self.run_dir,
             calibration_batches=lambda n, length: calibration_sequences(train_items, n, length), events=self.events,
             average=world.average_ if world.distributed else None, main=world.main,
         )

@@ -79,14 +79,6 @@ def tokenizer_for(profile: Profile, resolved: ResolvedModel, run_dir: Path, text
     return tokenizer
 
 
-def model_identity(profile: Profile, resolved: ResolvedModel) -> str:
-    """What the model's weights are, for caches (outlier ratios, spectra)."""
-    weights = f"-int8-g{profile.strategy.group_size}" if profile.strategy.weight_bits == 8 else ""
-    if profile.model.init == "random":
-        return f"{resolved.name}-random-seed{profile.train.seed}{weights}"
-    return f"{resolved.pretrained_path}@{profile.model.revision or 'main'}{weights}"
-
-
 def checkpoint_to_resume(run_dir: Path, resume: bool) -> CheckpointInfo | None:
     """The checkpoint `--resume` continues from; refuses to start over a run that exists."""
     checkpoints_dir = run_dir / "checkpoints"
