@@ -19,9 +19,9 @@ backward hands the sink the output gradient and input instead (lowrank_grad.py).
 Updates (`Int8Linear.apply_update`, called by the optimizer with the projected-back update): a block of
 rows is dequantized, the update added and the result requantized with stochastic rounding (the
 run's seeded `StochasticRounding`, so resume is bit-exact), or to nearest with
-`strategy.rounding: nearest`. A group keeps its scale unless the new values outgrow it, so a code
-that receives no update stays exactly where it is; a group that outgrows its scale is rescaled,
-with some headroom.
+`strategy.rounding: nearest`. A group keeps its scale unless the new values outgrow it or shrink
+below half of it, so a code that receives no update stays exactly where it is; such a group is
+rescaled to fit its values, with some headroom.
 
 Loading: a 16-bit checkpoint is loaded on the CPU and each decoder layer is quantized as it moves
 to the device, one layer at a time. Checkpoints store codes and scales; `dense_state_dict` gives
@@ -43,6 +43,10 @@ QMAX = 127
 GROWTH = 127 / 120
 """A group that outgrows its scale gets this much headroom (7 codes at the edge), so a weight
 pushed outward step after step rescales its group rarely, not at every step."""
+SHRINK_BELOW = 0.5
+"""A group whose values come to use less than this share of its range is rescaled down (with the
+same headroom): a weight that shrinks (decay, an update towards zero) never keeps a grid more than
+twice as coarse as its values need, i.e. loses at most one of its 8 bits."""
 ROW_BLOCK_ELEMENTS = 1 << 20  # values requantized at a time: the float32 working copy is 4 MiB
 
 
@@ -111,12 +115,13 @@ class Int8Linear(nn.Linear):
             if weight_decay:
                 delta.sub_(value + delta, alpha=lr * weight_decay)
             needed = (value + delta).abs_().amax(dim=-1) / QMAX
-            grown = torch.where(needed > scales, needed * GROWTH, scales)
+            refit = (needed > scales) | (needed < scales * SHRINK_BELOW)
+            new_scales = torch.where(refit, (needed * GROWTH).clamp_(min=torch.finfo(torch.float32).tiny), scales)
             # where the scale is unchanged, an untouched code stays exactly on its grid point
-            target = old.mul_((scales / grown)[..., None]).add_(delta.div_(grown[..., None]))
+            target = old.mul_((scales / new_scales)[..., None]).add_(delta.div_(new_scales[..., None]))
             target = rounding.to_grid(target) if rounding is not None else target.round_()
             codes.copy_(_ungrouped(target.clamp_(-QMAX, QMAX), self.in_features))
-            scales.copy_(grown)
+            scales.copy_(new_scales)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
         super()._save_to_state_dict(destination, prefix, keep_vars)

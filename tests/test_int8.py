@@ -92,6 +92,23 @@ def test_a_weight_pushed_past_its_groups_range_grows_the_scale_with_headroom():
     torch.testing.assert_close(after.abs(), before.abs() + 3 * step[:, 0], atol=float(quantized.scales.max()), rtol=0)
 
 
+def test_a_group_whose_values_shrink_below_half_its_range_gets_a_finer_grid():
+    """Rows whose values all shrink to a quarter are rescaled (and then round to a grid four times
+    finer than the old one); rows shrunk by a third keep their scale and every code they had."""
+    quantized = _one_group_per_row()
+    step = quantized.scales.clone()
+    before = quantized.dequantized_weight().clone()
+    shrink = torch.where(torch.arange(64)[:, None] < 32, 0.75, 1 / 3) * before  # rows 0-31 to a quarter
+    codes = quantized.codes.clone()
+    quantized.apply_update(lambda start, rows: shrink.narrow(0, start, rows), 1.0, 0.0, None)
+    after = quantized.dequantized_weight()
+    assert torch.all(quantized.scales[:32] < step[:32] / 3)
+    assert torch.all(quantized.codes[:32].abs().amax(dim=1) >= 119)  # the range fits the values again
+    assert torch.all((after[:32] - before[:32] / 4).abs() <= quantized.scales[:32] / 2 + 1e-7)
+    assert torch.equal(quantized.scales[32:], step[32:])
+    torch.testing.assert_close(after[32:], (codes[32:].float() * 2 / 3).round() * step[32:], atol=0, rtol=0)
+
+
 def test_the_compute_copy_of_a_weight_lives_only_inside_its_layer(monkeypatch):
     """Through a whole forward and backward of a 2-layer model, at most one dequantized weight is
     alive at any time, and none is left afterwards."""
