@@ -3,7 +3,6 @@ so that `lowmem-tune --help` and `plan` start fast."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def probe(as_json: bool) -> None:
     """Show the NVIDIA GPUs here: memory, compute capability, bf16, utilization."""
-    from lowmem_tune.hardware import probe_command
+    from lowmem_tune.commands.probe import probe_command
 
     probe_command(as_json=as_json)
 
@@ -75,30 +74,9 @@ def plan(model: str, gpu: str, gpu_index: int, margin: float, strategy: str | No
               help="Train on N processes of this machine (one GPU each, or CPU processes) through torchrun.")
 def run(profile: Path, overrides: tuple[str, ...], resume: bool, headless: bool, nproc_per_node: int | None) -> None:
     """Train with a profile, checkpointing, and evaluate at the end."""
-    from lowmem_tune.profile import load_profile
+    from lowmem_tune.commands.run import run_command
 
-    notes: list[str] = []
-    loaded = load_profile(profile, overrides, notes)
-    if nproc_per_node is not None:
-        from lowmem_tune.train.distributed import launch
-
-        argv = [str(profile), *(a for o in overrides for a in ("--set", o)), *(["--resume"] if resume else []),
-                *(["--headless"] if headless else [])]
-        sys.exit(launch(nproc_per_node, argv, loaded, resume))
-    rank = int(os.environ.get("RANK", 0))  # started by torchrun (or accelerate launch): one process speaks
-    for note in notes if rank == 0 else []:
-        click.echo(note, err=True)
-    try:
-        if headless or not sys.stdout.isatty() or rank > 0:
-            from lowmem_tune.train import run_headless
-
-            sys.exit(run_headless(loaded, resume=resume))
-        from lowmem_tune.tui import run_with_dashboard
-
-        sys.exit(run_with_dashboard(loaded, resume=resume))
-    except KeyboardInterrupt:
-        click.echo("aborted; checkpoints already written are intact (continue with --resume)", err=True)
-        sys.exit(130)
+    run_command(profile, overrides, resume, headless, nproc_per_node)
 
 
 @main.command()
@@ -128,7 +106,7 @@ def monitor(run_dir: Path) -> None:
 def eval_(dataset: str, model: str | None, data_files: tuple[str, ...], limit: int | None, num_fewshot: int | None,
           batch_size: int, output: Path | None, device: str, dtype: str, add_bos: bool | None) -> None:
     """Evaluate a model on tasks scored the way the field scores them."""
-    from lowmem_tune.evaluation import eval_command
+    from lowmem_tune.commands.eval import eval_command
 
     eval_command(dataset=dataset, model=model, data_files=data_files, limit=limit, num_fewshot=num_fewshot,
                  batch_size=batch_size, output=output, device=device, dtype=dtype, add_bos=add_bos)
@@ -143,7 +121,7 @@ def eval_(dataset: str, model: str | None, data_files: tuple[str, ...], limit: i
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 def compress(model: str, rank_reduction: float, min_ratio: float, output: Path, merge: bool, device: str) -> None:
     """WeLore: rank-reduce a model non-uniformly (low-rank components) and save it."""
-    from lowmem_tune.compress.command import compress_command
+    from lowmem_tune.commands.compress import compress_command
 
     compress_command(model=model, rank_reduction=rank_reduction, min_ratio=min_ratio, output=output,
                      merge=merge, device=device)
@@ -154,7 +132,7 @@ def compress(model: str, rank_reduction: float, min_ratio: float, output: Path, 
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True)
 def merge(model: str, output: Path) -> None:
     """Turn a WeLore-compressed model (from `compress` or a welore run's final/) into a dense one."""
-    from lowmem_tune.compress.command import merge_command
+    from lowmem_tune.commands.compress import merge_command
 
     merge_command(model=model, output=output)
 
@@ -175,7 +153,7 @@ def inspect() -> None:
 def outliers(model: str, calibration_file: Path | None, samples: int, seq_len: int, threshold: float,
              device: str) -> None:
     """Per-layer outlier ratios (OwLore) and the sampling probabilities they give."""
-    from lowmem_tune.strategies.outliers import inspect_outliers_command
+    from lowmem_tune.commands.inspect import inspect_outliers_command
 
     inspect_outliers_command(model=model, calibration_file=calibration_file, samples=samples, seq_len=seq_len,
                              threshold=threshold, device=device)

@@ -1,7 +1,7 @@
 """WeLore compression: rank-reduce a model non-uniformly, save it, merge it back.
 
-`compress_model` does the work in memory (spectra → rank plan → factorization); the CLI's
-`compress` and `merge` are in `command.py`. See `ranks.py` for what the effective rank reduction
+`compress_model` does the work in memory (spectra → rank plan → factorization); the commands
+`compress` and `merge` are `lowmem_tune.commands.compress`. See `ranks.py` for what the effective rank reduction
 (ERR) means and how τ is chosen.
 """
 
