@@ -40,7 +40,7 @@ def first_basis_steps(model: str, layers: int | None, rank: int, max_steps: int 
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lowmem_tune.optim import GaLoreAdamW
+    from lowmem_tune.optim import GaLoreAdamW, GaLoreConfig
     from lowmem_tune.planner.architecture import resolve_architecture
 
     arch = resolve_architecture(model)
@@ -48,8 +48,8 @@ def first_basis_steps(model: str, layers: int | None, rank: int, max_steps: int 
     with FakeTensorMode():
         mats = [torch.nn.Parameter(torch.empty(lin.out_features, lin.in_features, dtype=torch.bfloat16))
                 for _ in range(count) for lin in arch.linears]
-        opt = GaLoreAdamW([{"params": mats, "rank": rank, "update_proj_gap": 200}], bits=8, svd="sketch",
-                          stagger=True, micro_batches=2)
+        opt = GaLoreAdamW([{"params": mats, "rank": rank, "update_proj_gap": 200}],
+                          config=GaLoreConfig(bits=8, svd="sketch", stagger=True, micro_batches=2))
         taken: dict[int, int] = {}
         for step in range(1, max_steps + 1):
             for _ in range(2):

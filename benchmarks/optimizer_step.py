@@ -57,7 +57,7 @@ def sync(device: torch.device) -> None:
 def contenders(rank: int, gap: int, device: torch.device):
     import bitsandbytes as bnb
 
-    from lowmem_tune.optim import GaLoreAdamW
+    from lowmem_tune.optim import GaLoreAdamW, GaLoreConfig
 
     def galore_group(params):
         return [{"params": params, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}]
@@ -75,7 +75,7 @@ def contenders(rank: int, gap: int, device: torch.device):
     def ours(params, bits, svd):
         groups = galore_group(params)
         groups[0]["svd"] = svd
-        return GaLoreAdamW(groups, lr=1e-3, bits=bits, stagger=True)
+        return GaLoreAdamW(groups, lr=1e-3, config=GaLoreConfig(bits=bits, stagger=True))
 
     return {
         "torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
@@ -173,7 +173,7 @@ def markov_batches(steps: int, batch: int, seq: int, seed: int):
 def run_moments(args) -> None:
     from lowmem_tune.catalog import resolve_model
     from lowmem_tune.modeling import load_model
-    from lowmem_tune.optim import GaLoreAdamW, GaLoreUpdater
+    from lowmem_tune.optim import GaLoreAdamW, GaLoreConfig, GaLoreUpdater
     from lowmem_tune.strategies.galore import galore_matrices
 
     steps, tail = 150, 20
@@ -185,7 +185,7 @@ def run_moments(args) -> None:
             chosen = {id(p) for p in mats}
             rest = [p for p in model.parameters() if id(p) not in chosen]
             opt = GaLoreAdamW([{"params": mats, "rank": 8, "update_proj_gap": 10, "scale": 1.0}, {"params": rest}],
-                              lr=3e-3, moments=policy, stagger=True)
+                              lr=3e-3, config=GaLoreConfig(moments=policy, stagger=True))
             updater = GaLoreUpdater(opt, max_grad_norm=1.0, layerwise=True)
             losses = []
             for x in markov_batches(steps, 8, 32, seed):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lowmem_tune.errors import UserError
 from lowmem_tune.planner.architecture import resolve_architecture
-from lowmem_tune.planner.estimate import Settings, Workload, estimate
+from lowmem_tune.planner.estimate import Workload, estimate
 from lowmem_tune.planner.verify import verify_profile
 from lowmem_tune.profile import profile_from_dict
 
@@ -76,10 +76,7 @@ def main() -> None:
                               "activation_checkpointing": checkpointing},
                     "data": {"max_seq_len": seq_len},
                 })
-                s = profile.strategy
-                analytic = estimate(strategy, arch, Settings(rank=s.rank, sampled_layers=s.sampled_layers,
-                                                             optimizer=s.optimizer, bits=s.bits, layerwise=s.layerwise),
-                                    Workload(seq_len, args.micro_batch, checkpointing))
+                analytic = estimate(profile.strategy, arch, Workload(seq_len, args.micro_batch, checkpointing))
                 started = time.perf_counter()
                 try:
                     measured = verify_profile(profile)

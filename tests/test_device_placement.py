@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 
-from lowmem_tune.optim import GaLoreAdamW, StandardUpdater, StochasticRounding
+from lowmem_tune.optim import GaLoreAdamW, GaLoreConfig, StandardUpdater, StochasticRounding
 from lowmem_tune.optim.layerwise import GaLoreUpdater
 
 
@@ -30,8 +30,8 @@ def test_galore_steps_keep_every_tensor_on_the_device(bits, svd, moments, layerw
     with FakeTensorMode(allow_non_fake_inputs=True):
         left, right, dense = (torch.nn.Parameter(cuda(*s)) for s in ((24, 64), (64, 24), (5000,)))
         opt = GaLoreAdamW([{"params": [left, right], "rank": 8, "update_proj_gap": 2}, {"params": [dense]}],
-                          lr=1e-3, weight_decay=0.1, bits=bits, svd=svd, moments=moments, stagger=True,
-                          micro_batches=2, min_8bit_size=256)
+                          lr=1e-3, config=GaLoreConfig(weight_decay=0.1, bits=bits, svd=svd, moments=moments,
+                                                       stagger=True, micro_batches=2, min_8bit_size=256))
         updater = GaLoreUpdater(opt, max_grad_norm=1.0, layerwise=layerwise)
         for _ in range(4):  # a first basis, refreshes at the staggered phases, moment policies
             for _ in range(2):

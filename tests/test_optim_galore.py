@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from lowmem_tune.optim import GaLoreAdamW, SVDFailure
+from lowmem_tune.optim import GaLoreAdamW, GaLoreConfig, SVDFailure
 from lowmem_tune.optim.projector import GaLoreProjector
 from lowmem_tune.optim.subspace import refresh
 
@@ -39,12 +39,14 @@ def test_matches_galore_torch_over_several_refreshes(proj_type):
     start = make_params() + [torch.nn.Parameter(torch.randn(16))]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in start]
     ours = [torch.nn.Parameter(p.detach().clone()) for p in start]
-    kwargs = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+    lr, adam = 1e-2, {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref_opt = ReferenceAdamW(galore_groups(ref[:3], ref[3:], proj_type=proj_type), no_deprecation_warning=True, **kwargs)
-    opt = GaLoreAdamW(galore_groups(ours[:3], ours[3:], proj_type=proj_type), bits=32, moments="keep", svd="exact",
-                      **kwargs)  # galore-torch's rule: the SVD of the step's gradient
+        ref_opt = ReferenceAdamW(galore_groups(ref[:3], ref[3:], proj_type=proj_type), no_deprecation_warning=True,
+                                 lr=lr, **adam)
+    # svd exact: galore-torch's rule, the SVD of the step's gradient
+    opt = GaLoreAdamW(galore_groups(ours[:3], ours[3:], proj_type=proj_type), lr=lr,
+                      config=GaLoreConfig(bits=32, moments="keep", svd="exact", **adam))
     gen = torch.Generator().manual_seed(1)
     for _ in range(17):  # refreshes at steps 0, 5, 10, 15
         feed(ref, gen)
@@ -65,7 +67,7 @@ def test_8bit_moments_take_under_a_third_of_fp32_bytes_and_follow_the_32bit_step
     moment_bytes = {}
     for bits in (32, 8):
         w = torch.nn.Parameter(w0.detach().clone())
-        opt = GaLoreAdamW(galore_groups([w], rank=64), lr=1e-3, bits=bits)
+        opt = GaLoreAdamW(galore_groups([w], rank=64), lr=1e-3, config=GaLoreConfig(bits=bits))
         for _ in range(3):
             w.grad = grad.clone()
             opt.step()
@@ -105,7 +107,7 @@ def test_8bit_kernel_in_pieces_gives_the_bits_of_one_call(monkeypatch):
 
 def test_small_dense_tensors_keep_fp32_moments_in_8bit_mode():
     big, small = torch.nn.Parameter(torch.randn(8192)), torch.nn.Parameter(torch.randn(64))
-    opt = GaLoreAdamW([big, small], lr=1e-3, bits=8)
+    opt = GaLoreAdamW([big, small], lr=1e-3, config=GaLoreConfig(bits=8))
     big.grad, small.grad = torch.randn(8192), torch.randn(64)
     opt.step()
     assert opt.state[big]["exp_avg"].dtype == torch.uint8
@@ -116,8 +118,9 @@ def test_small_dense_tensors_keep_fp32_moments_in_8bit_mode():
                                                   (32, "reset", "fira")])
 def test_state_dict_survives_weights_only_load_and_resumes_bitwise(bits, moments, variant):
     def build(params):
-        return GaLoreAdamW(galore_groups(params[:3], params[3:], gap=3), lr=1e-2, weight_decay=0.01, bits=bits,
-                           moments=moments, variant=variant, stagger=True, min_8bit_size=64)
+        return GaLoreAdamW(galore_groups(params[:3], params[3:], gap=3), lr=1e-2,
+                           config=GaLoreConfig(weight_decay=0.01, bits=bits, moments=moments, variant=variant,
+                                               stagger=True, min_8bit_size=64))
 
     start = make_params() + [torch.nn.Parameter(torch.randn(300))]
     grads = [[torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * s + i)) * 1e-2
@@ -149,7 +152,7 @@ def test_state_dict_survives_weights_only_load_and_resumes_bitwise(bits, moments
 
 def test_staggered_phases_spread_refreshes_over_the_gap():
     mats = make_params(shapes=[(24, 16)] * 14)
-    opt = GaLoreAdamW(galore_groups(mats, gap=7, rank=4), lr=1e-3, stagger=True)
+    opt = GaLoreAdamW(galore_groups(mats, gap=7, rank=4), lr=1e-3, config=GaLoreConfig(stagger=True))
     gen = torch.Generator().manual_seed(0)
     per_step = []
     for _ in range(15):
@@ -179,7 +182,7 @@ def test_nan_gradient_fails_the_svd_with_the_parameter_name():
 def test_moment_policy_at_a_subspace_change(moments):
     w = make_params(shapes=[(32, 12)])[0]  # m >= n: right projector, moments are 32 x 4
     betas = (0.9, 0.999)
-    opt = GaLoreAdamW(galore_groups([w], rank=4, gap=2), lr=1e-3, betas=betas, moments=moments)
+    opt = GaLoreAdamW(galore_groups([w], rank=4, gap=2), lr=1e-3, config=GaLoreConfig(betas=betas, moments=moments))
     gen = torch.Generator().manual_seed(5)
     for _ in range(2):
         feed([w], gen, scale=1.0)
@@ -212,7 +215,8 @@ def test_fira_adds_the_limited_residual_outside_the_subspace():
     for variant in ("galore", "fira"):
         w = torch.nn.Parameter(w0.detach().clone())
         # the same basis in both (Fira's is always the exact SVD of the step's gradient)
-        opt = GaLoreAdamW(galore_groups([w], rank=6, gap=100, scale=1.0), lr=1.0, variant=variant, svd="exact")
+        opt = GaLoreAdamW(galore_groups([w], rank=6, gap=100, scale=1.0), lr=1.0,
+                          config=GaLoreConfig(variant=variant, svd="exact"))
         steps = []
         for g in grads:
             before = w.detach().clone()
@@ -245,7 +249,8 @@ def test_optimizer_runs_under_fake_tensor_mode_with_real_state_layout():
 
     def layout(bits, moments):
         w, b = torch.nn.Parameter(torch.randn(64, 200)), torch.nn.Parameter(torch.randn(5000))
-        opt = GaLoreAdamW(galore_groups([w], [b], rank=16, gap=2), lr=1e-3, bits=bits, moments=moments, stagger=True)
+        opt = GaLoreAdamW(galore_groups([w], [b], rank=16, gap=2), lr=1e-3,
+                          config=GaLoreConfig(bits=bits, moments=moments, stagger=True))
         for _ in range(3):
             w.grad, b.grad = torch.randn(64, 200), torch.randn(5000)
             opt.step()

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from lowmem_tune.catalog import resolve_model
 from lowmem_tune.modeling import load_model
-from lowmem_tune.optim import GaLoreAdamW, GaLoreUpdater
+from lowmem_tune.optim import GaLoreAdamW, GaLoreConfig, GaLoreUpdater
 from lowmem_tune.optim.projector import GaLoreProjector
 from lowmem_tune.optim.subspace import RangeSketch, refresh, top_singular_vectors
 from lowmem_tune.profile import load_profile, profile_from_dict
@@ -52,8 +52,8 @@ def build(model, layerwise, variant="galore", max_grad_norm=1.0, gap=3, bits=32,
     chosen = {id(p) for p in mats}
     rest = [p for p in model.parameters() if id(p) not in chosen]
     opt = GaLoreAdamW([{"params": mats, "rank": 8, "update_proj_gap": gap, "scale": 0.25}, {"params": rest}],
-                      lr=1e-3, eps=eps, weight_decay=0.01, bits=bits, variant=variant, stagger=True,
-                      min_8bit_size=256, svd=svd, micro_batches=k)
+                      lr=1e-3, config=GaLoreConfig(eps=eps, weight_decay=0.01, bits=bits, variant=variant,
+                                                   stagger=True, min_8bit_size=256, svd=svd, micro_batches=k))
     return GaLoreUpdater(opt, max_grad_norm, layerwise=layerwise, modules=list(model.modules()))
 
 
@@ -230,7 +230,7 @@ def test_galore_strategy_builds_a_layerwise_8bit_updater_from_the_profile(tiny, 
     updater = strategy.build_updater(model, StrategyContext(device=torch.device("cpu"), dtype=torch.float32))
     group = updater.optimizer.param_groups[0]
     assert group["betas"] == (0.8, 0.95) and group["eps"] == 1e-6 and group["weight_decay"] == 0.1
-    assert updater.layerwise and updater.optimizer.bits == 8
+    assert updater.layerwise and updater.optimizer.config.bits == 8
     assert strategy.describe()["galore_matrices"] == 14
     train(model, updater, batches, k=2, steps=2)
     metrics = updater.metrics()
@@ -241,7 +241,8 @@ def test_galore_strategy_builds_a_layerwise_8bit_updater_from_the_profile(tiny, 
 
 def _two_micro_batches(w, svd, layerwise, rank=4):
     inputs = [torch.randn(40, 6, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
-    opt = GaLoreAdamW([{"params": [w], "rank": rank, "update_proj_gap": 10}], lr=1e-3, svd=svd, micro_batches=2)
+    opt = GaLoreAdamW([{"params": [w], "rank": rank, "update_proj_gap": 10}], lr=1e-3,
+                      config=GaLoreConfig(svd=svd, micro_batches=2))
     updater = GaLoreUpdater(opt, None, layerwise=layerwise)
     for x in inputs:
         (w @ x).square().sum().backward()
@@ -294,8 +295,8 @@ def test_a_rank_deficient_gradient_gets_only_supported_directions_then_fills(svd
         torch.set_num_threads(threads)
         try:
             w = torch.nn.Parameter(torch.zeros(shape))
-            opt = GaLoreAdamW([{"params": [w], "rank": 8, "update_proj_gap": 100}], lr=1e-3, svd=svd,
-                              inform=told.append)
+            opt = GaLoreAdamW([{"params": [w], "rank": 8, "update_proj_gap": 100}], lr=1e-3,
+                              config=GaLoreConfig(svd=svd), inform=told.append)
             proj_history = []
             for a, b in factors:
                 w.grad = a @ b

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from lowmem_tune.cli import main
 from lowmem_tune.planner.architecture import resolve_architecture
-from lowmem_tune.planner.estimate import COMPONENTS, Settings, Workload, estimate
-from lowmem_tune.profile import load_profile
+from lowmem_tune.planner.estimate import COMPONENTS, Workload, estimate
+from lowmem_tune.profile import StrategySection, load_profile
 
 STRATEGIES = ("full", "adamw8bit", "galore", "fira", "lisa", "owlore")
 
@@ -98,7 +98,7 @@ def test_estimates_grow_with_sequence_length_and_batch(strategy, checkpointing):
     arch = resolve_architecture("llama-2-7b")
 
     def total(seq_len: int, batch: int) -> int:
-        return estimate(strategy, arch, Settings(), Workload(seq_len, batch, checkpointing)).total
+        return estimate(StrategySection(name=strategy), arch, Workload(seq_len, batch, checkpointing)).total
 
     assert total(256, 1) < total(1024, 1) < total(4096, 1)
     assert total(512, 1) < total(512, 4) < total(512, 16)
@@ -107,12 +107,12 @@ def test_estimates_grow_with_sequence_length_and_batch(strategy, checkpointing):
 def test_checkpointing_and_low_rank_save_memory():
     arch = resolve_architecture("llama-2-7b")
     w = Workload(2048, 4, False)
-    no_ckpt = estimate("adamw8bit", arch, Settings(), w)
-    ckpt = estimate("adamw8bit", arch, Settings(), Workload(2048, 4, True))
+    no_ckpt = estimate(StrategySection(name="adamw8bit"), arch, w)
+    ckpt = estimate(StrategySection(name="adamw8bit"), arch, Workload(2048, 4, True))
     assert ckpt.memory["activations"] < no_ckpt.memory["activations"]
-    full = estimate("full", arch, Settings(), w)
+    full = estimate(StrategySection(name="full"), arch, w)
     assert full.memory["optimizer"] == 2 * full.memory["weights"]  # two bf16 moments per weight
-    galore = estimate("galore", arch, Settings(rank=128), w)
+    galore = estimate(StrategySection(name="galore", rank=128), arch, w)
     assert galore.memory["optimizer"] < no_ckpt.memory["optimizer"] / 10
 
 
@@ -134,8 +134,8 @@ def test_gpus_plans_per_gpu_memory_and_splits_the_batch(tmp_path):
 @pytest.mark.parametrize("strategy", ["galore", "owlore", "full"])
 def test_several_gpus_cost_at_most_one_averaging_bucket(strategy):
     arch = resolve_architecture("llama-2-7b")
-    single = estimate(strategy, arch, Settings(), Workload(512, 1, True, gradient_accumulation=4))
-    several = estimate(strategy, arch, Settings(), Workload(512, 1, True, gradient_accumulation=2, gpus=2))
+    single = estimate(StrategySection(name=strategy), arch, Workload(512, 1, True, gradient_accumulation=4))
+    several = estimate(StrategySection(name=strategy), arch, Workload(512, 1, True, gradient_accumulation=2, gpus=2))
     assert 0 <= several.total - single.total <= 64 * 2**20
 
 

@@ -39,10 +39,11 @@ def test_int8_weights_reach_12_and_16_gb_cards_and_13b(gpu, model, rank):
 def test_galore_int8_rank_128_micro_batch_1_is_under_9_5_gib():
     """Q-GaLore's own setting (batch 1, one micro-batch a step) measured 15.08 GB."""
     from lowmem_tune.planner.architecture import resolve_architecture
-    from lowmem_tune.planner.estimate import Settings, Workload, estimate
+    from lowmem_tune.planner.estimate import Workload, estimate
+    from lowmem_tune.profile import StrategySection
 
     arch = resolve_architecture("llama-2-7b")
-    est = estimate("galore", arch, Settings(rank=128, weight_bits=8), Workload(512, 1, True, 2, 1))
+    est = estimate(StrategySection(name="galore", rank=128, weight_bits=8), arch, Workload(512, 1, True, 2, 1))
     assert est.total <= 9.5 * 2**30
 
 

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowmem_tune.catalog import resolve_model
 from lowmem_tune.modeling import enable_activation_checkpointing, load_model
-from lowmem_tune.optim import GaLoreAdamW, GaLoreUpdater
+from lowmem_tune.optim import GaLoreAdamW, GaLoreConfig, GaLoreUpdater
 from lowmem_tune.optim.projector import GaLoreProjector
 from lowmem_tune.strategies.galore import galore_matrices
 
@@ -35,7 +35,7 @@ def build(model: torch.nn.Module, layerwise: bool = True, gap: int = 3, mats=Non
     mats = galore_matrices(model) if mats is None else mats
     rest = [p for p in model.parameters() if all(p is not m for m in mats)]
     opt = GaLoreAdamW([{"params": mats, "rank": 8, "update_proj_gap": gap, "scale": 0.25}, {"params": rest}],
-                      lr=1e-3, weight_decay=0.01, stagger=stagger, stores=stores)
+                      lr=1e-3, config=GaLoreConfig(weight_decay=0.01, stagger=stagger), stores=stores)
     return GaLoreUpdater(opt, 1.0, layerwise=layerwise, modules=list(model.modules()) if projected else ())
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lowmem_tune.optim import GaLoreAdamW, StochasticRounding
+from lowmem_tune.optim import GaLoreAdamW, GaLoreConfig, StochasticRounding
 from lowmem_tune.profile import profile_from_dict
 from lowmem_tune.train import RunControl, run_training
 
@@ -79,8 +79,8 @@ def test_updates_a_tenth_of_an_ulp_move_bf16_weights_only_with_stochastic_roundi
     for dtype, rounding in ((torch.float32, None), (torch.bfloat16, StochasticRounding(0)), (torch.bfloat16, None)):
         w = torch.nn.Parameter(start.to(dtype, copy=True))
         groups = [{"params": [w], "rank": 8, "update_proj_gap": 1000, "scale": 2.0}] if case == "galore" else [w]
-        opt = GaLoreAdamW(groups, lr=ULP_AT_2_POW_MINUS_6 / 10, bits=8 if "8-bit" in case else 32,
-                          rounding=rounding, svd="exact")
+        opt = GaLoreAdamW(groups, lr=ULP_AT_2_POW_MINUS_6 / 10,
+                          config=GaLoreConfig(bits=8 if "8-bit" in case else 32, svd="exact"), rounding=rounding)
         for grad in grads:
             w.grad = grad.to(dtype)
             opt.step()

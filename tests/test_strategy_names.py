@@ -13,7 +13,7 @@ from lowmem_tune import profile as profile_module
 from lowmem_tune.cli import main, plan
 from lowmem_tune.errors import UserError
 from lowmem_tune.planner.architecture import resolve_architecture
-from lowmem_tune.planner.estimate import Settings, Workload, estimate
+from lowmem_tune.planner.estimate import Workload, estimate
 from lowmem_tune.planner.search import ORDER
 from lowmem_tune.profile import STRATEGY_NAMES, StrategySection, load_profile, profile_from_dict, strategy_knobs
 from lowmem_tune.schema import applies_to, bounds_of
@@ -28,7 +28,7 @@ def test_registry_schema_planner_and_cli_take_the_same_names():
     assert all(set(order) <= set(STRATEGY_NAMES) for order in ORDER.values())
     arch = resolve_architecture("demo-llama")
     for name in STRATEGY_NAMES:
-        assert estimate(name, arch, Settings(), Workload(64, 1, True)).total > 0
+        assert estimate(StrategySection(name=name), arch, Workload(64, 1, True)).total > 0
     choice = next(p for p in plan.params if p.name == "strategy").type
     assert tuple(choice.choices) == STRATEGY_NAMES
     for f in dataclasses.fields(StrategySection):

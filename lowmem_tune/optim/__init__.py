@@ -1,12 +1,13 @@
 """Optimizers and updaters: GaLore, 8-bit GaLore, Fira, the layerwise engine, and the one builder."""
 
-from lowmem_tune.optim.build import OPTIMIZERS, build_updater
+from lowmem_tune.optim.build import OPTIMIZERS, TrainableParameters, build_updater
 from lowmem_tune.optim.galore_adamw import GaLoreAdamW
+from lowmem_tune.optim.galore_config import GaLoreConfig
 from lowmem_tune.optim.layerwise import GaLoreUpdater
 from lowmem_tune.optim.offload import tensor_bytes
 from lowmem_tune.optim.projector import GaLoreProjector, SVDFailure
 from lowmem_tune.optim.rounding import StochasticRounding
 from lowmem_tune.optim.updater import StandardUpdater, Updater
 
-__all__ = ["OPTIMIZERS", "GaLoreAdamW", "GaLoreProjector", "GaLoreUpdater", "SVDFailure", "StandardUpdater",
-           "StochasticRounding", "Updater", "build_updater", "tensor_bytes"]
+__all__ = ["OPTIMIZERS", "GaLoreAdamW", "GaLoreConfig", "GaLoreProjector", "GaLoreUpdater", "SVDFailure",
+           "StandardUpdater", "StochasticRounding", "TrainableParameters", "Updater", "build_updater", "tensor_bytes"]

@@ -10,7 +10,7 @@ W <- W - lr wd W after the update, as galore-torch 1.0 (the 8-bit kernel on a de
 before it, as torch.optim.AdamW). With `rounding`, updates into bf16/fp16 weights are rounded
 stochastically (`writer.py`) instead of to nearest.
 
-The moments at a change of subspace (`moments=`: keep, project, reset): `carry_moments` (moments.py).
+The moments at a change of subspace (`moments`: keep, project, reset): `carry_moments` (moments.py).
 
 Gradients come from p.grad at `step()` (ordinary mode) or, one micro-batch at a time, through
 `absorb_grad` in backward hooks (`layerwise.py`, which says what is kept when) or, between a
@@ -32,18 +32,16 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from lowmem_tune.optim.adam_step import dense_step, galore_step
-from lowmem_tune.optim.moments import MIN_8BIT_SIZE, carry_moments, moments_for
+from lowmem_tune.optim.galore_config import GaLoreConfig
+from lowmem_tune.optim.moments import carry_moments, moments_for
 from lowmem_tune.optim.norms import squared_norm
 from lowmem_tune.optim.offload import is_parked, park, tensor_bytes, unpark
 from lowmem_tune.optim.persistence import TRANSIENT, galore_state_dict, load_galore_state_dict
 from lowmem_tune.optim.projector import GaLoreProjector
 from lowmem_tune.optim.rounding import StochasticRounding
-from lowmem_tune.optim.subspace import BASIS_RULES, RangeSketch, SketchRoom, low_rank_from_sketch, refresh
+from lowmem_tune.optim.subspace import RangeSketch, SketchRoom, low_rank_from_sketch, refresh
 from lowmem_tune.optim.timing import SectionTimer
 from lowmem_tune.optim.writer import RoundingWriter, WeightStore
-
-MOMENT_POLICIES = ("keep", "project", "reset")
-VARIANTS = ("galore", "fira")
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -51,38 +49,20 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self,
         params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]],
         lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        bits: int = 32,
-        moments: str = "keep",
-        variant: str = "galore",
-        fira_limiter: float = 1.01,
-        stagger: bool = False,
-        min_8bit_size: int = MIN_8BIT_SIZE,
+        config: GaLoreConfig = GaLoreConfig(),
+        *,
         param_names: Mapping[torch.nn.Parameter, str] | None = None,
-        svd: str = "sketch",
         rounding: StochasticRounding | None = None,
         inform: Callable[[str], None] | None = None,
-        micro_batches: int = 1,
         stores: Mapping[torch.nn.Parameter, WeightStore] | None = None,
         average: Callable[[list[torch.Tensor]], None] | None = None,
     ) -> None:
-        if bits not in (8, 32):
-            raise ValueError(f"bits must be 8 or 32, got {bits}")
-        if moments not in MOMENT_POLICIES:
-            raise ValueError(f"moments must be one of {MOMENT_POLICIES}, got {moments!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if svd not in BASIS_RULES:
-            raise ValueError(f"svd must be one of {BASIS_RULES}, got {svd!r}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
-        self.bits, self.moments, self.variant = bits, moments, variant
-        self.fira_limiter, self.stagger, self.min_8bit_size = fira_limiter, stagger, min_8bit_size
+        super().__init__(params, {"lr": lr, "betas": config.betas, "eps": config.eps,
+                                  "weight_decay": config.weight_decay})
+        self.config = config
         # Fira keeps every full gradient for its residual anyway: its basis is their exact SVD.
-        self.rule = "exact" if variant == "fira" and svd == "sketch" else svd
-        self.micro_batches = micro_batches
-        if average is not None and svd == "first_micro_batch":
+        self.rule = "exact" if config.variant == "fira" and config.svd == "sketch" else config.svd
+        if average is not None and config.svd == "first_micro_batch":
             raise ValueError("svd 'first_micro_batch' takes a basis from one process's gradient; with several "
                              "processes use 'sketch' or 'exact'")
         self.average = average
@@ -103,7 +83,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self._group = {id(p): g for g in self.param_groups for p in g["params"]}
         # Phases spread the SVDs of n matrices evenly over T steps (stagger) or put them all on 0.
         self._ordinal = {id(p): i for i, p in enumerate(galore)}
-        self._phase = {id(p): (i * self._group[id(p)]["update_proj_gap"]) // len(galore) if stagger else 0
+        self._phase = {id(p): (i * self._group[id(p)]["update_proj_gap"]) // len(galore) if config.stagger else 0
                        for i, p in enumerate(galore)}
 
     # ------------------------------------------------------------------ bookkeeping
@@ -138,7 +118,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def _moments_of(self, p: torch.Tensor) -> tuple[type, tuple[int, ...], torch.dtype]:
         """The storage, shape (low-rank for a GaLore matrix) and dtype of p's moments."""
         shape = self.new_projector(p).low_rank_shape() if self.is_galore(p) else tuple(p.shape)
-        storage = moments_for(math.prod(shape), self.bits, self.min_8bit_size)
+        storage = moments_for(math.prod(shape), self.config.bits, self.config.min_8bit_size)
         return storage, shape, torch.promote_types(p.dtype, torch.float32)
 
     def _seed(self, p: torch.Tensor) -> int:
@@ -155,7 +135,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """Whether p's full gradient must survive until step(): non-GaLore tensors, Fira matrices,
         and matrices taking a basis from the accumulated gradient (rules exact, randomized, and
         first_micro_batch's scheduled refreshes)."""
-        if not self.is_galore(p) or self.variant == "fira":
+        if not self.is_galore(p) or self.config.variant == "fira":
             return True
         state = self._state(p)
         proj: GaLoreProjector = state["projector"]
@@ -197,13 +177,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if "sketch" not in state:
             d, big = proj.orient(grad).shape
             sketch = RangeSketch(d, big, proj.rank, self._seed(p), grad)
-            lives_on = self.micro_batches > 1 or self.average is not None  # not turned into a basis in the hook
+            lives_on = self.config.micro_batches > 1 or self.average is not None  # not turned into a basis in the hook
             if proj.needs_basis() and lives_on and not self._room_for(sketch.nbytes()):
                 state["deferred"] = True
                 return True
             state["sketch"] = sketch
         state["sketch"].add(proj.orient(grad))
-        if state["sketch"].micro_batches == self.micro_batches and self.average is None:
+        if state["sketch"].micro_batches == self.config.micro_batches and self.average is None:
             self._finish_sketch(p, state)  # several processes: at the step, once the sketches are averaged
         return True
 
@@ -311,8 +291,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if p.grad is not None and p.grad is not grad:
                     p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
             if self.is_galore(p):
-                galore_step(p, group, state, grad, self.writer, self.variant == "fira", self.fira_limiter,
-                            self._stores.get(id(p)))
+                galore_step(p, group, state, grad, self.writer, self.config.variant == "fira",
+                            self.config.fira_limiter, self._stores.get(id(p)))
             else:
                 dense_step(p, group, state, grad, self.writer)
             p.grad = None
@@ -350,7 +330,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             projected = _low_rank(proj, p.grad)
             low = projected if low is None else low.add_(projected)
         state.pop("basis_taken", None)
-        if self.variant != "fira":
+        if self.config.variant != "fira":
             p.grad = None
         return low, full
 
@@ -361,7 +341,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             change = refresh(proj, gradient, self.rule, p.dtype, self._seed(p), self._tell)
         self._refreshed += 1
         if not (first or change.filled or state["step"] == 0):
-            carry_moments(state, self.moments, *proj.rotation(change.old_left, change.old_right))
+            carry_moments(state, self.config.moments, *proj.rotation(change.old_left, change.old_right))
 
     # ------------------------------------------------------------------ lifecycle
     def release(self, params: Iterable[torch.Tensor], offload: bool = False) -> None:

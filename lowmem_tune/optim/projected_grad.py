@@ -42,7 +42,7 @@ class LowRankSink:
     def takes(self, weight: torch.Tensor) -> bool:
         """Whether the matrix's gradient at this micro-batch is only ever needed in its subspace."""
         opt = self.optimizer
-        if opt.variant == "fira" or not opt.is_galore(weight):
+        if opt.config.variant == "fira" or not opt.is_galore(weight):
             return False
         state = opt.state.get(weight)
         if not state or is_parked(state) or any(key in state for key in BASIS_IN_PROGRESS):

@@ -15,7 +15,7 @@ hardware.reserve_bytes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from lowmem_tune.planner.architecture import Architecture, LinearShape
@@ -34,31 +34,15 @@ from lowmem_tune.planner.welore_ranks import AssumedLrc, assumed_lrcs
 from lowmem_tune.profile import INT8_CAPABLE, StrategySection, strategy_knobs
 
 COMPONENTS = ("weights", "gradients", "optimizer", "projectors", "activations", "logits", "overhead")
-_DEFAULTS = StrategySection()
+PLANNER_KNOBS = ("rank", "sampled_layers", "optimizer", "bits", "layerwise", "rank_reduction", "svd", "rounding",
+                 "update_proj_gap", "weight_bits", "group_size", "train_embeddings", "embedding_rank")
+"""The StrategySection knobs the planner searches or reads; the estimate ignores the others."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The strategy knobs the planner searches or reads (the rest keep their profile defaults)."""
-
-    rank: int = _DEFAULTS.rank
-    sampled_layers: int = _DEFAULTS.sampled_layers
-    optimizer: str = _DEFAULTS.optimizer  # inside sampled layers (lisa, owlore) / for WeLore factors
-    bits: int = _DEFAULTS.bits
-    layerwise: bool = _DEFAULTS.layerwise
-    rank_reduction: float = _DEFAULTS.rank_reduction
-    svd: str = _DEFAULTS.svd
-    rounding: str = _DEFAULTS.rounding
-    update_proj_gap: int = _DEFAULTS.update_proj_gap
-    weight_bits: int = _DEFAULTS.weight_bits
-    group_size: int = _DEFAULTS.group_size
-    train_embeddings: bool | None = _DEFAULTS.train_embeddings
-    embedding_rank: int | None = _DEFAULTS.embedding_rank
-
-    def for_strategy(self, strategy: str) -> dict[str, Any]:
-        """Only the knobs that strategy reads."""
-        reads = strategy_knobs(strategy)
-        return {k: v for k, v in asdict(self).items() if k in reads}
+def planner_settings(strategy: StrategySection) -> dict[str, Any]:
+    """The planner's knobs that the strategy reads, by name."""
+    reads = strategy_knobs(strategy.name)
+    return {k: getattr(strategy, k) for k in PLANNER_KNOBS if k in reads}
 
 
 @dataclass
@@ -125,7 +109,7 @@ Matrices = list[tuple[LinearShape, int, int]]
 """GaLore matrices as (shape, how many, rank)."""
 
 
-def _galore(parts: _Parts, matrices: Matrices, dense: list[int], s: Settings, w: Workload,
+def _galore(parts: _Parts, matrices: Matrices, dense: list[int], s: StrategySection, w: Workload,
             variant: str = "galore") -> _Parts:
     """GaLore-AdamW over `matrices` and AdamW over the `dense` tensors; all of the matrices take a
     basis at the same step (step 0, or a new layer sample)."""
@@ -176,25 +160,25 @@ def _averaging(parts: _Parts, w: Workload) -> _Parts:
     return parts
 
 
-def _head_and_embeddings(arch: Architecture, s: Settings, strategy: str) -> tuple[list[int], Matrices]:
+def _head_and_embeddings(arch: Architecture, s: StrategySection) -> tuple[list[int], Matrices]:
     """(dense tensors, GaLore matrices) of the embeddings, final norm and lm_head: trained
     full-rank, through GaLore at embedding_rank, or frozen (nothing)."""
-    if not _embeddings_train(strategy, s):
+    if not _embeddings_train(s):
         return [], []
     tables = [LinearShape("embed_tokens", arch.vocab_size, arch.hidden_size, False)]
     if arch.lm_head_params:
         tables.append(LinearShape("lm_head", arch.vocab_size, arch.hidden_size, False))
-    if s.embedding_rank is not None and "embedding_rank" in strategy_knobs(strategy):
+    if s.embedding_rank is not None and "embedding_rank" in strategy_knobs(s.name):
         return [arch.final_norm_params], [(t, 1, s.embedding_rank) for t in tables]
     return _non_layer_tensors(arch), []
 
 
-def _embeddings_train(strategy: str, s: Settings) -> bool:
-    return s.train_embeddings is not False and not (strategy == "welore" and s.train_embeddings is None)
+def _embeddings_train(s: StrategySection) -> bool:
+    return s.train_embeddings is not False and not (s.name == "welore" and s.train_embeddings is None)
 
 
-def _parts(strategy: str, arch: Architecture, s: Settings, w: Workload) -> _Parts:
-    d = w.dtype_bytes
+def _parts(s: StrategySection, arch: Architecture, w: Workload) -> _Parts:
+    strategy, d = s.name, w.dtype_bytes
     parts = _Parts(weights=arch.params * d)
     if s.weight_bits == 8 and strategy in INT8_CAPABLE and strategy != "welore":  # WeLore's: _welore_parts
         _int8_weights(parts, arch, [(lin.out_features, lin.in_features, arch.num_layers) for lin in arch.linears],
@@ -202,7 +186,7 @@ def _parts(strategy: str, arch: Architecture, s: Settings, w: Workload) -> _Part
     layer_tensors = [lin.out_features * lin.in_features for lin in arch.linears] + _layer_small_tensors(arch)
     all_tensors = _non_layer_tensors(arch) + layer_tensors * arch.num_layers
     largest = max(all_tensors)
-    heads, head_matrices = _head_and_embeddings(arch, s, strategy)
+    heads, head_matrices = _head_and_embeddings(arch, s)
     if strategy in ("full", "adamw8bit"):
         kind = "plain" if strategy == "full" else "8bit"
         trained = heads + layer_tensors * arch.num_layers
@@ -225,7 +209,7 @@ def _parts(strategy: str, arch: Architecture, s: Settings, w: Workload) -> _Part
     raise ValueError(f"no estimate for strategy {strategy!r}")
 
 
-def _int8_weights(parts: _Parts, arch: Architecture, matrices: list[tuple[int, int, int]], s: Settings,
+def _int8_weights(parts: _Parts, arch: Architecture, matrices: list[tuple[int, int, int]], s: StrategySection,
                   d: int) -> None:
     """Weights when the decoder `matrices` (out, in, how many) are int8 codes with a float32 scale
     per group of `group_size` inputs (the last group of a row may be shorter), the rest 16-bit; a
@@ -238,13 +222,13 @@ def _int8_weights(parts: _Parts, arch: Architecture, matrices: list[tuple[int, i
     parts.notes.append(f"INT8 decoder weights, a scale per {s.group_size} inputs")
 
 
-def _layer_sampling_parts(arch: Architecture, s: Settings, w: Workload, parts: _Parts) -> _Parts:
+def _layer_sampling_parts(arch: Architecture, s: StrategySection, w: Workload, parts: _Parts) -> _Parts:
     """γ sampled layers train (GaLore inside them by default), embeddings, final norm and head
     always; the state of layers leaving the sample is released (strategies/layer_sampling.py)."""
     d = w.dtype_bytes
     gamma = min(s.sampled_layers, arch.num_layers)
     parts.frozen_layers = arch.num_layers - gamma
-    always, head_matrices = _head_and_embeddings(arch, s, "owlore")
+    always, head_matrices = _head_and_embeddings(arch, s)
     small = _layer_small_tensors(arch) * gamma
     if s.optimizer == "galore":
         return _galore(parts, [(lin, gamma, s.rank) for lin in arch.linears] + head_matrices, always + small, s, w)
@@ -258,7 +242,7 @@ def _layer_sampling_parts(arch: Architecture, s: Settings, w: Workload, parts: _
     return parts
 
 
-def _welore_parts(arch: Architecture, s: Settings, w: Workload, parts: _Parts) -> _Parts:
+def _welore_parts(arch: Architecture, s: StrategySection, w: Workload, parts: _Parts) -> _Parts:
     """A model already compressed with `lowmem-tune compress` (model.name pointing at it) at the
     ranks `assumed_ranks` expects: LRC factors and norms train, embeddings, lm_head and N-LRC
     matrices are frozen. (Compressing at run start peaks earlier, with the dense model loaded.)"""
@@ -280,7 +264,7 @@ def _welore_parts(arch: Architecture, s: Settings, w: Workload, parts: _Parts) -
     norms = [arch.hidden_size] * (2 * arch.num_layers) + [arch.final_norm_params]
     factors = [(LinearShape(x.linear.name, x.linear.out_features, x.rank, False), x.layers, s.rank) for x in lrcs]
     factors += [(LinearShape(x.linear.name, x.rank, x.linear.in_features, False), x.layers, s.rank) for x in lrcs]
-    heads, _ = _head_and_embeddings(arch, s, "welore")
+    heads, _ = _head_and_embeddings(arch, s)
     norms = norms + [t for t in heads if t != arch.final_norm_params]
     parts.lrc_activation_bytes = _welore_layer_extra(arch, lrcs, w)
     parts.frozen_layers = arch.num_layers
@@ -318,14 +302,15 @@ def _welore_layer_extra(arch: Architecture, lrcs: list[AssumedLrc], w: Workload)
     return total * d * w.tokens
 
 
-def estimate(strategy: str, arch: Architecture, settings: Settings, workload: Workload) -> Estimate:
-    """The peak bytes of training `arch` with `strategy`, by component (see module docstring)."""
-    p = _parts(strategy, arch, settings, workload)
+def estimate(strategy: StrategySection, arch: Architecture, workload: Workload) -> Estimate:
+    """The peak bytes of training `arch` with `strategy` (its name and knobs), by component (see
+    module docstring)."""
+    p = _parts(strategy, arch, workload)
     kept_acts, working = activation_bytes(arch, workload, p.trained_from_layer, p.frozen_layers,
                                           p.frozen_norms_train)
     if not workload.gradient_checkpointing:
         kept_acts += p.lrc_activation_bytes
-    logits = logits_bytes(arch, workload, head_trained=_embeddings_train(strategy, settings))
+    logits = logits_bytes(arch, workload, head_trained=_embeddings_train(strategy))
     # the logits' backward finishes before any layer's backward (or recompute) starts
     working += p.layer_transient
     act_overhead = max(working - logits, 0)
@@ -353,18 +338,14 @@ def estimate(strategy: str, arch: Architecture, settings: Settings, workload: Wo
     memory = {"weights": p.weights, **parts}
     memory = {k: int(memory[k]) for k in COMPONENTS}
     memory["total"] = sum(memory.values())
-    return Estimate(strategy, settings.for_strategy(strategy), memory, phase, p.notes)
+    return Estimate(strategy.name, planner_settings(strategy), memory, phase, p.notes)
 
 
 def estimate_profile(profile: Any, dtype_bytes: int, gpus: int = 1) -> Estimate:
     """The estimate for what a run profile will do (its model, strategy knobs and workload)."""
     from lowmem_tune.planner.architecture import resolve_architecture
 
-    s, t = profile.strategy, profile.train
-    settings = Settings(rank=s.rank, sampled_layers=s.sampled_layers, optimizer=s.optimizer, bits=s.bits,
-                        layerwise=s.layerwise, rank_reduction=s.rank_reduction, svd=s.svd, rounding=s.rounding,
-                        update_proj_gap=s.update_proj_gap, weight_bits=s.weight_bits, group_size=s.group_size,
-                        train_embeddings=s.train_embeddings, embedding_rank=s.embedding_rank)
+    t = profile.train
     workload = Workload(profile.data.max_seq_len, t.micro_batch_size, t.activation_checkpointing, dtype_bytes,
                         t.gradient_accumulation, gpus)
-    return estimate(s.name, resolve_architecture(profile.model.name), settings, workload)
+    return estimate(profile.strategy, resolve_architecture(profile.model.name), workload)

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from lowmem_tune.hardware import GpuTarget
 from lowmem_tune.planner.architecture import Architecture
-from lowmem_tune.planner.estimate import Estimate, Settings, Workload, estimate
-from lowmem_tune.profile import STRATEGY_NAMES
+from lowmem_tune.planner.estimate import Estimate, Workload, estimate
+from lowmem_tune.profile import STRATEGY_NAMES, StrategySection
 
 if TYPE_CHECKING:
     from lowmem_tune.profile import Profile
@@ -61,24 +61,24 @@ the embeddings first, then INT8 weights (every weight still trains), then frozen
 stop training). `--prefer memory` goes the other way."""
 
 
-def _settings_grid(strategy: str, prefer: str, arch: Architecture) -> list[Settings]:
+def _settings_grid(strategy: str, prefer: str, arch: Architecture) -> list[StrategySection]:
     """A strategy's configurations in order of preference."""
     if strategy in ("full", "adamw8bit"):
-        return [Settings()]
+        return [StrategySection(name=strategy)]
     group = int8_group_size(arch)
     if strategy == "welore":  # removing rank gives up more than INT8 weights do: the smaller reduction first
-        return [Settings(rank_reduction=x, weight_bits=bits, group_size=group)
+        return [StrategySection(name=strategy, rank_reduction=x, weight_bits=bits, group_size=group)
                 for x in RANK_REDUCTIONS for bits in (16, 8)]
     grid = []
     for bits, embeddings in GIVE_UP[::-1] if prefer == "memory" else GIVE_UP:
         if embeddings == "galore" and strategy == "fira":
             continue  # Fira keeps full gradients: GaLore on the embeddings would save nothing
         for knob in (RANKS if strategy in ("galore", "fira") else SAMPLED_LAYERS)[prefer]:
-            rank = knob if strategy in ("galore", "fira") else Settings().rank
+            rank = knob if strategy in ("galore", "fira") else StrategySection.rank
             base = {"rank": rank} if strategy in ("galore", "fira") else {"sampled_layers": knob}
-            grid.append(Settings(**base, weight_bits=bits, group_size=group,
-                                 train_embeddings=False if embeddings == "frozen" else None,
-                                 embedding_rank=rank if embeddings == "galore" else None))
+            grid.append(StrategySection(name=strategy, **base, weight_bits=bits, group_size=group,
+                                        train_embeddings=False if embeddings == "frozen" else None,
+                                        embedding_rank=rank if embeddings == "galore" else None))
     return grid
 
 
@@ -101,7 +101,7 @@ def best_for(strategy: str, arch: Architecture, usable: int, seq_len: int, micro
     smallest: tuple[Estimate, Workload] | None = None
     for settings in _settings_grid(strategy, prefer, arch):
         for workload in _workloads(seq_len, micro_batch, prefer, dtype_bytes, gpus):
-            est = estimate(strategy, arch, settings, workload)
+            est = estimate(settings, arch, workload)
             if est.total <= usable:
                 return Candidate(est, workload, True, _why_fits(est, usable))
             if smallest is None or est.total < smallest[0].total:

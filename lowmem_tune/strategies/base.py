@@ -17,7 +17,7 @@ from torch import nn
 
 from lowmem_tune.events import EventSink, Info
 from lowmem_tune.layers import decoder_layers, layer_linears
-from lowmem_tune.optim import Updater, build_updater
+from lowmem_tune.optim import TrainableParameters, Updater, build_updater
 from lowmem_tune.profile import Profile
 from lowmem_tune.quantize import dense_state_dict, int8_layers, quantize_decoder
 from lowmem_tune.resources import cache_dir as default_cache_dir
@@ -110,9 +110,10 @@ class Strategy(ABC):
         matrices, others = self.parameter_groups(model)
         embeddings = self.embedding_matrices(model, others)
         others = [p for p in others if all(p is not e for e in embeddings)]
-        names = {p: name for name, p in model.named_parameters()}
-        return build_updater(self.optimizer, matrices, others, self.profile, names, ctx.fake, ctx.info,
-                             int8_layers(model), embeddings, ctx.average, list(model.modules()))
+        parameters = TrainableParameters(matrices, others, embeddings,
+                                         names={p: name for name, p in model.named_parameters()},
+                                         stores=int8_layers(model), modules=list(model.modules()))
+        return build_updater(self.optimizer, parameters, self.profile, ctx.fake, ctx.info, ctx.average)
 
     def on_step_start(self, step: int, model: nn.Module, updater: Updater) -> None:
         """Called before the micro-batches of optimizer step `step` (0-based)."""
