@@ -58,7 +58,7 @@ def plan(model: str, gpu: str, gpu_index: int, margin: float, strategy: str | No
          micro_batch_size: int | None, prefer: str, gpus: int, verify: bool, as_json: bool,
          output: Path | None) -> None:
     """Estimate memory for every strategy and pick the best one that fits."""
-    from lowmem_tune.planner import plan_command
+    from lowmem_tune.commands.plan import plan_command
 
     plan_command(model=model, gpu=gpu, gpu_index=gpu_index, margin=margin, strategy=strategy, seq_len=seq_len,
                  micro_batch_size=micro_batch_size, prefer=prefer, gpus=gpus, verify=verify, as_json=as_json,
