@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from lowmem_tune.optim.fira import fira_residual
-from lowmem_tune.optim.moments import BLOCKSIZE, Blockwise8bitMoments, storage_of
+from lowmem_tune.optim.moments import BLOCKSIZE, Blockwise8bitMoments, Fp32Moments, storage_of
 from lowmem_tune.optim.projector import GaLoreProjector
 from lowmem_tune.optim.writer import RoundingWriter, WeightStore
 
@@ -37,10 +37,11 @@ def dense_step(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], gr
 
         writer.apply_in_place(p, update_in_place, align=BLOCKSIZE)
         return
-    direction = storage_of(state).direction(state, grad.to(torch.promote_types(grad.dtype, torch.float32)), betas, eps)
-    if _rounds(writer, p):
-        writer.apply(p, lambda start, rows: direction.narrow(0, start, rows), lr, wd)
+    if _rounds(writer, p):  # moments and direction a row block at a time, as the writer goes
+        rows_direction = Fp32Moments.rows_direction(state, betas, eps)
+        writer.apply(p, lambda start, rows: rows_direction(grad.narrow(0, start, rows), start, rows), lr, wd)
         return
+    direction = storage_of(state).direction(state, grad.to(torch.promote_types(grad.dtype, torch.float32)), betas, eps)
     p.add_(direction.to(p.dtype), alpha=-lr)
     if wd:
         p.add_(p, alpha=-lr * wd)

@@ -2,7 +2,8 @@
 
 A strategy says which parameters may train and how: `galore` / `fira` (GaLore-AdamW over the given
 2-D matrices, plain AdamW over the rest, layerwise or not), `adamw` (torch AdamW) or `adamw8bit`
-(bitsandbytes' AdamW8bit) over all of them.
+(bitsandbytes' AdamW8bit) over all of them — or, for 16-bit weights with stochastic rounding,
+the same AdamW (fp32 or bitsandbytes' 8-bit moments) through GaLore-AdamW without projection.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ class TrainableParameters:
     their gradients in backward."""
 
 
+def rounds_stochastically(rounding: str, params: Sequence[nn.Parameter]) -> bool:
+    """Whether AdamW (`adamw`, `adamw8bit`) writes its updates with stochastic rounding: with
+    `strategy.rounding: stochastic` into 16-bit weights; otherwise torch's / bitsandbytes' own."""
+    return rounding == "stochastic" and any(p.dtype in (torch.bfloat16, torch.float16) for p in params)
+
+
 def build_updater(optimizer: str, parameters: TrainableParameters, profile: Profile, fake: bool = False,
                   inform: Callable[[str], None] | None = None,
                   average: Callable[[list[torch.Tensor]], None] | None = None) -> Updater:
@@ -53,6 +60,15 @@ def build_updater(optimizer: str, parameters: TrainableParameters, profile: Prof
     t, s = profile.train, profile.strategy
     if optimizer in ("adamw", "adamw8bit"):
         params = [*parameters.matrices, *parameters.others]
+        if rounds_stochastically(s.rounding, params):
+            # torch's and bitsandbytes' AdamW round each update into a 16-bit weight to nearest, and
+            # in bf16 an update below half the weight's ulp is lost (at lr 1e-5, most of them): the
+            # same AdamW through our optimizer, no matrix projected, writes them unbiased
+            config = GaLoreConfig(betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
+                                  bits=8 if optimizer == "adamw8bit" else 32, micro_batches=t.gradient_accumulation)
+            opt = GaLoreAdamW([{"params": params}], lr=t.lr, config=config, param_names=parameters.names,
+                              rounding=StochasticRounding(t.seed), inform=inform, average=average)
+            return GaLoreUpdater(opt, t.max_grad_norm, layerwise=False)
         if optimizer == "adamw":
             # foreach makes one temporary per tensor list; `plan --verify` measures the per-tensor path
             opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,

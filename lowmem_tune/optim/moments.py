@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -47,14 +47,27 @@ class Fp32Moments:
     @staticmethod
     def direction(state: dict[str, Any], grad: torch.Tensor, betas: tuple[float, float], eps: float) -> torch.Tensor:
         """Update the moments with a float32 gradient; returns m̂ / (sqrt(v̂) + eps)."""
+        return Fp32Moments.rows_direction(state, betas, eps)(grad, 0, grad.shape[0])
+
+    @staticmethod
+    def rows_direction(state: dict[str, Any], betas: tuple[float, float],
+                       eps: float) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
+        """Advance the step; returns direction(grad_rows, start, rows), which updates rows start ..
+        start + rows of the moments with those of the gradient (any dtype) and returns their
+        m̂ / (sqrt(v̂) + eps): a tensor stepped a block at a time needs no full-size float32 copy."""
         beta1, beta2 = betas
         state["step"] += 1
         t = state["step"]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.mul_(beta1).add_(grad, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step_size = math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-        return (m / v.sqrt().add_(eps)).mul_(step_size)
+
+        def direction(grad: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+            m, v = state["exp_avg"].narrow(0, start, rows), state["exp_avg_sq"].narrow(0, start, rows)
+            grad = grad.to(m.dtype)
+            m.mul_(beta1).add_(grad, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            return (m / v.sqrt().add_(eps)).mul_(step_size)
+
+        return direction
 
 
 @functools.cache

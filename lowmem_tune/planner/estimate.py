@@ -21,6 +21,7 @@ from typing import Any
 from lowmem_tune.planner.architecture import Architecture, LinearShape
 from lowmem_tune.planner.components import (
     AVERAGE_BUCKET_BYTES,
+    ROUNDING_BLOCK,
     Workload,
     activation_bytes,
     adam_state_bytes,
@@ -150,6 +151,29 @@ def _galore(parts: _Parts, matrices: Matrices, dense: list[int], s: StrategySect
     return _averaging(parts, w)
 
 
+def _adamw(parts: _Parts, trained: list[int], optimizer: str, s: StrategySection, w: Workload) -> _Parts:
+    """AdamW (`adamw`: fp32 moments, or the weights' dtype for torch's own; `adamw8bit`) over the
+    `trained` tensors (optim/build.py)."""
+    d = w.dtype_bytes
+    parts.dense_grads = sum(trained) * d
+    largest = max(trained)
+    if s.rounding == "stochastic" and d < 4:  # ours, writing in row blocks with stochastic rounding
+        if optimizer == "adamw8bit":
+            parts.optimizer = _dense_optimizer(trained, "8bit", d)
+            parts.step_temp = max(parts.step_temp, rounding_bytes(largest, d))
+        else:
+            parts.optimizer = _dense_optimizer(trained, "fp32", d)
+            # moments and direction a row block at a time: besides the rounding's block (whose
+            # update is the direction), the block's float32 gradient and sqrt(v)
+            parts.step_temp = max(parts.step_temp, rounding_bytes(largest, d) + 8 * min(largest, ROUNDING_BLOCK))
+        return _averaging(parts, w)
+    parts.optimizer = _dense_optimizer(trained, "plain" if optimizer == "adamw" else "8bit", d)
+    # torch AdamW (single-tensor path) makes sqrt(v) and its quotient at the largest tensor;
+    # bitsandbytes updates in place
+    parts.step_temp = 2 * largest * d if optimizer == "adamw" else 0
+    return parts
+
+
 def _averaging(parts: _Parts, w: Workload) -> _Parts:
     """Several GPUs: GaLore averages its state in buckets (train/distributed.py), one flat copy of
     up to 64 MiB at the step; torch / bitsandbytes optimizers run under DDP with its buckets as
@@ -188,14 +212,8 @@ def _parts(s: StrategySection, arch: Architecture, w: Workload) -> _Parts:
     largest = max(all_tensors)
     heads, head_matrices = _head_and_embeddings(arch, s)
     if strategy in ("full", "adamw8bit"):
-        kind = "plain" if strategy == "full" else "8bit"
-        trained = heads + layer_tensors * arch.num_layers
-        parts.dense_grads = sum(trained) * d
-        parts.optimizer = _dense_optimizer(trained, kind, d)
-        # torch AdamW (single-tensor path) makes sqrt(v) and its quotient at the largest tensor;
-        # bitsandbytes updates in place
-        parts.step_temp = 2 * largest * d if kind == "plain" else 0
-        return parts
+        return _adamw(parts, heads + layer_tensors * arch.num_layers, "adamw" if strategy == "full" else "adamw8bit",
+                      s, w)
     if s.rounding == "stochastic":
         parts.step_temp = rounding_bytes(largest, d)
     if strategy in ("galore", "fira"):
@@ -225,7 +243,6 @@ def _int8_weights(parts: _Parts, arch: Architecture, matrices: list[tuple[int, i
 def _layer_sampling_parts(arch: Architecture, s: StrategySection, w: Workload, parts: _Parts) -> _Parts:
     """γ sampled layers train (GaLore inside them by default), embeddings, final norm and head
     always; the state of layers leaving the sample is released (strategies/layer_sampling.py)."""
-    d = w.dtype_bytes
     gamma = min(s.sampled_layers, arch.num_layers)
     parts.frozen_layers = arch.num_layers - gamma
     always, head_matrices = _head_and_embeddings(arch, s)
@@ -234,12 +251,7 @@ def _layer_sampling_parts(arch: Architecture, s: StrategySection, w: Workload, p
         return _galore(parts, [(lin, gamma, s.rank) for lin in arch.linears] + head_matrices, always + small, s, w)
     always = always + [m.out_features * m.in_features for m, _, _ in head_matrices]  # no GaLore: full rank
     matrices = [lin.out_features * lin.in_features for lin in arch.linears] * gamma
-    kind = "plain" if s.optimizer == "adamw" else "8bit"
-    trained = always + small + matrices
-    parts.dense_grads = sum(trained) * d
-    parts.optimizer = _dense_optimizer(trained, kind, d)
-    parts.step_temp = 2 * max(trained) * d if kind == "plain" else 0
-    return parts
+    return _adamw(parts, always + small + matrices, s.optimizer, s, w)
 
 
 def _welore_parts(arch: Architecture, s: StrategySection, w: Workload, parts: _Parts) -> _Parts:
@@ -277,12 +289,7 @@ def _welore_parts(arch: Architecture, s: StrategySection, w: Workload, parts: _P
     if s.optimizer == "galore":
         return _galore(parts, factors, norms, s, w)
     factor_sizes = [f.out_features * f.in_features for f, n, _ in factors for _ in range(n)]
-    kind = "plain" if s.optimizer == "adamw" else "8bit"
-    trained = norms + factor_sizes
-    parts.dense_grads = sum(trained) * d
-    parts.optimizer = _dense_optimizer(trained, kind, d)
-    parts.step_temp = 2 * max(trained) * d if kind == "plain" else 0
-    return parts
+    return _adamw(parts, norms + factor_sizes, s.optimizer, s, w)
 
 
 def _welore_layer_extra(arch: Architecture, lrcs: list[AssumedLrc], w: Workload) -> int:

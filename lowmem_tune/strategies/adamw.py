@@ -1,7 +1,10 @@
-"""Baselines: full finetuning with AdamW (`full`) and with bitsandbytes' 8-bit AdamW (`adamw8bit`).
+"""Baselines: full finetuning with AdamW (`full`) and with 8-bit AdamW (`adamw8bit`).
 
-Both optimizers write their updates into the weights themselves, rounding to nearest: in bf16 an
-update below half a weight's ulp is lost (strategy.rounding is for the methods we update).
+With 16-bit weights and `strategy.rounding: stochastic` (the default) both run through our AdamW
+(fp32 moments, or bitsandbytes' blockwise 8-bit ones), which writes each update with stochastic
+rounding: torch's and bitsandbytes' optimizers round to nearest, and in bf16 an update below half a
+weight's ulp is lost (at lr 1e-5, most of them). `rounding: nearest` runs torch AdamW (moments in the
+weights' dtype) and bitsandbytes' AdamW8bit themselves, as other tools do.
 """
 
 from __future__ import annotations
@@ -10,14 +13,14 @@ from lowmem_tune.strategies.base import Strategy
 
 
 class FullAdamW(Strategy):
-    """Every weight trained with torch AdamW; moments in the weights' dtype (pure bf16 on GPU)."""
+    """Every weight trained with AdamW."""
 
     name = "full"
     optimizer = "adamw"
 
 
 class AdamW8bit(Strategy):
-    """Every weight trained with bitsandbytes' blockwise 8-bit AdamW."""
+    """Every weight trained with blockwise 8-bit AdamW (bitsandbytes' quantization)."""
 
     name = "adamw8bit"
     optimizer = "adamw8bit"
