@@ -57,9 +57,9 @@ LR_FACTORS = {"owlore": [1 / 3, 1.0]}
 planned profile has: that one and three times it (1e-5 for most; OwLore's recipe already starts at
 3e-4 with scale 1, so it tries that and a third of it)."""
 SIZES = {
-    "cpu": {"sst2": {"heldout": 300, "dev": 100, "train": None, "steps": 60},
+    "cpu": {"sst2": {"heldout": 300, "dev": 100, "train": None, "steps": 40},
             "mix": {"heldout": 100, "dev": 25, "train": 250, "steps": 80},
-            "micro_batch": 8, "max_seq_len": 256, "seeds": 2},
+            "micro_batch": 8, "max_seq_len": 256, "seeds": 1},
     "smoke": {"sst2": {"heldout": 20, "dev": 10, "train": 60, "steps": 2},  # checks the script, measures nothing
               "mix": {"heldout": 8, "dev": 4, "train": 10, "steps": 2},
               "micro_batch": 2, "max_seq_len": 128, "seeds": 2},
