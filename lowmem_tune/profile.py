@@ -72,10 +72,11 @@ class StrategySection:
     SVD (exact, or randomized with power iterations) of the accumulated gradient, which layerwise
     mode then keeps until the step; `first_micro_batch`, the exact SVD of the first micro-batch's
     gradient (the rule before the sketch; kept to compare, see README)."""
-    rounding: Literal["stochastic", "nearest"] = knob("stochastic", applies=GALORE_INSIDE)
+    rounding: Literal["stochastic", "nearest"] = knob("stochastic", applies=STRATEGY_NAMES)
     """How updates are written into 16-bit (and INT8) weights: stochastically rounded (unbiased: a
     step smaller than half a bf16 ulp, or an INT8 code step, still moves the weight in
-    expectation) or to nearest."""
+    expectation) or to nearest. For AdamW (`full`, `adamw8bit`, `optimizer: adamw` / `adamw8bit`),
+    nearest means torch's / bitsandbytes' own optimizer, moments in the weights' dtype for torch's."""
     weight_bits: Literal[16, 8] = knob(16, applies=INT8_CAPABLE)
     """8: decoder linear weights stored as int8 codes with a scale per group (quantize.py); the
     16-bit copy of a weight exists only inside its own layer's forward and backward."""
