@@ -5,6 +5,8 @@ stochastic-rounding writers earn their place: rounded to nearest, most of them v
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -29,9 +31,25 @@ class _Quiet:
         pass
 
 
-def _moves(tmp_path, strategy: str, dtype: str) -> dict[str, torch.Tensor]:
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """Both runs start from these float32 weights: a random init drawn in each dtype would differ
+    (it does under torch 2.6 / transformers 5.0)."""
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_tune.catalog import resolve_model
+    from lowmem_tune.data import train_local_tokenizer
+
+    torch.manual_seed(0)
+    source = tmp_path_factory.mktemp("tiny") / "model"
+    AutoModelForCausalLM.from_config(resolve_model("tiny-llama").config).save_pretrained(source)
+    train_local_tokenizer(["is the red box empty? no, it holds 3 coins"] * 50, 200).save_pretrained(source)
+    return source
+
+
+def _moves(tmp_path, model: Path, strategy: str, dtype: str) -> dict[str, torch.Tensor]:
     profile = profile_from_dict({
-        "model": {"name": "tiny-llama", "init": "random", "dtype": dtype}, "hardware": {"device": "cpu"},
+        "model": {"name": str(model), "dtype": dtype}, "hardware": {"device": "cpu"},
         "strategy": {"name": strategy, **STRATEGIES[strategy]},
         "data": {"dataset": "synthetic-boolq", "num_examples": 64, "max_seq_len": 48, "heldout": 0},
         "train": {"max_steps": 6, "micro_batch_size": 4, "lr": 2e-3, "scheduler": "constant", "warmup_steps": 0,
@@ -63,9 +81,9 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-def test_bf16_weights_move_as_fp32_weights_do(tmp_path, strategy):
-    fp32 = _moves(tmp_path, strategy, "float32")
-    bf16 = _moves(tmp_path, strategy, "bfloat16")
+def test_bf16_weights_move_as_fp32_weights_do(tmp_path, tiny_model, strategy):
+    fp32 = _moves(tmp_path, tiny_model, strategy, "float32")
+    bf16 = _moves(tmp_path, tiny_model, strategy, "bfloat16")
     moved = [n for n, d in fp32.items() if d.norm() > 0]
     assert moved and [n for n, d in bf16.items() if d.norm() > 0] == moved  # the same tensors train
     for name in moved:
