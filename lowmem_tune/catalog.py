@@ -172,7 +172,7 @@ def resolve_model(name: str, revision: str | None = None) -> ResolvedModel:
     """Resolve a catalog name, a local model directory, a config.json, a .gguf file, or a hub id
     (at `revision`, which only a hub id has)."""
     if revision is not None:
-        if "/" not in name or name.count("/") != 1 or Path(name).expanduser().exists():
+        if "/" not in name or name.count("/") != 1 or _path_kind(Path(name).expanduser(), name) is not None:
             raise UserError(f"model.revision {revision!r}: only a hub id (owner/name) has revisions, not {name!r}; "
                             "remove model.revision")
         return ResolvedModel(name, _config_from_hub(name, revision), name, None, "hub", revision=revision)
@@ -180,11 +180,12 @@ def resolve_model(name: str, revision: str | None = None) -> ResolvedModel:
         spec = CATALOG[name]
         return ResolvedModel(name, spec.build_config(), spec.hub_id, None, "catalog")
     path = Path(name).expanduser()
-    if path.is_dir():
+    kind = _path_kind(path, name)
+    if kind == "dir":
         if not (path / "config.json").is_file():
             raise UserError(f"model directory {path} has no config.json (expected a save_pretrained folder)")
         return ResolvedModel(path.name, _config_from_file(path / "config.json"), None, path, "local")
-    if path.is_file():
+    if kind == "file":
         if path.suffix == ".gguf":
             return ResolvedModel(path.stem, _config_from_gguf(path), None, path.parent, "gguf", path.name)
         if path.suffix != ".json":
@@ -200,18 +201,37 @@ def resolve_model(name: str, revision: str | None = None) -> ResolvedModel:
     raise UserError(f"unknown model {name!r}: not in the catalog, not a local directory, not a hub id ({hint})")
 
 
+def _path_kind(path: Path, name: str) -> str | None:
+    """"dir", "file", or None when nothing is there; a name no file system takes (too long, ...) is
+    a UserError, not an OSError."""
+    try:
+        return "dir" if path.is_dir() else "file" if path.is_file() else None
+    except OSError as err:
+        shown = name if len(name) <= 80 else name[:79] + "…"
+        raise UserError(f"model {shown!r}: not a usable path ({err.strerror or one_line(err)}); give a catalog "
+                        "name, a hub id (owner/name) or a model directory") from None
+
+
 def _config_from_file(path: Path) -> PretrainedConfig:
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
         data = json.loads(path.read_text())
-        model_type = data.pop("model_type")
-    except (json.JSONDecodeError, KeyError) as err:
-        raise UserError(f"{path}: not a transformers config.json ({err})") from None
+    except (ValueError, OSError) as err:  # not JSON, not UTF-8, unreadable
+        raise UserError(f"{path}: not a transformers config.json ({one_line(err, 160)}); give the directory "
+                        "save_pretrained wrote") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise UserError(f"{path}: not a transformers config.json (a JSON mapping with a model_type); give the "
+                        "directory save_pretrained wrote")
+    model_type = data.pop("model_type")
     try:
         return AutoConfig.for_model(model_type, **data)
     except ValueError as err:
-        raise UserError(f"{path}: unsupported model_type {model_type!r} ({err})") from None
+        raise UserError(f"{path}: unsupported model_type {model_type!r} ({one_line(err, 160)})") from None
+    except (TypeError, KeyError, StrictDataclassError) as err:  # a field of the wrong type: the config validates it
+        raise UserError(f"{path}: not a valid {model_type} config ({one_line(err, 200)}); correct the file or "
+                        "give the directory save_pretrained wrote") from None
 
 
 def gguf_installed() -> None:

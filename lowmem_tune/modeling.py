@@ -116,13 +116,16 @@ def pretrained_source(source: str, revision: str | None = None) -> tuple[str, di
 def load_tokenizer(source: str, revision: str | None = None) -> PreTrainedTokenizerBase:
     """A tokenizer from a local directory, a hub id (at `revision`) or a .gguf file; failure is a
     one-line UserError."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoTokenizer
 
     path, kwargs = pretrained_source(source, revision)
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load a tokenizer from {source!r}: {one_line(err)}") from None
+    except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as err:
+        # a directory whose config.json has a field of the wrong type fails transformers' validation
+        shown = source if len(source) <= 120 else source[:119] + "…"
+        raise UserError(f"could not load a tokenizer from {shown!r}: {one_line(err)}") from None
 
 
 # transformers renamed gradient_checkpointing_* to activation_checkpointing_* during 5.x and keeps

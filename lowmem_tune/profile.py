@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from lowmem_tune.errors import UserError
+from lowmem_tune.errors import UserError, one_line
 from lowmem_tune.resources import profiles_dir
 from lowmem_tune.schema import POSITIVE, SHARE, Bounds, above, applies_to, at_least, build, knob
 
@@ -145,8 +145,9 @@ class DataSection:
     limit: int | None = knob(None, bounds=ONE)
     heldout: float = knob(0.05, bounds=at_least(0))
     """Share (below 1) or count (1 and above) of examples kept out of training for the eval loss."""
-    num_examples: int = knob(4000, bounds=ONE)
-    """Size of the generated synthetic-boolq set."""
+    num_examples: int = knob(4000, bounds=Bounds(1, 100_000))
+    """Size of the generated synthetic-boolq set (it has about 36,600 distinct training rows and
+    5,800 validation rows: a larger set repeats them; the cap keeps a typo from generating forever)."""
 
 
 @dataclass
@@ -164,7 +165,9 @@ class TrainSection:
     max_grad_norm: float | None = knob(1.0, bounds=POSITIVE)
     """null turns clipping off."""
     activation_checkpointing: bool = True
-    seed: int = 42
+    seed: int = knob(42, bounds=Bounds(-(2**32), 2**32))
+    """Seeds torch, the data order and the layer sampling; the batch order's generator takes
+    seed x 1,000,003 + epoch, which must stay within 64 bits."""
     save_every: int = knob(200, bounds=ONE)
     keep_checkpoints: int = knob(2, bounds=ONE)
     eval_every: int = knob(200, bounds=ONE)
@@ -225,12 +228,7 @@ def load_profile(path: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     dropped, and a line in `notes` says which (a key given with --set that X does not read is an
     error, as in the file)."""
     path = _find_profile(Path(path))
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where} is not valid YAML: {getattr(err, 'problem', err)}") from None
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a profile is a mapping of sections (model, strategy, data, train, ...)")
     file_strategy = dict(raw.get("strategy") or {}) if isinstance(raw.get("strategy"), dict) else {}
@@ -248,17 +246,60 @@ def load_profile(path: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     return profile_from_dict(raw, source=str(path))
 
 
+def _read_yaml(path: Path) -> Any:
+    """The parsed file; a file that is not UTF-8 YAML (binary, another encoding, nested past what
+    the parser recurses into) is a one-line UserError naming the file and the place."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the profile ({one_line(err)})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line} is not UTF-8 text (byte 0x{data[err.start]:02x}); save the profile "
+                        "as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
+        return {} if raw is None else raw  # an empty file is an empty profile; `[]` or `0` is not a profile
+    except yaml.reader.ReaderError as err:  # a control character (NUL, ...) where YAML allows none
+        line = text[: err.position].count("\n") + 1
+        char = chr(err.character) if isinstance(err.character, int) else err.character
+        raise UserError(f"{path}: line {line} is not valid YAML: the character {char!r} is not allowed in YAML; "
+                        "remove it") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise UserError(f"{path}:{where} is not valid YAML: {problem}") from None
+    except ValueError as err:  # a value YAML matched but Python refuses: 2024-13-45, a 5000-digit number
+        raise UserError(f"{path}: a value cannot be read ({one_line(err, 160)}); quote it to make it a "
+                        "string, or correct it") from None
+    except RecursionError:
+        raise UserError(f"{path}: lists or mappings nested too deeply for the YAML parser; a profile is sections "
+                        "of keys and values (see profiles/demo.yaml)") from None
+
+
 def _find_profile(path: Path) -> Path:
     """The file itself, else a shipped profile of that name (`demo`, `demo.yaml`, `profiles/demo.yaml`
     work from any directory once the package is installed)."""
-    if path.is_file():
+    if _is_file(path):
         return path
     shipped_dir = profiles_dir()
     for name in (path.name, f"{path.name}.yaml"):
-        if (shipped_dir / name).is_file():
+        if _is_file(shipped_dir / name):
             return shipped_dir / name
     ready = ", ".join(sorted(p.stem for p in shipped_dir.glob("*.yaml")))
-    raise UserError(f"profile not found: {path} (ready profiles: {ready}; or write one with `lowmem-tune plan -o`)")
+    text = str(path)
+    shown = text if text.isprintable() and len(text) <= 120 else repr(text)[:120] + "…"
+    raise UserError(f"profile not found: {shown} (ready profiles: {ready}; or write one with `lowmem-tune plan -o`)")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system: no such file
+        return False
 
 
 def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> Profile:
@@ -268,6 +309,11 @@ def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> Profile:
     if s.weight_bits == 8 and s.name in LAYER_SAMPLING + ("welore",) and s.optimizer != "galore":
         raise UserError(f"{source}: strategy.weight_bits 8 with {s.name} needs strategy.optimizer: galore "
                         f"(INT8 weights take GaLore's updates; got optimizer {s.optimizer})")
+    runs_galore = s.name == "galore" or (s.name in LAYER_SAMPLING + ("welore",) and s.optimizer == "galore")
+    if runs_galore and s.proj_type == "full" and s.svd == "sketch":  # fira takes the exact SVD whatever svd says
+        raise UserError(f"{source}: strategy.proj_type full needs strategy.svd exact or randomized (the sketch "
+                        "builds one-sided projectors, and svd sketch is the default); set strategy.svd or choose "
+                        "another proj_type")
     if len(profile.train.betas) != 2:
         raise UserError(f"{source}: train.betas: expected two numbers in [0, 1), got {profile.train.betas}")
     if not profile.output.dir:
@@ -286,7 +332,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             raise UserError(f"--set {item!r}: the key is SECTION.KEY, e.g. strategy.name or train.lr")
         try:
             parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, RecursionError):  # not YAML (or a value Python refuses): the text
             parsed = value
         section = raw.setdefault(parts[0], {})
         if not isinstance(section, dict):

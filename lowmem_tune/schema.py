@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,11 +34,28 @@ class Bounds:
         if self.high is None:
             if self.low == 0 and self.low_open:
                 return "must be positive"
-            return f"must be {'above' if self.low_open else 'at least'} {self.low:g}"
+            return f"must be {'above' if self.low_open else 'at least'} {_number(self.low)}"
         if self.low is None:
-            return f"must be {'below' if self.high_open else 'at most'} {self.high:g}"
+            return f"must be {'below' if self.high_open else 'at most'} {_number(self.high)}"
         left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-        return f"must be in {left}{self.low:g}, {self.high:g}{right}"
+        return f"must be in {left}{_number(self.low)}, {_number(self.high)}{right}"
+
+
+def _number(x: float) -> str:
+    """1, 0.5, 4294967296 (not 4.29497e+09)."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
+LARGEST_INT = 2**63 - 1
+"""Whole numbers in a profile fit in 64 bits (torch seeds, counts and sizes do; larger is a typo)."""
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """`value` for an error message: its repr, cut to `limit` characters."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"a {len(str(abs(value))) if value.bit_length() < 10_000 else 'many'}-digit number"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def at_least(low: float) -> Bounds:
@@ -89,7 +107,8 @@ def build(cls: type, raw: Any, source: str, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
-            raise UserError(f"{source}: unknown key {prefix}{key}{did_you_mean(str(key), list(fields))}")
+            shown = key if isinstance(key, str) and key.isprintable() and 0 < len(key) <= 80 else _short(key)
+            raise UserError(f"{source}: unknown key {prefix}{shown}{did_you_mean(str(key), list(fields))}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = build(hint, value, source, f"{prefix}{key}.")
@@ -99,7 +118,7 @@ def build(cls: type, raw: Any, source: str, prefix: str = "") -> Any:
         if bounds is not None:
             for number in value if isinstance(value, list) else [value]:
                 if number is not None and not bounds.holds(number):
-                    raise UserError(f"{source}: {prefix}{key}: {bounds.describe()}, got {value}")
+                    raise UserError(f"{source}: {prefix}{key}: {bounds.describe()}, got {_short(value)}")
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -118,38 +137,51 @@ def coerce(value: Any, hint: Any, source: str, key: str) -> Any:
             return value
         choices = ", ".join(str(a) for a in args)
         hint_text = did_you_mean(str(value), [str(a) for a in args]) if isinstance(value, str) else ""
-        raise UserError(f"{source}: {key}: {value!r} is not one of: {choices}{hint_text}")
+        raise UserError(f"{source}: {key}: {_short(value)} is not one of: {choices}{hint_text}")
     if origin is list:
         if not isinstance(value, list):
             value = [value] if isinstance(value, (str, int, float)) else value
         if not isinstance(value, list):
-            raise UserError(f"{source}: {key}: expected a list, got {value!r}")
+            raise UserError(f"{source}: {key}: expected a list, got {_short(value)}")
         return [coerce(v, args[0], source, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise UserError(f"{source}: {key}: expected a mapping, got {value!r}")
-        return {str(k): coerce(v, args[1], source, f"{key}.{k}") for k, v in value.items()}
+            raise UserError(f"{source}: {key}: expected a mapping, got {_short(value)}")
+        return {str(k): coerce(v, args[1], source, f"{key}.{k if str(k).isprintable() else _short(str(k))}")
+                for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise UserError(f"{source}: {key}: expected true or false, got {value!r}")
+        raise UserError(f"{source}: {key}: expected true or false, got {_short(value)}")
     if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise UserError(f"{source}: {key}: expected a whole number, got {value!r}")
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not -LARGEST_INT <= value <= LARGEST_INT:
+                raise UserError(f"{source}: {key}: {_short(value)} is out of range (whole numbers here are "
+                                f"between {-LARGEST_INT} and {LARGEST_INT})")
+            return value
+        raise UserError(f"{source}: {key}: expected a whole number, got {_short(value)}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = value
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads "1e-5" (no dot) as a string
+                number = float(value)  # YAML 1.1 reads "1e-5" (no dot) as a string
             except ValueError:
                 pass
-        raise UserError(f"{source}: {key}: expected a number, got {value!r}")
+        if number is not None:
+            try:
+                number = float(number)
+            except OverflowError:  # an int past float's range
+                number = math.inf
+            if math.isfinite(number):
+                return number
+            raise UserError(f"{source}: {key}: expected a finite number, got {_short(value)}")
+        raise UserError(f"{source}: {key}: expected a number, got {_short(value)}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise UserError(f"{source}: {key}: expected a string, got {value!r}")
+        raise UserError(f"{source}: {key}: expected a string, got {_short(value)}")
     raise TypeError(f"unsupported profile field type {hint!r} for {key}")

@@ -10,6 +10,8 @@ Formats (detected from the record fields unless `data.format` says):
 
 from __future__ import annotations
 
+import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,17 +66,25 @@ def load_records(section: DataSection) -> tuple[list[dict[str, Any]], str | None
             raise UserError(f"data.split: synthetic-boolq has splits train and validation, not {section.split!r}")
         return generate_synthetic_boolq(section.split, section.num_examples, seed=0), "boolq"
     path = Path(name).expanduser()
-    if is_saved_dataset(path):
+    try:
+        saved, exists, is_dir, is_file = is_saved_dataset(path), path.exists(), path.is_dir(), path.is_file()
+    except OSError as err:  # a name no file system takes: too long, ...
+        shown = name if len(name) <= 80 else name[:79] + "…"
+        raise UserError(f"data.dataset: {shown!r} is not a usable path ({err.strerror or one_line(err)}); give a "
+                        f"local file, a save_to_disk directory, a hub id (owner/name) or {SYNTHETIC}") from None
+    if saved:
         return load_saved_rows(path, section.split, "data.dataset"), None
-    if path.suffix in _FILE_BUILDERS or path.exists():
-        if path.is_dir():
+    if path.suffix in _FILE_BUILDERS or exists:
+        if is_dir:
             raise UserError(f"data.dataset: {path} is a directory but not a save_to_disk dataset (no "
                             "dataset_dict.json or state.json in it): give a data file or a saved dataset")
-        if not path.is_file():
+        if not is_file:
             raise UserError(f"data.dataset: file not found: {path}")
         builder = _FILE_BUILDERS.get(path.suffix)
         if builder is None:
             raise UserError(f"data.dataset: {path}: unsupported file type (use .json, .jsonl, .parquet, .csv or .txt)")
+        if path.stat().st_size == 0:
+            raise UserError(f"data.dataset: {path} is empty; give a file with records")
         return _load_dataset(builder, None, "train", data_files=str(path)), "text" if builder == "text" else None
     if name in HUB_TASKS:
         hub_id, config, fmt = HUB_TASKS[name]
@@ -89,12 +99,18 @@ def load_records(section: DataSection) -> tuple[list[dict[str, Any]], str | None
 def _load_dataset(path: str, config: str | None, split: str, data_files: str | None = None) -> list[dict[str, Any]]:
     import datasets
 
+    from datasets.exceptions import DatasetGenerationError
+
     try:
         ds = datasets.load_dataset(path, config, split=split, data_files=data_files)
-    except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:
-        first = one_line(err)
+    except (FileNotFoundError, ConnectionError, OSError, ValueError, DatasetGenerationError, StopIteration) as err:
+        # A file the builder could not read (not UTF-8, not CSV, ...) comes wrapped: its cause says why;
+        # one with no records at all (blank lines) ends the builder's first read (StopIteration).
+        cause = err.__cause__ if isinstance(err, DatasetGenerationError) and err.__cause__ else err
+        first = one_line(cause) if not isinstance(cause, StopIteration) else "no records in it"
         where = data_files or path
-        hint = "" if data_files else " (offline and not cached? download it first, or pass a local file)"
+        hint = ("; give a UTF-8 file of records in that format" if data_files else
+                " (offline and not cached? download it first, or pass a local file)")
         raise UserError(f"data.dataset: could not load {where!r} split {split!r}: {first}{hint}") from None
     return [dict(row) for row in ds]
 
@@ -120,6 +136,26 @@ def _render(template: str, record: dict[str, Any], where: str) -> str:
         return template.format_map(values)
     except KeyError as err:
         raise UserError(f"{where}: the template uses {{{err.args[0]}}} but records have {sorted(record)}") from None
+    except (ValueError, IndexError, AttributeError, TypeError, MemoryError) as err:  # "{", "{0}", "{question.x}"
+        raise _bad_template(template, where, one_line(err, 120), record) from None
+
+
+def _bad_template(template: str, where: str, why: str, record: dict[str, Any]) -> UserError:
+    shown = template if len(template) <= 80 else template[:79] + "…"
+    return UserError(f"{where}: {shown!r} is not a usable template ({why}); name record fields as {{field}} "
+                     f"(fields: {', '.join(sorted(map(str, record)))}) and write a literal brace as {{{{ or }}}}")
+
+
+def _check_template(template: str, where: str, record: dict[str, Any]) -> None:
+    """A format spec that pads to a width of 10,000 or more (`{question:>999999999}`) would build
+    gigabytes of text per example: refused before any is rendered."""
+    try:
+        specs = [spec for _, _, spec, _ in string.Formatter().parse(template) if spec]
+    except ValueError as err:  # "{", "}"
+        raise _bad_template(template, where, one_line(err, 120), record) from None
+    for spec in specs:
+        if re.search(r"\d{5,}", spec):
+            raise _bad_template(template, where, f"the format spec {spec[:40]!r} pads to a huge width", record)
 
 
 def to_examples(records: list[dict[str, Any]], section: DataSection, known_format: str | None = None) -> list[Example]:
@@ -130,6 +166,8 @@ def to_examples(records: list[dict[str, Any]], section: DataSection, known_forma
     missing = _FORMAT_FIELDS[fmt] - set(records[0]) if records else set()
     if missing and section.prompt_template is None:
         raise UserError(f"data.format: {fmt} records need the fields {sorted(missing)}")
+    for template, where in ((prompt_t, "data.prompt_template"), (response_t, "data.response_template")):
+        _check_template(template, where, records[0] if records else {})
     return [
         Example(_render(prompt_t, r, "data.prompt_template"), _render(response_t, r, "data.response_template"))
         for r in records

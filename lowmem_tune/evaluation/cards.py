@@ -173,14 +173,25 @@ def _build(cls, data: dict[str, Any], where: str):
         raise UserError(f"{where}: {err}") from None
 
 
+def _card_file(folder: Path, name: str) -> Path | None:
+    """folder/NAME.yaml, when NAME is a plain name (no path) that has a file there."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+        return None
+    path = folder / f"{name}.yaml"
+    try:
+        return path if path.is_file() else None
+    except (OSError, ValueError):  # a name too long for the file system, a NUL in it
+        return None
+
+
 def load_card(name: str) -> TaskCard:
     """The card evaluate/tasks/NAME.yaml, validated."""
-    path = _tasks_dir() / f"{name}.yaml"
-    if not path.is_file():
-        close = difflib.get_close_matches(name, available_tasks() + available_suites(), n=1)
+    path = _card_file(_tasks_dir(), name)
+    if path is None:
+        close = difflib.get_close_matches(str(name), available_tasks() + available_suites(), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise UserError(
-            f"unknown task {name!r}: {hint}tasks are {', '.join(available_tasks())}; "
+            f"unknown task {name!r:.80}: {hint}tasks are {', '.join(available_tasks())}; "
             f"suites are {', '.join(available_suites())}"
         )
     data = _read_yaml(path)
@@ -222,8 +233,8 @@ def expand_tasks(names: list[str]) -> list[str]:
     """Task names with suites replaced by their tasks, in order, without repeats."""
     out: list[str] = []
     for name in names:
-        suite = _suites_dir() / f"{name}.yaml"
-        members = _read_yaml(suite).get("tasks", []) if suite.is_file() else [name]
+        suite = _card_file(_suites_dir(), name)
+        members = _read_yaml(suite).get("tasks", []) if suite is not None else [name]
         for task in members:
             if task not in out:
                 out.append(task)

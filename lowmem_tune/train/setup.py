@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from lowmem_tune.atomic import atomic_directory, remove_interrupted
 from lowmem_tune.catalog import ResolvedModel
 from lowmem_tune.data import BatchStream, load_examples, split_heldout, tokenize_examples, train_local_tokenizer
-from lowmem_tune.errors import UserError
+from lowmem_tune.errors import UserError, one_line
 from lowmem_tune.modeling import load_tokenizer
 from lowmem_tune.profile import Profile
 from lowmem_tune.train.checkpoint import CheckpointInfo, latest_checkpoint
@@ -79,12 +79,38 @@ def tokenizer_for(profile: Profile, resolved: ResolvedModel, run_dir: Path, text
     return tokenizer
 
 
+def _shown(path: Path) -> str:
+    text = str(path)
+    return text if text.isprintable() and len(text) <= 120 else repr(text)[:120] + "…"
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """output.dir names a directory that is there or can be made: not a file, not below a file,
+    not a name the file system refuses (too long, ...)."""
+    shown = _shown(run_dir)
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"output.dir {shown} is a file, not a directory; choose another output.dir")
+        blocking = next((p for p in run_dir.absolute().parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise UserError(f"output.dir {shown}: {blocking} is a file, so no directory can be made below it; "
+                            "choose another output.dir")
+    except OSError as err:
+        raise UserError(f"output.dir {shown}: not usable as a directory ({err.strerror or one_line(err)}); "
+                        "choose another output.dir") from None
+
+
 def checkpoint_to_resume(run_dir: Path, resume: bool) -> CheckpointInfo | None:
     """The checkpoint `--resume` continues from; refuses to start over a run that exists."""
+    check_run_dir(run_dir)
     checkpoints_dir = run_dir / "checkpoints"
-    remove_interrupted(run_dir)  # a final/ being replaced
-    remove_interrupted(checkpoints_dir)
-    latest = latest_checkpoint(checkpoints_dir)
+    try:
+        remove_interrupted(run_dir)  # a final/ being replaced
+        remove_interrupted(checkpoints_dir)
+        latest = latest_checkpoint(checkpoints_dir)
+    except OSError as err:
+        raise UserError(f"output.dir {_shown(run_dir)}: cannot read it ({err.strerror or one_line(err)}); choose "
+                        "another output.dir") from None
     if resume:
         if latest is None:
             raise UserError(f"--resume: no checkpoint in {checkpoints_dir} (start without --resume)")
