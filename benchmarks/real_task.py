@@ -250,7 +250,8 @@ def run_experiment(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         plan_file.write_text(json.dumps(planned_profile(strategy, size["max_seq_len"], args.tree)))
         trials = {}
         planned_lr = json.loads(plan_file.read_text())["train"]["lr"]
-        for lr in [round(planned_lr * f, 12) for f in LR_FACTORS.get(strategy, [1.0, 3.0])]:
+        factors = args.lr_factors or LR_FACTORS.get(strategy, [1.0, 3.0])
+        for lr in [round(planned_lr * f, 12) for f in factors]:
             trials[lr] = launch(args, work, data_file, strategy, plan_file, lr, seed=0)
             print(strategy, lr, "dev", round(mean_acc(trials[lr]["dev"]), 3), "held-out",
                   round(mean_acc(trials[lr]["heldout"]), 3), flush=True)
@@ -273,6 +274,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="the runs' model.dtype (auto: bf16 on GPUs and CPUs with bf16 units)")
     parser.add_argument("--tag", default="", help="a suffix for the result files (e.g. fp32)")
+    parser.add_argument("--lr-factors", type=float, nargs="+", default=None,
+                        help="the learning rates to try, as factors of the planned one (default: the grid above); "
+                             "one factor skips the choice, e.g. to rerun the chosen rate at another --dtype")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--experiment", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", help=argparse.SUPPRESS)
