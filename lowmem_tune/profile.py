@@ -30,6 +30,9 @@ LAYER_SAMPLING = ("lisa", "owlore")
 INT8_CAPABLE = ("galore", "fira", "lisa", "owlore", "welore")
 """Strategies that can train with INT8 decoder weights (LISA / OwLore / WeLore with GaLore inside)."""
 ONE = at_least(1)
+TRUNCATIONS = ("cut_prompt", "drop")
+"""`data.truncation`: what happens to an example longer than `data.max_seq_len` (see DataSection)."""
+Truncation = Literal[TRUNCATIONS]  # type: ignore[valid-type]
 
 
 @dataclass
@@ -137,6 +140,11 @@ class DataSection:
     config_name: str | None = None
     split: str = "train"
     max_seq_len: int = knob(512, bounds=ONE)
+    truncation: Truncation = "cut_prompt"
+    """An example longer than max_seq_len: `cut_prompt` keeps its whole response and EOS and the end of
+    its prompt (cut from the left; BOS stays first), and drops it when the answer alone (BOS,
+    response, EOS) is longer; an example without a prompt (format text) is cut at max_seq_len.
+    `drop` drops every example longer than max_seq_len. The run says what was cut or dropped."""
     prompt_template: str | None = None
     response_template: str | None = None
     train_on_prompt: bool = False

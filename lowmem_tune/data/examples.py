@@ -159,6 +159,12 @@ def _check_template(template: str, where: str, record: dict[str, Any]) -> None:
 
 
 def to_examples(records: list[dict[str, Any]], section: DataSection, known_format: str | None = None) -> list[Example]:
+    return render_examples(records, section, known_format)[0]
+
+
+def render_examples(records: list[dict[str, Any]], section: DataSection,
+                    known_format: str | None = None) -> tuple[list[Example], str]:
+    """The records rendered by the format's (or the profile's) templates, and the format."""
     fmt = detect_format(records, section.format if section.format != "auto" else (known_format or "auto"))
     prompt_t, response_t = TEMPLATES[fmt]
     prompt_t = section.prompt_template if section.prompt_template is not None else prompt_t
@@ -168,15 +174,21 @@ def to_examples(records: list[dict[str, Any]], section: DataSection, known_forma
         raise UserError(f"data.format: {fmt} records need the fields {sorted(missing)}")
     for template, where in ((prompt_t, "data.prompt_template"), (response_t, "data.response_template")):
         _check_template(template, where, records[0] if records else {})
-    return [
+    examples = [
         Example(_render(prompt_t, r, "data.prompt_template"), _render(response_t, r, "data.response_template"))
         for r in records
     ]
+    return examples, fmt
 
 
 def load_examples(section: DataSection) -> list[Example]:
     """Records of the configured dataset rendered as examples, limited to `data.limit`."""
+    return load_examples_and_format(section)[0]
+
+
+def load_examples_and_format(section: DataSection) -> tuple[list[Example], str]:
+    """`load_examples` and the format the records were rendered in (detected or `data.format`)."""
     records, known = load_records(section)
     if section.limit is not None:
         records = records[: section.limit]
-    return to_examples(records, section, known)
+    return render_examples(records, section, known)

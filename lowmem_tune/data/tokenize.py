@@ -1,14 +1,18 @@
-"""Tokenization for training: prompt masking, left truncation, packing, and a small tokenizer
-trained locally for random-init models (no hub needed)."""
+"""Tokenization for training: prompt masking, truncation that keeps answers whole
+(`data.truncation`), packing, and a small tokenizer trained locally for random-init models (no hub
+needed)."""
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lowmem_tune.data.examples import Example
 from lowmem_tune.errors import UserError
+from lowmem_tune.profile import TRUNCATIONS
 
 IGNORE_INDEX = -100
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -70,29 +74,148 @@ def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], bos: bool) 
             for text, x in zip(texts, ids)]
 
 
+OUTCOMES = ("whole", "prompt_cut", "text_cut", "dropped")
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """One example under the truncation policy: its item (None when dropped) and what was done."""
+
+    item: dict[str, list[int]] | None
+    outcome: str
+    """whole, prompt_cut (cut from the left), text_cut (an example without a prompt, cut at the end), dropped."""
+    length: int
+    """Tokens of the whole example: BOS, prompt, response, EOS."""
+    answer: int
+    """Tokens the answer needs to be trained whole: BOS, response, EOS."""
+
+
+@dataclass
+class TruncationReport:
+    """What tokenizing a list of examples did to them (counts of examples), and the tokens kept."""
+
+    examples: int = 0
+    whole: int = 0
+    prompt_cut: int = 0
+    text_cut: int = 0
+    dropped: int = 0
+    tokens: int = 0
+    """Tokens of the kept items (after packing: the same tokens)."""
+    loss_tokens: int = 0
+    """Tokens the loss is computed on: labels that are targets, the first of each sequence excluded (the
+    loss predicts each token from those before it)."""
+    longest_answer: int = 0
+    """Tokens of the longest answer (BOS, response, EOS); for examples without a prompt, the whole text."""
+    lengths: list[int] = field(default_factory=list, repr=False)
+    """Each example's whole length in tokens, kept or not."""
+
+    @property
+    def kept(self) -> int:
+        return self.examples - self.dropped
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.prompt_cut or self.text_cut or self.dropped)
+
+    @property
+    def loss_share(self) -> float:
+        return self.loss_tokens / self.tokens if self.tokens else 0.0
+
+    def percentiles(self) -> dict[str, int]:
+        """p50, p90, p99 (nearest rank) and max of the examples' whole lengths; {} for no examples."""
+        ordered = sorted(self.lengths)
+        if not ordered:
+            return {}
+        rank = {q: ordered[max(math.ceil(q / 100 * len(ordered)), 1) - 1] for q in (50, 90, 99)}
+        return {"p50": rank[50], "p90": rank[90], "p99": rank[99], "max": ordered[-1]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"examples": self.examples, "whole": self.whole, "prompt_cut": self.prompt_cut,
+                "text_cut": self.text_cut, "dropped": self.dropped, "kept": self.kept, "tokens": self.tokens,
+                "loss_tokens": self.loss_tokens, "loss_share": round(self.loss_share, 6),
+                "longest_answer": self.longest_answer}
+
+    def summary(self, max_seq_len: int, truncation: str) -> str:
+        """What was cut or dropped, in words ("" when nothing was)."""
+        n, limit = f"{self.examples:,}", f"data.max_seq_len {max_seq_len}"
+        parts = []
+        if self.prompt_cut:
+            parts.append(f"{self.prompt_cut:,} of {n} prompts cut from the left to fit {limit}")
+        if self.text_cut:
+            parts.append(f"{self.text_cut:,} of {n} texts cut at {limit} (their ends are not trained on)")
+        if self.dropped and truncation == "drop":
+            parts.append(f"{self.dropped:,} of {n} examples dropped: longer than {limit} (data.truncation: drop)")
+        elif self.dropped and parts:
+            parts.append(f"{self.dropped:,} dropped (the answer alone is longer)")
+        elif self.dropped:
+            parts.append(f"{self.dropped:,} of {n} examples dropped: the answer alone is longer than {limit}")
+        return "; ".join(parts)
+
+
 def tokenize_example(example: Example, tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
-                     train_on_prompt: bool, bos: bool) -> dict[str, list[int]]:
+                     train_on_prompt: bool, bos: bool, truncation: str = "cut_prompt") -> TokenizedExample:
     """Prompt and response tokenized separately and concatenated, EOS last, BOS first when `bos`
-    (`bos_first`, which evaluation follows too); too long: the prompt is cut from the left so the
-    response survives."""
+    (`bos_first`, which evaluation follows too).
+
+    Longer than `max_seq_len`: under `cut_prompt` the prompt is cut from the left (a BOS stays first)
+    so that the whole response and its EOS survive; an example whose answer alone (BOS, response,
+    EOS) does not fit is dropped; an example without a prompt (language modelling) is cut at
+    `max_seq_len`. Under `drop` every example that does not fit is dropped."""
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation {truncation!r} is not one of {TRUNCATIONS}")
     [prompt] = encode(tokenizer, [example.prompt], bos)
     [response] = encode(tokenizer, [example.response], bos=False)
     if tokenizer.eos_token_id is not None:
         response = response + [tokenizer.eos_token_id]
-    overflow = len(prompt) + len(response) - max_seq_len
-    if overflow > 0:
-        keep = max(len(prompt) - overflow, 0)
-        prompt = prompt[len(prompt) - keep:]
-        response = response[: max_seq_len - len(prompt)]
+    head = prompt[:1] if bos and prompt[:1] == [tokenizer.bos_token_id] else []
+    body = prompt[len(head):]
+    length, answer = len(prompt) + len(response), len(head) + len(response)
+    outcome = "whole"
+    if length > max_seq_len:
+        if truncation == "drop" or (body and answer > max_seq_len):
+            return TokenizedExample(None, "dropped", length, answer)
+        if body:
+            prompt = head + body[len(body) - (max_seq_len - answer):]
+            outcome = "prompt_cut"
+        else:
+            outcome = "text_cut"
     labels = (prompt if train_on_prompt else [IGNORE_INDEX] * len(prompt)) + response
-    return {"input_ids": prompt + response, "labels": labels}
+    item = {"input_ids": (prompt + response)[:max_seq_len], "labels": labels[:max_seq_len]}
+    return TokenizedExample(item, outcome, length, answer)
 
 
 def tokenize_examples(examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
-                      train_on_prompt: bool, packing: bool, add_bos: bool | None = None) -> list[dict[str, list[int]]]:
+                      train_on_prompt: bool, packing: bool, add_bos: bool | None = None,
+                      truncation: str = "cut_prompt") -> tuple[list[dict[str, list[int]]], TruncationReport]:
+    """The items training reads (packed when `packing`) and a report of what truncation did."""
     bos = bos_first(tokenizer, add_bos)
-    items = [tokenize_example(e, tokenizer, max_seq_len, train_on_prompt, bos) for e in examples]
-    return pack(items, max_seq_len) if packing else items
+    report = TruncationReport(examples=len(examples))
+    items = []
+    for example in examples:
+        done = tokenize_example(example, tokenizer, max_seq_len, train_on_prompt, bos, truncation)
+        setattr(report, done.outcome, getattr(report, done.outcome) + 1)
+        report.lengths.append(done.length)
+        report.longest_answer = max(report.longest_answer, done.answer)
+        if done.item is not None:
+            items.append(done.item)
+    items = pack(items, max_seq_len) if packing else items
+    report.tokens = sum(len(item["input_ids"]) for item in items)
+    report.loss_tokens = sum(sum(label != IGNORE_INDEX for label in item["labels"][1:]) for item in items)
+    return items, report
+
+
+def check_kept(report: TruncationReport, max_seq_len: int, truncation: str) -> None:
+    """A UserError when truncation dropped every training example."""
+    if not report.examples or report.kept:
+        return
+    n = "the one training example is" if report.examples == 1 else f"all {report.examples:,} training examples are"
+    if truncation == "drop":
+        raise UserError(f"data: {n} longer than data.max_seq_len {max_seq_len}, and data.truncation is drop (the "
+                        f"shortest is {min(report.lengths)} tokens, the longest answer {report.longest_answer}); raise "
+                        "data.max_seq_len, or set data.truncation: cut_prompt")
+    raise UserError(f"data: {n} dropped: the answer alone (with EOS, and BOS where sequences begin with it) is "
+                    f"longer than data.max_seq_len {max_seq_len} (the longest answer: {report.longest_answer} tokens); "
+                    f"raise data.max_seq_len to at least {report.longest_answer}")
 
 
 def pack(items: list[dict[str, list[int]]], max_seq_len: int) -> list[dict[str, list[int]]]:

@@ -122,6 +122,8 @@ class TrainingRun:
         torch.manual_seed(p.train.seed)
         resolved = resolve_model(p.model.name, p.model.revision)
         self.data = prepare_data(p, resolved, self.run_dir, world.size, world.main)
+        if self.data.truncation_note:
+            self.events.emit(Info(self.data.truncation_note))
         if p.eval.tasks or p.eval.data_files:  # a typo fails now, not after training
             from lowmem_tune.evaluation.runner import check_tasks
 

@@ -11,13 +11,49 @@ from transformers import PreTrainedTokenizerBase
 
 from lowmem_tune.atomic import atomic_directory, remove_interrupted
 from lowmem_tune.catalog import ResolvedModel
-from lowmem_tune.data import BatchStream, load_examples, split_heldout, tokenize_examples, train_local_tokenizer
+from lowmem_tune.data import (
+    BatchStream,
+    Example,
+    TruncationReport,
+    load_examples_and_format,
+    split_heldout,
+    tokenize_examples,
+    train_local_tokenizer,
+)
+from lowmem_tune.data.tokenize import bos_first, check_kept
 from lowmem_tune.errors import UserError, one_line
 from lowmem_tune.modeling import load_tokenizer
-from lowmem_tune.profile import Profile
+from lowmem_tune.profile import DataSection, Profile
 from lowmem_tune.train.checkpoint import CheckpointInfo, latest_checkpoint
 
 LOCAL_TOKENIZER_VOCAB = 512
+
+
+@dataclass
+class TokenizedData:
+    """The data as a run sees it before its first batch: what `run` trains on and `lowmem-tune data`
+    shows, computed by the one function `tokenize_data`."""
+
+    dataset: str
+    format: str
+    train_examples: list[Example]
+    heldout_examples: list[Example]
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_source: str
+    """Where the tokenizer comes from, in words."""
+    bos: bool
+    """Whether every sequence begins with BOS (`bos_first`)."""
+    pad_id: int
+    train_items: list[Any]
+    heldout_items: list[Any]
+    train_report: TruncationReport
+    heldout_report: TruncationReport
+
+    def truncation_note(self, data: DataSection) -> str | None:
+        """One line saying what truncation cut or dropped; None when it did nothing."""
+        parts = [f"{what}{report.summary(data.max_seq_len, data.truncation)}"
+                 for what, report in (("", self.train_report), ("held-out: ", self.heldout_report)) if report.changed]
+        return "data: " + "; ".join(parts) if parts else None
 
 
 @dataclass
@@ -27,29 +63,48 @@ class RunData:
     train_items: list[Any]
     heldout_items: list[Any]
     stream: BatchStream
+    truncation_note: str | None = None
+    """What truncation cut or dropped (the run says it once at start); None when nothing."""
+
+
+def tokenize_data(profile: Profile, resolved: ResolvedModel, run_dir: Path, main: bool = True) -> TokenizedData:
+    """Examples loaded, rendered and split, the tokenizer (`tokenizer_for`), and the tokenized items
+    under the profile's truncation, BOS and packing policies. Only the `main` process writes (a
+    tokenizer trained for a random-init model)."""
+    d = profile.data
+    examples, fmt = load_examples_and_format(d)
+    train_examples, heldout_examples = split_heldout(examples, d.heldout, profile.train.seed)
+    tokenizer, source = tokenizer_and_source(profile, resolved, run_dir,
+                                             [e.prompt + e.response for e in train_examples], main)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    (train_items, train_report), (heldout_items, heldout_report) = (
+        tokenize_examples(exs, tokenizer, d.max_seq_len, d.train_on_prompt, d.packing, profile.eval.add_bos,
+                          d.truncation)
+        for exs in (train_examples, heldout_examples)
+    )
+    return TokenizedData(d.dataset, fmt, train_examples, heldout_examples, tokenizer, source,
+                         bos_first(tokenizer, profile.eval.add_bos), pad_id, train_items, heldout_items, train_report,
+                         heldout_report)
 
 
 def prepare_data(profile: Profile, resolved: ResolvedModel, run_dir: Path, processes: int = 1,
                  main: bool = True) -> RunData:
-    """Examples loaded and split, the tokenizer, tokenized items and the seeded batch stream of
-    global micro-batches (micro batch size x `processes` rows). Only the `main` process writes."""
-    examples = load_examples(profile.data)
-    train_examples, heldout_examples = split_heldout(examples, profile.data.heldout, profile.train.seed)
-    tokenizer = tokenizer_for(profile, resolved, run_dir, [e.prompt + e.response for e in train_examples], main)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_items, heldout_items = (
-        tokenize_examples(exs, tokenizer, profile.data.max_seq_len, profile.data.train_on_prompt, profile.data.packing,
-                          profile.eval.add_bos)
-        for exs in (train_examples, heldout_examples)
-    )
+    """`tokenize_data`, checked to leave enough to train on, and the seeded batch stream of global
+    micro-batches (micro batch size x `processes` rows). Only the `main` process writes."""
+    data = tokenize_data(profile, resolved, run_dir, main)
+    check_kept(data.train_report, profile.data.max_seq_len, profile.data.truncation)
+    train_items = data.train_items
     rows = profile.train.micro_batch_size * processes
     if len(train_items) < rows:
+        dropped = data.train_report.dropped
+        after = f" (after {dropped:,} dropped by data.truncation)" if dropped else ""
         raise UserError(
-            f"data: {len(train_items)} training examples are fewer than train.micro_batch_size "
+            f"data: {len(train_items)} training examples{after} are fewer than train.micro_batch_size "
             f"({profile.train.micro_batch_size}) x {processes} process(es); lower the batch or add data"
         )
-    stream = BatchStream(train_items, rows, profile.train.seed, profile.data.shuffle, pad_id)
-    return RunData(tokenizer, pad_id, train_items, heldout_items, stream)
+    stream = BatchStream(train_items, rows, profile.train.seed, profile.data.shuffle, data.pad_id)
+    return RunData(data.tokenizer, data.pad_id, train_items, data.heldout_items, stream,
+                   data.truncation_note(profile.data))
 
 
 def tokenizer_for(profile: Profile, resolved: ResolvedModel, run_dir: Path, texts: list[str],
@@ -57,16 +112,25 @@ def tokenizer_for(profile: Profile, resolved: ResolvedModel, run_dir: Path, text
     """The model's tokenizer; a random-init model without one gets a small tokenizer trained on the
     run's data, saved in the run directory (by the main process, whole or not at all) so a resumed
     run uses the very same one. Every process trains the same one from the same data."""
+    return tokenizer_and_source(profile, resolved, run_dir, texts, main)[0]
+
+
+def tokenizer_and_source(profile: Profile, resolved: ResolvedModel, run_dir: Path, texts: list[str],
+                         main: bool = True) -> tuple[PreTrainedTokenizerBase, str]:
+    """`tokenizer_for`, and where the tokenizer came from in words."""
     source = profile.model.tokenizer or (resolved.pretrained_path if profile.model.init == "pretrained" else None)
     if source is not None:
         tokenizer = load_tokenizer(source, resolved.revision if source == resolved.pretrained_path else None)
+        described = str(source)
     else:
         saved = run_dir / "tokenizer"
         if (saved / "tokenizer.json").is_file():
             tokenizer = load_tokenizer(str(saved))
+            described = f"{_shown(saved)} (trained on the data when the run in output.dir began)"
         else:
             vocab = min(LOCAL_TOKENIZER_VOCAB, resolved.config.vocab_size)
             tokenizer = train_local_tokenizer(texts, vocab)
+            described = f"byte-level BPE trained on the training examples (model.init: random; at most {vocab} tokens)"
             if main:
                 with atomic_directory(saved) as tmp:
                     tokenizer.save_pretrained(tmp)
@@ -76,7 +140,7 @@ def tokenizer_for(profile: Profile, resolved: ResolvedModel, run_dir: Path, text
         raise UserError(
             f"model.tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {resolved.config.vocab_size}"
         )
-    return tokenizer
+    return tokenizer, described
 
 
 def _shown(path: Path) -> str:
