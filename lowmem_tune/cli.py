@@ -80,6 +80,19 @@ def run(profile: Path, overrides: tuple[str, ...], resume: bool, headless: bool,
 
 
 @main.command()
+@click.argument("profile", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a profile key (repeatable).")
+@click.option("--examples", "examples", type=int, default=2, show_default=True,
+              help="Rendered examples to show, trained tokens marked.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
+def data(profile: Path, overrides: tuple[str, ...], examples: int, as_json: bool) -> None:
+    """Look at a profile's data as a run would tokenize it: lengths, truncation, loss share, examples."""
+    from lowmem_tune.commands.data import data_command
+
+    data_command(profile, overrides, examples, as_json)
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def monitor(run_dir: Path) -> None:
     """Attach the live dashboard to a run directory (running or finished)."""
