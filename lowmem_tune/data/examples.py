@@ -158,10 +158,6 @@ def _check_template(template: str, where: str, record: dict[str, Any]) -> None:
             raise _bad_template(template, where, f"the format spec {spec[:40]!r} pads to a huge width", record)
 
 
-def to_examples(records: list[dict[str, Any]], section: DataSection, known_format: str | None = None) -> list[Example]:
-    return render_examples(records, section, known_format)[0]
-
-
 def render_examples(records: list[dict[str, Any]], section: DataSection,
                     known_format: str | None = None) -> tuple[list[Example], str]:
     """The records rendered by the format's (or the profile's) templates, and the format."""

@@ -68,7 +68,7 @@ class RunData:
 
 
 def tokenize_data(profile: Profile, resolved: ResolvedModel, run_dir: Path, main: bool = True) -> TokenizedData:
-    """Examples loaded, rendered and split, the tokenizer (`tokenizer_for`), and the tokenized items
+    """Examples loaded, rendered and split, the tokenizer (`tokenizer_and_source`), and the tokenized items
     under the profile's truncation, BOS and packing policies. Only the `main` process writes (a
     tokenizer trained for a random-init model)."""
     d = profile.data
@@ -107,17 +107,12 @@ def prepare_data(profile: Profile, resolved: ResolvedModel, run_dir: Path, proce
                    data.truncation_note(profile.data))
 
 
-def tokenizer_for(profile: Profile, resolved: ResolvedModel, run_dir: Path, texts: list[str],
-                  main: bool = True) -> PreTrainedTokenizerBase:
-    """The model's tokenizer; a random-init model without one gets a small tokenizer trained on the
-    run's data, saved in the run directory (by the main process, whole or not at all) so a resumed
-    run uses the very same one. Every process trains the same one from the same data."""
-    return tokenizer_and_source(profile, resolved, run_dir, texts, main)[0]
-
-
 def tokenizer_and_source(profile: Profile, resolved: ResolvedModel, run_dir: Path, texts: list[str],
                          main: bool = True) -> tuple[PreTrainedTokenizerBase, str]:
-    """`tokenizer_for`, and where the tokenizer came from in words."""
+    """The model's tokenizer and where it came from, in words. A random-init model without one gets a
+    small tokenizer trained on the run's data, saved in the run directory (by the main process,
+    whole or not at all) so a resumed run uses the very same one; every process trains the same one
+    from the same data."""
     source = profile.model.tokenizer or (resolved.pretrained_path if profile.model.init == "pretrained" else None)
     if source is not None:
         tokenizer = load_tokenizer(source, resolved.revision if source == resolved.pretrained_path else None)
