@@ -9,6 +9,7 @@ so they get the same checks.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from lowmem_tune.errors import UserError, one_line
-from lowmem_tune.resources import profiles_dir
+from lowmem_tune.resources import chat_template_names, profiles_dir
 from lowmem_tune.schema import POSITIVE, SHARE, Bounds, above, applies_to, at_least, build, knob
 
 STRATEGY_NAMES = ("full", "adamw8bit", "galore", "fira", "lisa", "owlore", "welore")
@@ -136,15 +137,23 @@ def _check_strategy_keys(raw: dict[str, Any], source: str) -> None:
 class DataSection:
     dataset: str = "synthetic-boolq"
     """synthetic-boolq, an evaluation task name (boolq, strategyqa), a hub id, or a local file."""
-    format: Literal["auto", "instruction", "boolq", "strategyqa", "text"] = "auto"
+    format: Literal["auto", "instruction", "boolq", "strategyqa", "text", "messages", "sharegpt"] = "auto"
+    """auto: told from the records' fields. messages / sharegpt are conversations, rendered by a chat
+    template (see chat_template), with the loss on the assistant turns."""
+    chat_template: str | None = None
+    """For the chat formats: a shipped template's name (chatml, gemma, llama3, mistral:
+    lowmem_tune/data/chat_templates/) or a Jinja file. null: the tokenizer's own chat template,
+    else chatml."""
     config_name: str | None = None
     split: str = "train"
     max_seq_len: int = knob(512, bounds=ONE)
     truncation: Truncation = "cut_prompt"
     """An example longer than max_seq_len: `cut_prompt` keeps its whole response and EOS and the end of
     its prompt (cut from the left; BOS stays first), and drops it when the answer alone (BOS,
-    response, EOS) is longer; an example without a prompt (format text) is cut at max_seq_len.
-    `drop` drops every example longer than max_seq_len. The run says what was cut or dropped."""
+    response, EOS) is longer; an example without a prompt (format text) is cut at max_seq_len; a
+    conversation loses whole exchanges, earliest first (its system message stays), and is dropped
+    when its last exchange alone is longer. `drop` drops every example longer than max_seq_len.
+    The run says what was cut or dropped."""
     prompt_template: str | None = None
     response_template: str | None = None
     train_on_prompt: bool = False
@@ -326,7 +335,33 @@ def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> Profile:
         raise UserError(f"{source}: train.betas: expected two numbers in [0, 1), got {profile.train.betas}")
     if not profile.output.dir:
         raise UserError(f"{source}: output.dir: must name a directory")
+    _check_chat_template(profile.data.chat_template, source)
     return profile
+
+
+def _check_chat_template(value: str | None, source: str) -> None:
+    """data.chat_template names a shipped template or a file that is there (whether that file is a
+    usable Jinja template is checked where it is read, in data/chat.py)."""
+    if value is None:
+        return
+    names = chat_template_names()
+    choices = f"shipped: {', '.join(names)}; or a path to a Jinja file"
+    shown = value if value.isprintable() and len(value) <= 80 else repr(value)[:80] + "…"
+    if value in names:
+        return
+    if not value.strip():
+        raise UserError(f"{source}: data.chat_template: empty; name a template ({choices})")
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # ~user of no such user
+        path = Path(value)
+    if _is_file(path):
+        return
+    if any(c in value for c in "/\\.~"):  # a path
+        raise UserError(f"{source}: data.chat_template: no such file: {shown} ({choices})")
+    close = difflib.get_close_matches(value, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UserError(f"{source}: data.chat_template: unknown template {shown!r}{hint} ({choices})")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:

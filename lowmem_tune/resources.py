@@ -1,4 +1,5 @@
-"""Locations of the files shipped with the package: ready profiles and evaluation task cards."""
+"""Locations of the files shipped with the package: ready profiles, evaluation task cards and chat
+templates."""
 
 from __future__ import annotations
 
@@ -27,3 +28,12 @@ def profiles_dir() -> Path:
 
 def evaluate_dir() -> Path:
     return _shipped_dir("lowmem_tune._evaluate", "evaluate")
+
+
+def chat_templates_dir() -> Path:
+    """The shipped chat templates (`data.chat_template` names them): NAME.jinja each."""
+    return Path(__file__).resolve().parent / "data" / "chat_templates"
+
+
+def chat_template_names() -> list[str]:
+    return sorted(p.stem for p in chat_templates_dir().glob("*.jinja"))

@@ -126,7 +126,7 @@ OUTPUT_DIRS = ["run-2", "nested/deeper/run", "notes.txt/run", "notes.txt", "sub"
 """For output.dir: all relative (the run writes there; nothing lands outside the case directory)."""
 
 PATH_KEYS = {"model.name", "model.tokenizer", "data.dataset", "strategy.calibration_file",
-             "strategy.compressed_model"}
+             "strategy.compressed_model", "data.chat_template"}
 
 ODD_STRINGS = [
     "", " ", "\t", "\n", "yes", "no", "null", "~", "0", "1e-4", "-1", "nan", "[1, 2]", "{a: 1}",
@@ -146,6 +146,7 @@ VALID_STRINGS: dict[str, list[Any]] = {
     "data.split": ["train", "validation"],
     "data.prompt_template": [None, "Q: {question}\nA:", "{passage} {question}?", ""],
     "data.response_template": [None, " {answer}", "{answer}"],
+    "data.chat_template": [None, None, "chatml", "llama3"],
     "strategy.calibration_file": [None, "notes.txt"],
     "strategy.compressed_model": [None],
     "output.dir": ["run-2", "nested/run"],
