@@ -48,7 +48,7 @@ def test_json_is_one_document_of_the_same_facts(tmp_path):
     result = invoke(tmp_path, "--json", "--examples", "3", "--set", "data.max_seq_len=30")
     assert result.exit_code == 0, result.output
     facts = json.loads(result.stdout)
-    assert set(facts) == {"dataset", "format", "examples", "tokenizer", "max_seq_len", "truncation",
+    assert set(facts) == {"dataset", "format", "examples", "tokenizer", "chat_template", "max_seq_len", "truncation",
                           "train_on_prompt", "packing", "lengths", "over_max_seq_len", "train", "heldout", "note",
                           "run_error", "samples"}
     assert facts["format"] == "boolq" and facts["examples"] == {"total": 96, "train": 80, "heldout": 16}

@@ -56,10 +56,12 @@ def data_facts(profile: Profile, examples: int = 2) -> dict[str, Any]:
         stop = str(err)
     samples = []
     for example in data.train_examples[:examples]:
-        done = tokenize_example(example, data.tokenizer, d.max_seq_len, d.train_on_prompt, data.bos, d.truncation)
+        done = tokenize_example(example, data.tokenizer, d.max_seq_len, d.train_on_prompt, data.bos, d.truncation,
+                                data.chat_template)
         shown = done.item
         if shown is None:  # dropped: the whole example, to see why
-            shown = tokenize_example(example, data.tokenizer, done.length, d.train_on_prompt, data.bos).item
+            shown = tokenize_example(example, data.tokenizer, done.length, d.train_on_prompt, data.bos,
+                                     chat_template=data.chat_template).item
         samples.append({"outcome": done.outcome, "length": done.length, "tokens": len(shown["input_ids"]),
                         "spans": _spans(data.tokenizer, shown)})
     return {
@@ -68,7 +70,8 @@ def data_facts(profile: Profile, examples: int = 2) -> dict[str, Any]:
         "examples": {"total": len(data.train_examples) + len(data.heldout_examples),
                      "train": len(data.train_examples), "heldout": len(data.heldout_examples)},
         "tokenizer": {"source": data.tokenizer_source, "size": len(data.tokenizer), "bos_first": data.bos,
-                      "eos_last": data.tokenizer.eos_token_id is not None},
+                      "eos_last": data.tokenizer.eos_token_id is not None and data.chat_template is None},
+        "chat_template": data.chat_template.origin if data.chat_template else None,
         "max_seq_len": d.max_seq_len,
         "truncation": d.truncation,
         "train_on_prompt": d.train_on_prompt,
@@ -101,7 +104,7 @@ def _spans(tokenizer, item: dict[str, list[int]]) -> list[dict[str, Any]]:
 
 
 _OUTCOME_WORDS = {"whole": "whole", "prompt_cut": "prompt cut from the left", "text_cut": "cut at data.max_seq_len",
-                  "dropped": "dropped (shown whole)"}
+                  "turns_cut": "earliest exchanges left out", "dropped": "dropped (shown whole)"}
 
 
 def _summary_lines(facts: dict[str, Any]) -> list[tuple[str, str]]:
@@ -113,6 +116,9 @@ def _summary_lines(facts: dict[str, Any]) -> list[tuple[str, str]]:
         ("tokenizer", f"{tok['source']}; {tok['size']:,} tokens; BOS first: {'yes' if tok['bos_first'] else 'no'}, "
                       f"EOS last: {'yes' if tok['eos_last'] else 'no'}"),
     ]
+    if facts["chat_template"]:
+        lines.append(("chat", f"rendered by {facts['chat_template']}; the loss is on each assistant answer and the "
+                              "marker that closes its turn"))
     p = facts["lengths"]
     if p:
         lines.append(("lengths", f"tokens per training example p50 {p['p50']:,}, p90 {p['p90']:,}, p99 {p['p99']:,}, "
@@ -126,10 +132,13 @@ def _summary_lines(facts: dict[str, Any]) -> list[tuple[str, str]]:
             parts = [f"{report['whole']:,} whole"]
             if report["prompt_cut"]:
                 parts.append(f"{report['prompt_cut']:,} prompts cut from the left")
+            if report["turns_cut"]:
+                parts.append(f"{report['turns_cut']:,} without their earliest exchanges")
             if report["text_cut"]:
                 parts.append(f"{report['text_cut']:,} texts cut at the end")
             if report["dropped"]:
-                why = "longer than data.max_seq_len" if facts["truncation"] == "drop" else "the answer alone is longer"
+                alone = "the last exchange alone" if facts["chat_template"] else "the answer alone"
+                why = "longer than data.max_seq_len" if facts["truncation"] == "drop" else f"{alone} is longer"
                 parts.append(f"{report['dropped']:,} dropped ({why})")
             text = f"of {report['examples']:,}: " + ", ".join(parts)
         lines.append((name, f"{text} (data.truncation {facts['truncation']})"))

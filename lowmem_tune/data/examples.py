@@ -5,7 +5,12 @@ Formats (detected from the record fields unless `data.format` says):
 - instruction: instruction / input / output (LLM-Adapters' commonsense_170k, Alpaca);
 - boolq: question / passage / answer (bool);
 - strategyqa: question / answer (bool), no passage;
-- text: a `text` field, trained on entirely.
+- text: a `text` field, trained on entirely;
+- messages: a `messages` list of {role, content} (system, user, assistant), a conversation of any
+  number of turns;
+- sharegpt: a `conversations` list of {from, value} (human, gpt, system).
+The chat formats are rendered by a chat template when they are tokenized (data/chat.py), with the
+loss on the assistant turns.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lowmem_tune.data.chat import CHAT_FORMATS, Message, conversation
 from lowmem_tune.data.saved import is_saved_dataset, load_saved_rows
 from lowmem_tune.data.synthetic import generate_synthetic_boolq
 from lowmem_tune.errors import UserError, one_line
@@ -47,7 +53,10 @@ _FORMAT_FIELDS = {
     "boolq": {"question", "passage", "answer"},
     "strategyqa": {"question", "answer"},
     "text": {"text"},
+    "messages": {"messages"},
+    "sharegpt": {"conversations"},
 }
+_DETECTED = ("instruction", "boolq", "strategyqa", "messages", "sharegpt", "text")
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 
@@ -56,6 +65,8 @@ _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".tx
 class Example:
     prompt: str
     response: str
+    messages: tuple[Message, ...] | None = None
+    """A conversation (formats messages, sharegpt; prompt and response are then empty)."""
 
 
 def load_records(section: DataSection) -> tuple[list[dict[str, Any]], str | None]:
@@ -121,12 +132,12 @@ def detect_format(records: list[dict[str, Any]], declared: str) -> str:
     if not records:
         raise UserError("data.dataset: the dataset has no records")
     fields = set(records[0])
-    for fmt in ("instruction", "boolq", "strategyqa", "text"):
+    for fmt in _DETECTED:
         if _FORMAT_FIELDS[fmt] <= fields:
             return fmt
     raise UserError(
         f"data.format: cannot tell the format from the fields {sorted(fields)}; set data.format "
-        "(instruction, boolq, strategyqa, text) and data.prompt_template"
+        f"({', '.join(_DETECTED)}) and data.prompt_template"
     )
 
 
@@ -162,6 +173,11 @@ def render_examples(records: list[dict[str, Any]], section: DataSection,
                     known_format: str | None = None) -> tuple[list[Example], str]:
     """The records rendered by the format's (or the profile's) templates, and the format."""
     fmt = detect_format(records, section.format if section.format != "auto" else (known_format or "auto"))
+    if fmt in CHAT_FORMATS:
+        return _conversations(records, section, fmt), fmt
+    if section.chat_template is not None:
+        raise UserError(f"data.chat_template: applies to the chat formats ({', '.join(CHAT_FORMATS)}), and these "
+                        f"records are format {fmt}; remove it or set data.format")
     prompt_t, response_t = TEMPLATES[fmt]
     prompt_t = section.prompt_template if section.prompt_template is not None else prompt_t
     response_t = section.response_template if section.response_template is not None else response_t
@@ -175,6 +191,18 @@ def render_examples(records: list[dict[str, Any]], section: DataSection,
         for r in records
     ]
     return examples, fmt
+
+
+def _conversations(records: list[dict[str, Any]], section: DataSection, fmt: str) -> list[Example]:
+    for key in ("prompt_template", "response_template"):
+        if getattr(section, key) is not None:
+            raise UserError(f"data.{key}: does not apply to format {fmt} (a chat template renders conversations: "
+                            "data.chat_template); remove it")
+    missing = _FORMAT_FIELDS[fmt] - set(records[0]) if records else set()
+    if missing:
+        raise UserError(f"data.format: {fmt} records need the field {sorted(missing)[0]!r}; these have "
+                        f"{sorted(map(str, records[0]))}")
+    return [Example("", "", conversation(record, fmt, i)) for i, record in enumerate(records)]
 
 
 def load_examples(section: DataSection) -> list[Example]:

@@ -1,6 +1,6 @@
-"""Tokenization for training: prompt masking, truncation that keeps answers whole
-(`data.truncation`), packing, and a small tokenizer trained locally for random-init models (no hub
-needed)."""
+"""Tokenization for training: prompt masking, conversations with the loss on their assistant turns,
+truncation that keeps answers whole (`data.truncation`), packing, and a small tokenizer trained
+locally for random-init models (no hub needed)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,15 @@ from typing import Any, Iterable, Sequence
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from lowmem_tune.data.chat import (
+    ChatTemplate,
+    Message,
+    Render,
+    answer_spans,
+    exchange_starts,
+    renderer,
+    without_earliest,
+)
 from lowmem_tune.data.examples import Example
 from lowmem_tune.errors import UserError
 from lowmem_tune.profile import TRUNCATIONS
@@ -67,14 +76,17 @@ def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], bos: bool) 
     that text as the token), as in lm-evaluation-harness' `tok_encode`.
     """
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    if not bos:
-        return [list(x) for x in ids]
+    return [[tokenizer.bos_token_id, *x] if needs_bos(tokenizer, text, bos) else list(x) for text, x in zip(texts, ids)]
+
+
+def needs_bos(tokenizer: PreTrainedTokenizerBase, text: str, bos: bool) -> bool:
+    """Whether `text` gets a BOS in front: when sequences begin with one (`bos`) and the text does not
+    already begin with the BOS token's text (a chat template that writes it, a prompt that has it)."""
     bos_text = tokenizer.bos_token
-    return [list(x) if bos_text and text.startswith(bos_text) else [tokenizer.bos_token_id, *x]
-            for text, x in zip(texts, ids)]
+    return bool(bos) and not (bool(bos_text) and text.startswith(bos_text))
 
 
-OUTCOMES = ("whole", "prompt_cut", "text_cut", "dropped")
+OUTCOMES = ("whole", "prompt_cut", "turns_cut", "text_cut", "dropped")
 
 
 @dataclass(frozen=True)
@@ -83,11 +95,13 @@ class TokenizedExample:
 
     item: dict[str, list[int]] | None
     outcome: str
-    """whole, prompt_cut (cut from the left), text_cut (an example without a prompt, cut at the end), dropped."""
+    """whole, prompt_cut (cut from the left), turns_cut (a conversation's earliest exchanges left out),
+    text_cut (an example without a prompt, cut at the end), dropped."""
     length: int
-    """Tokens of the whole example: BOS, prompt, response, EOS."""
+    """Tokens of the whole example: BOS, prompt, response, EOS (a conversation: BOS and its text)."""
     answer: int
-    """Tokens the answer needs to be trained whole: BOS, response, EOS."""
+    """Tokens the answer needs to be trained whole: BOS, response, EOS (a conversation: its system
+    message and last exchange)."""
 
 
 @dataclass
@@ -97,6 +111,7 @@ class TruncationReport:
     examples: int = 0
     whole: int = 0
     prompt_cut: int = 0
+    turns_cut: int = 0
     text_cut: int = 0
     dropped: int = 0
     tokens: int = 0
@@ -105,9 +120,12 @@ class TruncationReport:
     """Tokens the loss is computed on: labels that are targets, the first of each sequence excluded (the
     loss predicts each token from those before it)."""
     longest_answer: int = 0
-    """Tokens of the longest answer (BOS, response, EOS); for examples without a prompt, the whole text."""
+    """Tokens of the longest answer (BOS, response, EOS); for examples without a prompt, the whole text;
+    for conversations, the system message and the last exchange."""
     lengths: list[int] = field(default_factory=list, repr=False)
     """Each example's whole length in tokens, kept or not."""
+    chat: bool = False
+    """The examples are conversations (their answers are last exchanges)."""
 
     @property
     def kept(self) -> int:
@@ -115,7 +133,7 @@ class TruncationReport:
 
     @property
     def changed(self) -> bool:
-        return bool(self.prompt_cut or self.text_cut or self.dropped)
+        return bool(self.prompt_cut or self.turns_cut or self.text_cut or self.dropped)
 
     @property
     def loss_share(self) -> float:
@@ -131,8 +149,8 @@ class TruncationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"examples": self.examples, "whole": self.whole, "prompt_cut": self.prompt_cut,
-                "text_cut": self.text_cut, "dropped": self.dropped, "kept": self.kept, "tokens": self.tokens,
-                "loss_tokens": self.loss_tokens, "loss_share": round(self.loss_share, 6),
+                "turns_cut": self.turns_cut, "text_cut": self.text_cut, "dropped": self.dropped, "kept": self.kept,
+                "tokens": self.tokens, "loss_tokens": self.loss_tokens, "loss_share": round(self.loss_share, 6),
                 "longest_answer": self.longest_answer}
 
     def summary(self, max_seq_len: int, truncation: str) -> str:
@@ -141,21 +159,25 @@ class TruncationReport:
         parts = []
         if self.prompt_cut:
             parts.append(f"{self.prompt_cut:,} of {n} prompts cut from the left to fit {limit}")
+        if self.turns_cut:
+            parts.append(f"{self.turns_cut:,} of {n} conversations without their earliest exchanges to fit {limit}")
         if self.text_cut:
             parts.append(f"{self.text_cut:,} of {n} texts cut at {limit} (their ends are not trained on)")
+        alone = "the last exchange alone" if self.chat else "the answer alone"
         if self.dropped and truncation == "drop":
             parts.append(f"{self.dropped:,} of {n} examples dropped: longer than {limit} (data.truncation: drop)")
         elif self.dropped and parts:
-            parts.append(f"{self.dropped:,} dropped (the answer alone is longer)")
+            parts.append(f"{self.dropped:,} dropped ({alone} is longer)")
         elif self.dropped:
-            parts.append(f"{self.dropped:,} of {n} examples dropped: the answer alone is longer than {limit}")
+            parts.append(f"{self.dropped:,} of {n} examples dropped: {alone} is longer than {limit}")
         return "; ".join(parts)
 
 
 def tokenize_example(example: Example, tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
-                     train_on_prompt: bool, bos: bool, truncation: str = "cut_prompt") -> TokenizedExample:
+                     train_on_prompt: bool, bos: bool, truncation: str = "cut_prompt",
+                     chat_template: ChatTemplate | None = None) -> TokenizedExample:
     """Prompt and response tokenized separately and concatenated, EOS last, BOS first when `bos`
-    (`bos_first`, which evaluation follows too).
+    (`bos_first`, which evaluation follows too). A conversation: `tokenize_conversation`.
 
     Longer than `max_seq_len`: under `cut_prompt` the prompt is cut from the left (a BOS stays first)
     so that the whole response and its EOS survive; an example whose answer alone (BOS, response,
@@ -163,6 +185,11 @@ def tokenize_example(example: Example, tokenizer: PreTrainedTokenizerBase, max_s
     `max_seq_len`. Under `drop` every example that does not fit is dropped."""
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation {truncation!r} is not one of {TRUNCATIONS}")
+    if example.messages is not None:
+        if chat_template is None:
+            raise ValueError("a conversation needs a chat template")
+        return tokenize_conversation(example.messages, tokenizer, renderer(tokenizer, chat_template),
+                                     chat_template.origin, max_seq_len, train_on_prompt, bos, truncation)
     [prompt] = encode(tokenizer, [example.prompt], bos)
     [response] = encode(tokenizer, [example.response], bos=False)
     if tokenizer.eos_token_id is not None:
@@ -184,15 +211,72 @@ def tokenize_example(example: Example, tokenizer: PreTrainedTokenizerBase, max_s
     return TokenizedExample(item, outcome, length, answer)
 
 
+def tokenize_conversation(messages: tuple[Message, ...], tokenizer: PreTrainedTokenizerBase, render: Render,
+                          origin: str, max_seq_len: int, train_on_prompt: bool, bos: bool,
+                          truncation: str) -> TokenizedExample:
+    """The rendered conversation, BOS first when `bos` (unless the template wrote it), the loss on
+    each assistant answer and its closing marker (`chat.answer_spans`; everything with
+    `train_on_prompt`). No EOS is added: the template closes each turn.
+
+    Longer than `max_seq_len`: under `cut_prompt` whole exchanges are left out, earliest first (the
+    system message stays), until it fits; one whose last exchange alone does not fit is dropped.
+    Under `drop` every conversation that does not fit is dropped."""
+    whole = conversation_item(messages, tokenizer, render, origin, train_on_prompt, bos)
+    length = len(whole["input_ids"])
+    starts = exchange_starts(messages)
+    answer = length if len(starts) == 1 else _rendered_length(without_earliest(messages, starts[-1]), tokenizer,
+                                                                render, bos)
+    if length <= max_seq_len:
+        return TokenizedExample(whole, "whole", length, answer)
+    if truncation == "drop" or answer > max_seq_len:
+        return TokenizedExample(None, "dropped", length, answer)
+    for start in starts[1:]:
+        kept = without_earliest(messages, start)
+        if start == starts[-1] or _rendered_length(kept, tokenizer, render, bos) <= max_seq_len:
+            item = conversation_item(kept, tokenizer, render, origin, train_on_prompt, bos)
+            return TokenizedExample(item, "turns_cut", length, answer)
+    raise AssertionError("unreachable: the last exchange fits")
+
+
+def conversation_item(messages: tuple[Message, ...], tokenizer: PreTrainedTokenizerBase, render: Render, origin: str,
+                      train_on_prompt: bool, bos: bool) -> dict[str, list[int]]:
+    """Token ids and labels of a rendered conversation: a token is trained when its characters
+    overlap an answer span (so the token that carries an answer's first characters together with a
+    space before them is trained too)."""
+    if not tokenizer.is_fast:
+        raise UserError("data.format: conversations need a fast tokenizer (its offsets map the answers to tokens); "
+                        "this one is a slow (Python) tokenizer")
+    text, spans = answer_spans(render, messages, origin)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels, k = list(encoded["input_ids"]), [], 0
+    for token, (start, end) in zip(ids, encoded["offset_mapping"]):
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        trained = train_on_prompt or (k < len(spans) and start < end and spans[k][0] < end)
+        labels.append(token if trained else IGNORE_INDEX)
+    if needs_bos(tokenizer, text, bos):
+        ids, labels = [tokenizer.bos_token_id, *ids], [tokenizer.bos_token_id if train_on_prompt else IGNORE_INDEX,
+                                                       *labels]
+    return {"input_ids": ids, "labels": labels}
+
+
+def _rendered_length(messages: tuple[Message, ...], tokenizer: PreTrainedTokenizerBase, render: Render,
+                     bos: bool) -> int:
+    text = render(messages)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + needs_bos(tokenizer, text, bos)
+
+
 def tokenize_examples(examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
                       train_on_prompt: bool, packing: bool, add_bos: bool | None = None,
-                      truncation: str = "cut_prompt") -> tuple[list[dict[str, list[int]]], TruncationReport]:
-    """The items training reads (packed when `packing`) and a report of what truncation did."""
+                      truncation: str = "cut_prompt", chat_template: ChatTemplate | None = None,
+                      ) -> tuple[list[dict[str, list[int]]], TruncationReport]:
+    """The items training reads (packed when `packing`) and a report of what truncation did.
+    Conversations are rendered by `chat_template`."""
     bos = bos_first(tokenizer, add_bos)
-    report = TruncationReport(examples=len(examples))
+    report = TruncationReport(examples=len(examples), chat=any(e.messages is not None for e in examples))
     items = []
     for example in examples:
-        done = tokenize_example(example, tokenizer, max_seq_len, train_on_prompt, bos, truncation)
+        done = tokenize_example(example, tokenizer, max_seq_len, train_on_prompt, bos, truncation, chat_template)
         setattr(report, done.outcome, getattr(report, done.outcome) + 1)
         report.lengths.append(done.length)
         report.longest_answer = max(report.longest_answer, done.answer)
@@ -213,9 +297,11 @@ def check_kept(report: TruncationReport, max_seq_len: int, truncation: str) -> N
         raise UserError(f"data: {n} longer than data.max_seq_len {max_seq_len}, and data.truncation is drop (the "
                         f"shortest is {min(report.lengths)} tokens, the longest answer {report.longest_answer}); raise "
                         "data.max_seq_len, or set data.truncation: cut_prompt")
-    raise UserError(f"data: {n} dropped: the answer alone (with EOS, and BOS where sequences begin with it) is "
-                    f"longer than data.max_seq_len {max_seq_len} (the longest answer: {report.longest_answer} tokens); "
-                    f"raise data.max_seq_len to at least {report.longest_answer}")
+    alone, longest = (("the last exchange alone (with the system message, and BOS where sequences begin with it)",
+                       "the longest last exchange") if report.chat else
+                      ("the answer alone (with EOS, and BOS where sequences begin with it)", "the longest answer"))
+    raise UserError(f"data: {n} dropped: {alone} is longer than data.max_seq_len {max_seq_len} ({longest}: "
+                    f"{report.longest_answer} tokens); raise data.max_seq_len to at least {report.longest_answer}")
 
 
 def pack(items: list[dict[str, list[int]]], max_seq_len: int) -> list[dict[str, list[int]]]:

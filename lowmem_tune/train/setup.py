@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from transformers import PreTrainedTokenizerBase
 
@@ -20,6 +20,7 @@ from lowmem_tune.data import (
     tokenize_examples,
     train_local_tokenizer,
 )
+from lowmem_tune.data.chat import CHAT_FORMATS, ChatTemplate, chat_template_for, corpus_renderer
 from lowmem_tune.data.tokenize import bos_first, check_kept
 from lowmem_tune.errors import UserError, one_line
 from lowmem_tune.modeling import load_tokenizer
@@ -48,6 +49,8 @@ class TokenizedData:
     heldout_items: list[Any]
     train_report: TruncationReport
     heldout_report: TruncationReport
+    chat_template: ChatTemplate | None = None
+    """The template conversations are rendered with (chat formats only)."""
 
     def truncation_note(self, data: DataSection) -> str | None:
         """One line saying what truncation cut or dropped; None when it did nothing."""
@@ -74,17 +77,29 @@ def tokenize_data(profile: Profile, resolved: ResolvedModel, run_dir: Path, main
     d = profile.data
     examples, fmt = load_examples_and_format(d)
     train_examples, heldout_examples = split_heldout(examples, d.heldout, profile.train.seed)
-    tokenizer, source = tokenizer_and_source(profile, resolved, run_dir,
-                                             [e.prompt + e.response for e in train_examples], main)
+    chat = fmt in CHAT_FORMATS
+    tokenizer, source = tokenizer_and_source(profile, resolved, run_dir, _corpus(train_examples, d, chat), main)
+    template = chat_template_for(d.chat_template, tokenizer) if chat else None
+    if template is not None:  # the tokenizer saved with the model renders conversations as training did
+        tokenizer.chat_template = template.source
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     (train_items, train_report), (heldout_items, heldout_report) = (
         tokenize_examples(exs, tokenizer, d.max_seq_len, d.train_on_prompt, d.packing, profile.eval.add_bos,
-                          d.truncation)
+                          d.truncation, template)
         for exs in (train_examples, heldout_examples)
     )
     return TokenizedData(d.dataset, fmt, train_examples, heldout_examples, tokenizer, source,
                          bos_first(tokenizer, profile.eval.add_bos), pad_id, train_items, heldout_items, train_report,
-                         heldout_report)
+                         heldout_report, template)
+
+
+def _corpus(examples: list[Example], data: DataSection, chat: bool) -> Iterator[str]:
+    """The texts a random-init model's tokenizer is trained on (generated only when one is): a
+    conversation as the template that will render it writes it (that tokenizer has no template of
+    its own, so data.chat_template or the default)."""
+    render = corpus_renderer(chat_template_for(data.chat_template, None)) if chat else None
+    for example in examples:
+        yield render(example.messages) if render and example.messages else example.prompt + example.response
 
 
 def prepare_data(profile: Profile, resolved: ResolvedModel, run_dir: Path, processes: int = 1,
@@ -107,7 +122,7 @@ def prepare_data(profile: Profile, resolved: ResolvedModel, run_dir: Path, proce
                    data.truncation_note(profile.data))
 
 
-def tokenizer_and_source(profile: Profile, resolved: ResolvedModel, run_dir: Path, texts: list[str],
+def tokenizer_and_source(profile: Profile, resolved: ResolvedModel, run_dir: Path, texts: Iterable[str],
                          main: bool = True) -> tuple[PreTrainedTokenizerBase, str]:
     """The model's tokenizer and where it came from, in words. A random-init model without one gets a
     small tokenizer trained on the run's data, saved in the run directory (by the main process,
