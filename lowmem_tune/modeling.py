@@ -33,7 +33,8 @@ def quiet_library_progress() -> None:
     """transformers, datasets and the hub draw tqdm bars ("Loading weights", "Writing model
     shards") on stderr: noise in the headless lines, and torn text under the dashboard, which
     shows our own progress. bitsandbytes warns at import, on CPUs with AVX512-BF16, that its
-    optional 4-bit CPU kernel package is missing: a kernel no strategy here uses."""
+    optional 4-bit CPU kernel package is missing: a kernel no strategy here uses; and offline, the
+    `kernels` package it loads that through warns that it skipped the hub's publisher check."""
     import logging
 
     import datasets
@@ -44,6 +45,7 @@ def quiet_library_progress() -> None:
     datasets.disable_progress_bars()
     huggingface_hub.utils.disable_progress_bars()
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
 
 
 def fast_cpu_bf16() -> bool:

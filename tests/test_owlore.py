@@ -217,3 +217,22 @@ def test_inspect_outliers_rejects_a_bad_threshold():
     result = CliRunner().invoke(main, ["inspect", "outliers", "--model", "tiny-llama", "--threshold", "0.5",
                                        "--device", "cpu"])
     assert result.exit_code == 2 and "must be above 1" in result.output
+
+
+def test_inspect_outliers_on_a_saved_model_prints_no_library_progress_bars(tmp_path):
+    """A saved model makes transformers draw "Loading weights"; the command keeps it out of its
+    table (a fresh process: the bars' switch is process-wide)."""
+    import subprocess
+    import sys
+
+    from lowmem_tune.data import train_local_tokenizer
+
+    source = tmp_path / "model"
+    tiny_llama().save_pretrained(source)
+    train_local_tokenizer(["the red box holds 3 coins"] * 40, 120).save_pretrained(source)
+    result = subprocess.run([sys.executable, "-m", "lowmem_tune", "inspect", "outliers", "--model", str(source),
+                             "--samples", "2", "--seq-len", "16", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "p(sample)" in result.stdout
+    assert "Loading weights" not in result.stdout + result.stderr and "it/s" not in result.stderr

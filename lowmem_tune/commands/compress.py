@@ -16,7 +16,7 @@ from lowmem_tune.compress import (
     save_merged,
 )
 from lowmem_tune.errors import UserError
-from lowmem_tune.modeling import load_model, load_tokenizer, pick_device
+from lowmem_tune.modeling import load_model, load_tokenizer, pick_device, quiet_library_progress
 from lowmem_tune.resources import cache_dir
 
 
@@ -49,6 +49,7 @@ def compress_command(model: str, rank_reduction: float, min_ratio: float, output
                      device: str) -> None:
     from rich.console import Console
 
+    quiet_library_progress()
     if not 0 < rank_reduction < 1:
         raise UserError(f"--rank-reduction must be between 0 and 1 (e.g. 0.5), got {rank_reduction}")
     if not 0 < min_ratio < 1:
@@ -85,6 +86,7 @@ def merge_command(model: str, output: Path) -> None:
     """A compressed directory (e.g. a welore run's final/) → a plain dense transformers model."""
     from rich.console import Console
 
+    quiet_library_progress()
     source = Path(model)
     if not (source / "config.json").is_file():
         raise UserError(f"{model}: not a model directory (no config.json)")

@@ -58,9 +58,10 @@ def inspect_outliers_command(model: str, calibration_file: Path | None, samples:
     from rich.console import Console
 
     from lowmem_tune.catalog import resolve_model
-    from lowmem_tune.modeling import load_model, pick_device, resolve_dtype
+    from lowmem_tune.modeling import load_model, pick_device, quiet_library_progress, resolve_dtype
     from lowmem_tune.resources import cache_dir
 
+    quiet_library_progress()  # a "Loading weights" bar above the table is noise
     if threshold <= 1:
         raise UserError(f"--threshold is M in 'score > M x mean'; must be above 1, got {threshold}")
     if samples <= 0 or seq_len <= 0:
