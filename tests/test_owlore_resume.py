@@ -70,7 +70,9 @@ def test_trainer_state_loads_on_the_cpu_and_each_component_places_its_own_tensor
     from lowmem_tune.train.checkpoint import latest_checkpoint, load_trainer_state
 
     profile = profile_from_dict({
-        "model": {"name": "demo-llama", "init": "random"},
+        # float32 as the meta model below (auto is bf16 on a CPU with bf16 units, where AdamW runs
+        # through GaLore-AdamW to round stochastically: another updater, another state)
+        "model": {"name": "demo-llama", "init": "random", "dtype": "float32"},
         "hardware": {"device": "cpu"},
         "strategy": {"name": "lisa", "sampled_layers": 1, "interval": 1, "optimizer": inside, "rank": 8,
                      "inactive_state": "offload"},

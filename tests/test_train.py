@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from lowmem_tune.cli import main
+from lowmem_tune.errors import UserError
 from lowmem_tune.events import RunFinished
 from lowmem_tune.modeling import resolve_dtype
 from lowmem_tune.profile import profile_from_dict
@@ -379,3 +380,15 @@ def test_resume_drops_the_earlier_sessions_end_and_later_lines(tmp_path):
     assert saved == [2, 4, 6]
     steps = [e["metrics"]["step"] for e in events if e["type"] == "StepMetrics"]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resuming_with_another_optimizer_is_a_one_line_error(tmp_path):
+    """A checkpoint written by fp32 AdamW (torch's) resumed as bf16 (AdamW with stochastic rounding,
+    another updater): what changed and how to resume, not a KeyError from deep in the optimizer."""
+    raw = tiny_profile(tmp_path / "run", train={"max_steps": 2, "save_every": 2}, model={"dtype": "float32"})
+    assert run_training(profile_from_dict(raw), resume=False, sink=Recorder()).status == "completed"
+    raw["model"]["dtype"] = "bfloat16"
+    raw["train"]["max_steps"] = 4
+    with pytest.raises(UserError, match=r"--resume: .* another optimizer .* model.dtype \(here bfloat16\)") as err:
+        run_training(profile_from_dict(raw), resume=True, sink=Recorder())
+    assert "\n" not in str(err.value)

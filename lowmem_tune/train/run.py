@@ -125,9 +125,11 @@ class TrainingRun:
         if self.data.truncation_note:
             self.events.emit(Info(self.data.truncation_note))
         if p.eval.tasks or p.eval.data_files:  # a typo fails now, not after training
-            from lowmem_tune.evaluation.runner import check_tasks
+            from lowmem_tune.evaluation.runner import chat_renderer, check_tasks
 
             check_tasks(p.eval.tasks, p.eval.data_files, "eval.data_files")
+            chat_renderer(self.data.tokenizer, p.eval.apply_chat_template, p.eval.fewshot_as_multiturn,
+                          "eval.apply_chat_template")
         self.stream = self.data.stream  # global micro-batches: every process takes its rows
         self.strategy = build_strategy(p)
         check_distributed(p, world)
@@ -154,9 +156,17 @@ class TrainingRun:
         if self.resume_from is not None:
             state = load_checkpoint(self.resume_from, self.model)
             check_resume_world(state, world, self.resume_from.path)
-            self.updater.load_state_dict(state["updater"])
-            self.strategy.load_state_dict(state["strategy"])
-            self.stream.load_state_dict(state["data"])
+            try:
+                self.updater.load_state_dict(state["updater"])
+                self.strategy.load_state_dict(state["strategy"])
+                self.stream.load_state_dict(state["data"])
+            except (KeyError, ValueError, RuntimeError, TypeError) as err:  # another optimizer's state
+                raise UserError(
+                    f"--resume: {self.resume_from.path} holds the state of another optimizer or strategy than this "
+                    f"run builds ({one_line(err, 100)}); resume with the profile it was written with "
+                    f"({self.run_dir / 'profile.yaml'}): same strategy, model.dtype (here "
+                    f"{str(self.dtype).removeprefix('torch.')}) and strategy.rounding"
+                ) from None
             set_rng_state(state["rng"])
             self.step = int(state["step"])
             self.eval_results = state.get("eval_results", self.eval_results)
@@ -326,7 +336,9 @@ class TrainingRun:
 
         e = self.profile.eval
         results = evaluate_tasks(self.model, self.data.tokenizer, e.tasks, limit=e.limit, num_fewshot=e.num_fewshot,
-                                 batch_size=e.batch_size, data_files=e.data_files, add_bos=e.add_bos)
+                                 batch_size=e.batch_size, data_files=e.data_files, add_bos=e.add_bos,
+                                 apply_chat_template=e.apply_chat_template, fewshot_as_multiturn=e.fewshot_as_multiturn,
+                                 chat_key="eval.apply_chat_template")
         self.events.emit(EvalResult(stage, results))
         return results
 
