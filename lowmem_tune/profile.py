@@ -206,12 +206,20 @@ class EvalSection:
     num_fewshot: int = knob(0, bounds=at_least(0))
     batch_size: int = knob(8, bounds=ONE)
     data_files: dict[str, str] = field(default_factory=dict)
-    """Local files per task (task name -> JSON / JSONL / parquet in the task's schema)."""
+    """Local files per task (task name -> JSON / JSONL / parquet / save_to_disk directory in the task's
+    schema), or per suite (suite name -> a directory with an entry per task or subject)."""
     add_bos: bool | None = None
     """BOS before every sequence: null puts it where the tokenizer does on its own (Llama's, Gemma's
     and Mistral's do), as lm-evaluation-harness does by default; true / false override that, like
     the harness's add_bos_token. The run's training and held-out examples follow the same choice,
     so the model is scored on sequences that begin the way its training sequences began."""
+    apply_chat_template: bool = False
+    """Render each evaluation context with the tokenizer's chat template (the run's, which a run on
+    chat data sets from data.chat_template), as lm-evaluation-harness' --apply_chat_template; a
+    tokenizer without one is an error at the run's start."""
+    fewshot_as_multiturn: bool | None = None
+    """With apply_chat_template: few-shot examples as user / assistant turns (null: yes, the harness's
+    default) or false: joined with the question into one user turn."""
 
 
 @dataclass

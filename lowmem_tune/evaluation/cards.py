@@ -4,6 +4,10 @@ A card says where the rows come from, how a row becomes a prompt, what the choic
 pattern are and which metrics to report, so a user adds a task by writing YAML. Prompts are Jinja
 templates and `choices` / `target` / `continuation` are Jinja expressions over the row's fields, as
 in lm-evaluation-harness, so its task definitions translate one to one.
+
+A card with a `subjects` list (mmlu.yaml) is one task per subject, named CARD_SUBJECT: the subject
+is the Jinja variable `subject` in its templates and in its `source` strings (the hub config). A
+suite lists tasks or other suites; every suite evaluated is also reported as a group.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from lowmem_tune.resources import evaluate_dir
 
 SCORERS = ("loglikelihood", "generation")
 LOGLIKELIHOOD_METRICS = ("acc", "acc_norm")
+FEWSHOT_SAMPLERS = ("random", "first_n")
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,11 @@ class TaskCard:
     max_new_tokens: int = 16
     stop: tuple[str, ...] = ("\n",)
     description: str = ""
+    # Jinja over the row, put once before the few-shot examples (lm-evaluation-harness' `description`).
+    preamble: str = ""
+    # random: drawn by one seeded generator; first_n: the few-shot split's first rows, in order (MMLU).
+    fewshot_sampler: str = "random"
+    subject: str | None = None  # a card of subjects: this task's (the templates' variable `subject`)
     path: Path | None = field(default=None, compare=False)
 
     @property
@@ -92,6 +102,7 @@ class DocFormatter:
         self.card = card
         try:
             self._prompt = env.from_string(card.prompt)
+            self._preamble = env.from_string(card.preamble)
             self._target = env.compile_expression(card.target, undefined_to_none=False)
             self._choices = (
                 env.compile_expression(card.choices, undefined_to_none=False)
@@ -107,7 +118,7 @@ class DocFormatter:
     def _run(self, what: str, fn, doc: dict[str, Any], convert=lambda value: value):
         # StrictUndefined raises only when a missing field is used, so convert inside the guard.
         try:
-            value = fn(**doc)
+            value = fn(**(doc if self.card.subject is None else {**doc, "subject": self.card.subject}))
             if isinstance(value, Undefined):
                 value._fail_with_undefined_error()
             return convert(value)
@@ -119,6 +130,9 @@ class DocFormatter:
 
     def text(self, doc: dict[str, Any]) -> str:
         return self._run("prompt", self._prompt.render, doc)
+
+    def preamble(self, doc: dict[str, Any]) -> str:
+        return self._run("preamble", self._preamble.render, doc)
 
     def choices(self, doc: dict[str, Any]) -> list[str]:
         if self._choices is None:
@@ -145,11 +159,42 @@ def _suites_dir() -> Path:
 
 
 def available_tasks() -> list[str]:
-    return sorted(p.stem for p in _tasks_dir().glob("*.yaml"))
+    """Every task name: a card's, or CARD_SUBJECT for each subject of a card of subjects."""
+    names = []
+    for path in sorted(_tasks_dir().glob("*.yaml")):
+        subjects = _subjects_of(path)
+        names += [path.stem] if subjects is None else [f"{path.stem}_{s}" for s in subjects]
+    return names
 
 
 def available_suites() -> list[str]:
     return sorted(p.stem for p in _suites_dir().glob("*.yaml"))
+
+
+def _subjects_of(path: Path) -> list[str] | None:
+    """The `subjects` of a card of subjects, or None for a plain card (or one that does not parse:
+    loading it says why)."""
+    try:
+        subjects = _read_yaml(path).get("subjects")
+    except UserError:
+        return None
+    if subjects is None:
+        return None
+    if not isinstance(subjects, list) or not subjects or not all(
+            isinstance(s, str) and re.fullmatch(r"[A-Za-z0-9][\w-]*", s) for s in subjects):
+        raise UserError(f"{path}: subjects must be a non-empty list of plain names (letters, digits, _ and -)")
+    if len(set(subjects)) != len(subjects):
+        raise UserError(f"{path}: subjects lists a subject twice")
+    return subjects
+
+
+def _listing() -> str:
+    """The task names for an error message, a card of subjects as one entry."""
+    names = []
+    for path in sorted(_tasks_dir().glob("*.yaml")):
+        subjects = _subjects_of(path)
+        names.append(path.stem if subjects is None else f"{path.stem}_SUBJECT ({len(subjects)} subjects)")
+    return ", ".join(names)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -184,19 +229,43 @@ def _card_file(folder: Path, name: str) -> Path | None:
         return None
 
 
+def _card_of_subject(name: str) -> tuple[Path, str] | None:
+    """(the card of subjects, the subject) that the task name CARD_SUBJECT stands for."""
+    parts = name.split("_") if isinstance(name, str) else []
+    for i in range(1, len(parts)):
+        path = _card_file(_tasks_dir(), "_".join(parts[:i]))
+        subject = "_".join(parts[i:])
+        if path is not None and subject in (_subjects_of(path) or ()):
+            return path, subject
+    return None
+
+
+def _unknown(name: str) -> UserError:
+    close = difflib.get_close_matches(str(name), available_tasks() + available_suites(), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return UserError(f"unknown task {name!r:.80}: {hint}tasks are {_listing()}; suites are {', '.join(available_suites())}")
+
+
 def load_card(name: str) -> TaskCard:
-    """The card evaluate/tasks/NAME.yaml, validated."""
-    path = _card_file(_tasks_dir(), name)
+    """The card evaluate/tasks/NAME.yaml, or the subject's task of a card of subjects, validated."""
+    path, subject = _card_file(_tasks_dir(), name), None
+    if path is not None and (subjects := _subjects_of(path)) is not None:
+        suite = f", or all of them with the suite {name}" if _card_file(_suites_dir(), name) else ""
+        raise UserError(f"{name} is a card of {len(subjects)} subjects: evaluate one as {name}_SUBJECT "
+                        f"(e.g. {name}_{subjects[0]}){suite}")
     if path is None:
-        close = difflib.get_close_matches(str(name), available_tasks() + available_suites(), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise UserError(
-            f"unknown task {name!r:.80}: {hint}tasks are {', '.join(available_tasks())}; "
-            f"suites are {', '.join(available_suites())}"
-        )
+        path, subject = _card_of_subject(name) or (None, None)
+        if path is None:
+            raise _unknown(name)
     data = _read_yaml(path)
+    data.pop("subjects", None)
     data.setdefault("name", name)
-    source = _build(DataSource, data.pop("source", None) or {}, f"{path} source")
+    raw_source = data.pop("source", None) or {}
+    if subject is not None:
+        data["name"], data["subject"] = name, subject
+        if isinstance(raw_source, dict):
+            raw_source = {k: _fill_subject(v, subject, f"{path} source.{k}") for k, v in raw_source.items()}
+    source = _build(DataSource, raw_source, f"{path} source")
     answer = data.pop("answer", None)
     card = _build(TaskCard, {
         **data,
@@ -208,6 +277,16 @@ def load_card(name: str) -> TaskCard:
     }, str(path))
     _validate(card)
     return card
+
+
+def _fill_subject(value: Any, subject: str, where: str) -> Any:
+    """A `source` string of a card of subjects with its `{{ subject }}` filled in."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return ImmutableSandboxedEnvironment(undefined=StrictUndefined).from_string(value).render(subject=subject)
+    except TemplateError as err:
+        raise UserError(f"{where}: bad template ({err}); only {{{{ subject }}}} is known there") from None
 
 
 def _validate(card: TaskCard) -> None:
@@ -225,17 +304,52 @@ def _validate(card: TaskCard) -> None:
             raise UserError(f"{where}: a generation task needs an `answer` pattern")
         if card.answer.pick not in ("first", "last") or card.answer.compare not in ("text", "number"):
             raise UserError(f"{where}: answer.pick is first|last and answer.compare is text|number")
+    if card.fewshot_sampler not in FEWSHOT_SAMPLERS:
+        raise UserError(f"{where}: fewshot_sampler must be one of {', '.join(FEWSHOT_SAMPLERS)}, "
+                        f"not {card.fewshot_sampler!r}")
     if card.source.synthetic is None and card.source.hub is None:
         raise UserError(f"{where}: source needs `hub` (dataset id) or `synthetic` (generator name)")
 
 
+def _suite_members(name: str) -> list[str] | None:
+    """The names a suite lists (tasks or suites), or None when `name` is no suite."""
+    path = _card_file(_suites_dir(), name)
+    if path is None:
+        return None
+    members = _read_yaml(path).get("tasks", [])
+    if not isinstance(members, list) or not all(isinstance(m, str) and m for m in members):
+        raise UserError(f"{path}: tasks must be a list of task or suite names")
+    return members
+
+
+def suite_groups(names: list[str]) -> dict[str, list[str]]:
+    """Every suite among `names` or inside them (outer first) -> the tasks it expands to, in order."""
+    groups: dict[str, list[str]] = {}
+
+    def visit(name: str, inside: tuple[str, ...]) -> list[str]:
+        members = _suite_members(name)
+        if members is None:
+            return [name]
+        if name in inside:
+            raise UserError(f"suite {name} includes itself ({' -> '.join(inside + (name,))})")
+        groups.setdefault(name, [])
+        tasks: list[str] = []
+        for member in members:
+            tasks += [t for t in visit(member, inside + (name,)) if t not in tasks]
+        groups[name] = tasks
+        return tasks
+
+    for name in names:
+        visit(name, ())
+    return groups
+
+
 def expand_tasks(names: list[str]) -> list[str]:
-    """Task names with suites replaced by their tasks, in order, without repeats."""
+    """Task names with suites (and the suites inside them) replaced by their tasks, in order, without repeats."""
+    groups = suite_groups(names)
     out: list[str] = []
     for name in names:
-        suite = _card_file(_suites_dir(), name)
-        members = _read_yaml(suite).get("tasks", []) if suite is not None else [name]
-        for task in members:
+        for task in groups.get(name, [name]):
             if task not in out:
                 out.append(task)
     return out

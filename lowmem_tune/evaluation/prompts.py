@@ -1,8 +1,11 @@
 """Rows into scorer requests: few-shot context, choices, gold answer (lm-evaluation-harness layout).
 
-Few-shot context = the examples joined by the few-shot delimiter, the delimiter again, then the
-row's prompt. An example is its prompt + target delimiter + its gold answer. Examples are drawn by
-one `random.Random(seed)` in row order, as lm-evaluation-harness' default sampler does (seed 1234).
+Few-shot context = the card's preamble, the examples joined by the few-shot delimiter, the
+delimiter again, then the row's prompt. An example is its prompt + target delimiter + its gold
+answer. Examples are drawn by one `random.Random(seed)` in row order, as lm-evaluation-harness'
+default sampler does (seed 1234), or are the pool's first rows (`first_n`, MMLU's dev split). With
+a chat template (chat.py) the same pieces are turns of a conversation, and a choice follows the
+rendered context without the target delimiter, as in the harness.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 from lowmem_tune.errors import UserError
 from lowmem_tune.evaluation.cards import DocFormatter, TaskCard
+from lowmem_tune.evaluation.chat import ChatRenderer, Turn, plain_text
 
 FEWSHOT_SEED = 1234
 
@@ -36,34 +40,44 @@ class OpenQuestion:
 
 
 class FewshotSampler:
-    """Draws few-shot examples for rows in order from one seeded generator.
+    """Draws few-shot examples for rows in order from one seeded generator, or takes the pool's
+    first rows (`first_n`).
 
     When the pool is the evaluated split itself (`pool_is_eval_split`; the evaluated rows are then
-    its first rows), n+1 are drawn and the row itself is dropped, so it never answers its own
-    question — lm-evaluation-harness' rule.
+    its first rows), the row itself is never its own example: n+1 are drawn and the row dropped —
+    lm-evaluation-harness' rule — or, with `first_n`, the first n other rows are taken (the harness
+    never takes first_n from the evaluated split: MMLU's come from dev).
     """
 
-    def __init__(self, pool: list[dict[str, Any]], pool_is_eval_split: bool, seed: int = FEWSHOT_SEED):
+    def __init__(self, pool: list[dict[str, Any]], pool_is_eval_split: bool, seed: int = FEWSHOT_SEED,
+                 first_n: bool = False):
         self._pool = pool
         self._pool_is_eval_split = pool_is_eval_split
         self._rng = random.Random(seed)
+        self._first_n = first_n
 
     def examples(self, row_index: int, n: int) -> list[dict[str, Any]]:
         if n <= 0:
             return []
-        draw = min(n + 1 if self._pool_is_eval_split else n, len(self._pool))
-        picked = self._rng.sample(range(len(self._pool)), draw)
-        if self._pool_is_eval_split:
-            picked = [i for i in picked if i != row_index]
+        if self._first_n:
+            picked = [i for i in range(min(n + 1, len(self._pool)))
+                      if not (self._pool_is_eval_split and i == row_index)]
+        else:
+            draw = min(n + 1 if self._pool_is_eval_split else n, len(self._pool))
+            picked = self._rng.sample(range(len(self._pool)), draw)
+            if self._pool_is_eval_split:
+                picked = [i for i in picked if i != row_index]
         return [self._pool[i] for i in picked[:n]]
 
 
 class QuestionBuilder:
-    """Turns a card's rows into ChoiceQuestion / OpenQuestion requests."""
+    """Turns a card's rows into ChoiceQuestion / OpenQuestion requests, as plain text or, given a
+    `ChatRenderer`, rendered with the tokenizer's chat template."""
 
-    def __init__(self, card: TaskCard):
+    def __init__(self, card: TaskCard, chat: ChatRenderer | None = None):
         self.card = card
         self.fmt = DocFormatter(card)
+        self.chat = chat
 
     def _gold_index(self, row: dict[str, Any], n_choices: int) -> int:
         index = self.fmt.gold_index(row)
@@ -71,36 +85,42 @@ class QuestionBuilder:
             raise UserError(f"task {self.card.name}: gold index {index} is outside the {n_choices} choices of a row")
         return index
 
-    def _example(self, row: dict[str, Any]) -> str:
-        """A solved example for the few-shot context."""
+    def _example(self, row: dict[str, Any]) -> list[Turn]:
+        """A solved example for the few-shot context: the prompt and its answer."""
         card = self.card
+        tgt, few = card.target_delimiter, card.fewshot_delimiter
         if card.scorer == "generation":
-            return self.fmt.text(row) + card.target_delimiter + self.fmt.gold_text(row)
+            return [Turn("user", self.fmt.text(row), tgt), Turn("assistant", self.fmt.gold_text(row), few)]
         choices = self.fmt.choices(row)
         gold = self._gold_index(row, len(choices))
         if card.choices_complete_context:
-            return choices[gold] + card.target_delimiter + self.fmt.continuation(row)
-        return self.fmt.text(row) + card.target_delimiter + choices[gold]
+            return [Turn("user", choices[gold], tgt), Turn("assistant", self.fmt.continuation(row), few)]
+        return [Turn("user", self.fmt.text(row), tgt), Turn("assistant", choices[gold], few)]
 
-    def _prefix(self, examples: list[dict[str, Any]]) -> str:
-        if not examples:
-            return ""
-        delim = self.card.fewshot_delimiter
-        return delim.join(self._example(row) for row in examples) + delim
+    def _context(self, row: dict[str, Any], examples: list[dict[str, Any]], question: str) -> str:
+        turns = [Turn("system", self.fmt.preamble(row))] if self.card.preamble else []
+        turns = [t for t in turns if t.content]
+        for example in examples:
+            turns += self._example(example)
+        turns.append(Turn("user", question))
+        return plain_text(turns) if self.chat is None else self.chat.render(turns)
+
+    @property
+    def _target_delimiter(self) -> str:
+        return "" if self.chat is not None else self.card.target_delimiter
 
     def choice_question(self, row: dict[str, Any], examples: list[dict[str, Any]]) -> ChoiceQuestion:
-        card = self.card
-        prefix = self._prefix(examples)
         choices = self.fmt.choices(row)
         gold = self._gold_index(row, len(choices))
-        if card.choices_complete_context:
-            continuation = card.target_delimiter + self.fmt.continuation(row)
-            return ChoiceQuestion([prefix + c for c in choices], [continuation] * len(choices), choices, gold)
-        context = prefix + self.fmt.text(row)
-        return ChoiceQuestion([context] * len(choices), [card.target_delimiter + c for c in choices], choices, gold)
+        if self.card.choices_complete_context:
+            continuation = self._target_delimiter + self.fmt.continuation(row)
+            contexts = [self._context(row, examples, c) for c in choices]
+            return ChoiceQuestion(contexts, [continuation] * len(choices), choices, gold)
+        context = self._context(row, examples, self.fmt.text(row))
+        return ChoiceQuestion([context] * len(choices), [self._target_delimiter + c for c in choices], choices, gold)
 
     def open_question(self, row: dict[str, Any], examples: list[dict[str, Any]]) -> OpenQuestion:
-        return OpenQuestion(self._prefix(examples) + self.fmt.text(row), self.fmt.gold_text(row))
+        return OpenQuestion(self._context(row, examples, self.fmt.text(row)), self.fmt.gold_text(row))
 
     def build(self, rows: list[dict[str, Any]], sampler: FewshotSampler, num_fewshot: int):
         make = self.open_question if self.card.scorer == "generation" else self.choice_question
