@@ -33,8 +33,9 @@ def quiet_library_progress() -> None:
     """transformers, datasets and the hub draw tqdm bars ("Loading weights", "Writing model
     shards") on stderr: noise in the headless lines, and torn text under the dashboard, which
     shows our own progress. bitsandbytes warns at import, on CPUs with AVX512-BF16, that its
-    optional 4-bit CPU kernel package is missing: a kernel no strategy here uses; and offline, the
-    `kernels` package it loads that through warns that it skipped the hub's publisher check."""
+    optional 4-bit CPU kernel package (from the hub) is missing: QLoRA on the CPU then runs
+    through bitsandbytes' torch code, as it does offline anyway; and the `kernels` package it loads
+    that through warns that it skipped the hub's publisher check."""
     import logging
 
     import datasets

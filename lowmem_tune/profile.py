@@ -20,7 +20,7 @@ from lowmem_tune.errors import UserError, one_line
 from lowmem_tune.resources import chat_template_names, profiles_dir
 from lowmem_tune.schema import POSITIVE, SHARE, Bounds, above, applies_to, at_least, build, knob
 
-STRATEGY_NAMES = ("full", "adamw8bit", "galore", "fira", "lisa", "owlore", "welore")
+STRATEGY_NAMES = ("full", "adamw8bit", "galore", "fira", "lisa", "owlore", "welore", "lora", "qlora", "dora")
 """Every strategy, by the name a profile gives in `strategy.name`: the one list the registry, the
 planner and the CLI take theirs from."""
 StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
@@ -29,6 +29,10 @@ GALORE_INSIDE = ("galore", "fira", "lisa", "owlore", "welore")
 """Strategies that run GaLore (for LISA / OwLore / WeLore: with `optimizer: galore`, the default)."""
 LAYER_SAMPLING = ("lisa", "owlore")
 INT8_CAPABLE = ("galore", "fira", "lisa", "owlore", "welore")
+"""Strategies that can train with INT8 decoder weights (LISA / OwLore / WeLore with GaLore inside)."""
+ADAPTERS = ("lora", "qlora", "dora")
+"""Adapter methods (peft) on a frozen base: not full-parameter, listed apart by the planner."""
+FULL_PARAMETER = tuple(name for name in STRATEGY_NAMES if name not in ADAPTERS)
 """Strategies that can train with INT8 decoder weights (LISA / OwLore / WeLore with GaLore inside)."""
 ONE = at_least(1)
 TRUNCATIONS = ("cut_prompt", "drop")
@@ -76,7 +80,7 @@ class StrategySection:
     SVD (exact, or randomized with power iterations) of the accumulated gradient, which layerwise
     mode then keeps until the step; `first_micro_batch`, the exact SVD of the first micro-batch's
     gradient (the rule before the sketch; kept to compare, see README)."""
-    rounding: Literal["stochastic", "nearest"] = knob("stochastic", applies=STRATEGY_NAMES)
+    rounding: Literal["stochastic", "nearest"] = knob("stochastic", applies=FULL_PARAMETER)
     """How updates are written into 16-bit (and INT8) weights: stochastically rounded (unbiased: a
     step smaller than half a bf16 ulp, or an INT8 code step, still moves the weight in
     expectation) or to nearest. For AdamW (`full`, `adamw8bit`, `optimizer: adamw` / `adamw8bit`),
@@ -110,6 +114,13 @@ class StrategySection:
     min_ratio: float = knob(0.5, bounds=SHARE, applies=("welore",))
     compressed_model: str | None = knob(None, applies=("welore",))
     train_norms: bool = knob(True, applies=("welore",))
+    # Adapters (peft): LoRA, QLoRA (NF4 base), DoRA
+    lora_rank: int = knob(16, bounds=ONE, applies=ADAPTERS)
+    lora_alpha: float = knob(32.0, bounds=POSITIVE, applies=ADAPTERS)
+    """The adapter's output is scaled by lora_alpha / lora_rank."""
+    lora_dropout: float = knob(0.05, bounds=Bounds(0, 1, high_open=True), applies=ADAPTERS)
+    target_modules: list[str] | None = knob(None, applies=ADAPTERS)
+    """Short names of the decoder linears that get adapters (q_proj, ..., down_proj); null: all."""
 
 
 def strategy_knobs(strategy: str) -> list[str]:

@@ -28,6 +28,9 @@ STRATEGIES = {
     "owlore": {"name": "owlore", "rank": 8, "sampled_layers": 2, "interval": 2, "calibration_samples": 4,
                "calibration_seq_len": 32},
     "welore": {"name": "welore", "rank": 8, "rank_reduction": 0.3},
+    "lora": {"name": "lora", "lora_rank": 4},
+    "qlora": {"name": "qlora", "lora_rank": 4},
+    "dora": {"name": "dora", "lora_rank": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]},
 }
 
 

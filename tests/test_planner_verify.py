@@ -17,6 +17,10 @@ from lowmem_tune.profile import profile_from_dict
     ("welore", False, {}),  # a compressed model at the assumed ranks, measured after compression
     # INT8 factors and dense matrices; 32 does not divide the factors' ranks (shorter last groups)
     ("welore", True, {"weight_bits": 8, "group_size": 32}),
+    # adapters: what peft keeps (a float32 input per target, the dropout's output), NF4 codes
+    ("lora", False, {}), ("qlora", True, {"lora_rank": 8}),
+    # DoRA with dropout recomputes the base output in float32 through a float32 copy of the weight
+    ("dora", False, {"target_modules": ["q_proj", "v_proj", "down_proj"]}),
 ])
 def test_analytic_total_within_5_percent_of_fake_peak(strategy, checkpointing, knobs):
     seq_len, batch = 128, 2

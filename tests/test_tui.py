@@ -277,7 +277,7 @@ def strategy_panel_text(info: dict, metrics: dict, shown: str) -> str:
     return asyncio.run(scenario())
 
 
-def test_strategy_panel_shows_galore_refresh_and_welore_components():
+def test_strategy_panel_shows_galore_refresh_welore_components_and_trainable_share():
     galore = strategy_panel_text({"name": "galore", "rank": 32, "update_proj_gap": 50},
                                  {"next_refresh_in": 13, "projectors_refreshed": 4}, shown="next subspace refresh")
     assert "rank 32" in galore and "update_proj_gap 50" in galore
@@ -285,6 +285,9 @@ def test_strategy_panel_shows_galore_refresh_and_welore_components():
     welore = strategy_panel_text({"name": "welore", "lrc": 10, "n_lrc": 18, "rank_reduction_achieved": 0.3,
                                   "decoder_parameter_reduction": 0.21}, {}, shown="LRC 10")
     assert "LRC 10 low-rank matrices · N-LRC 18 · rank reduction 30% · decoder parameters −21%" in welore
+    lora = strategy_panel_text({"name": "qlora", "lora_rank": 16, "base_bits": 4, "trainable_parameters": 1_250,
+                                "total_parameters": 100_000}, {}, shown="trains")
+    assert "trains 1,250 of 100,000 parameters (1.25%)" in lora and "lora_rank 16" in lora
 
 
 def test_redraw_pacer_keeps_the_ui_share_within_its_budget():

@@ -14,6 +14,7 @@ from lowmem_tune.planner.architecture import Architecture, resolve_architecture
 from lowmem_tune.planner.components import LOSS_TARGETS
 from lowmem_tune.planner.estimate import COMPONENTS
 from lowmem_tune.planner.search import Candidate, build_profile, nearest_fixes, search
+from lowmem_tune.profile import ADAPTERS
 
 
 def plan_command(model: str, gpu: str, gpu_index: int, margin: float, strategy: str | None, seq_len: int,
@@ -28,10 +29,11 @@ def plan_command(model: str, gpu: str, gpu_index: int, margin: float, strategy: 
     target = resolve_gpu(gpu, gpu_index)
     usable = usable_bytes(target.total_bytes, margin, target.used_by_others_bytes)
     arch = resolve_architecture(model)
-    candidates, chosen = search(arch, target, usable, seq_len, micro_batch_size, prefer, strategy, gpus)
+    found = search(arch, target, usable, seq_len, micro_batch_size, prefer, strategy, gpus)
+    candidates, chosen = found.candidates, found.chosen
     fixes = {} if chosen is not None else {
         c.strategy: nearest_fixes(arch, target, margin, seq_len, micro_batch_size, prefer, c.strategy, gpus)
-        for c in candidates}
+        for c in candidates if c.strategy not in ADAPTERS or strategy}
     report = {
         "model": {"name": arch.name, "params": arch.params, "layers": arch.num_layers,
                   "hidden_size": arch.hidden_size, "vocab_size": arch.vocab_size},
@@ -40,6 +42,7 @@ def plan_command(model: str, gpu: str, gpu_index: int, margin: float, strategy: 
         "workload": _workload(chosen or candidates[0]),
         "candidates": [_candidate_json(c) for c in candidates],
         "chosen": None if chosen is None else _candidate_json(chosen),
+        "adapter_instead": None if found.adapter_instead is None else _candidate_json(found.adapter_instead),
         "nearest_fixes": fixes,
     }
     profile = None
@@ -47,7 +50,9 @@ def plan_command(model: str, gpu: str, gpu_index: int, margin: float, strategy: 
         profile = build_profile(model, chosen, gpu, margin, seq_len)
     if verify:
         if chosen is None:
-            raise UserError("nothing fits, so there is no plan to verify (`plan` without --verify says what would)")
+            raise UserError("nothing fits, so there is no plan to verify (`plan` without --verify says what would"
+                            + (f"; --strategy {found.adapter_instead.strategy} --verify checks the adapter method that fits"
+                               if found.adapter_instead else "") + ")")
         from lowmem_tune.planner.verify import verify_profile
 
         result = verify_profile(profile)
@@ -60,7 +65,7 @@ def plan_command(model: str, gpu: str, gpu_index: int, margin: float, strategy: 
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        _print_tables(report, arch, candidates, chosen, output, gpus)
+        _print_tables(report, arch, candidates, chosen, found.adapter_instead, output, gpus)
 
 
 def _workload(c: Candidate) -> dict[str, Any]:
@@ -77,7 +82,8 @@ def _settings_text(c: Candidate) -> str:
 
 
 def _candidate_json(c: Candidate) -> dict[str, Any]:
-    return {"strategy": c.strategy, "settings": c.settings(), "fits": c.fits, "why": c.why,
+    return {"strategy": c.strategy, "full_parameter": c.strategy not in ADAPTERS, "settings": c.settings(),
+            "fits": c.fits, "why": c.why,
             "peak_at": c.estimate.phase, "notes": c.estimate.notes, "memory": c.estimate.memory}
 
 
@@ -87,7 +93,7 @@ _SHORT = {"weights": "wts", "gradients": "grad", "optimizer": "opt", "projectors
 
 
 def _print_tables(report: dict[str, Any], arch: Architecture, candidates: list[Candidate],
-                  chosen: Candidate | None, output: Path | None, gpus: int) -> None:
+                  chosen: Candidate | None, adapter_instead: Candidate | None, output: Path | None, gpus: int) -> None:
     from rich import box
     from rich.console import Console
     from rich.markup import escape
@@ -103,24 +109,35 @@ def _print_tables(report: dict[str, Any], arch: Architecture, candidates: list[C
         + (f"; {gpus} of them, data parallel (memory per GPU)" if gpus > 1 else "")
     )
     w = report["workload"]
+    adapters = any(c.strategy in ADAPTERS for c in candidates)
     table = Table(title=f"Peak memory per strategy (GiB), seq len {w['seq_len']}, weights in {w['dtype']}",
-                  caption=f"logit: the loss's logits, {LOSS_TARGETS}", box=box.SIMPLE_HEAD, pad_edge=False)
+                  caption=f"logit: the loss's logits, {LOSS_TARGETS}"
+                  + ("; below the line: adapter methods (a frozen base, not full-parameter)" if adapters else ""),
+                  box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("strategy", no_wrap=True)
     for name in COMPONENTS:
         table.add_column(_SHORT.get(name, name), justify="right")
     table.add_column("total", justify="right")
     table.add_column("fits")
-    for c in candidates:
+    for i, c in enumerate(candidates):
         mark = "[green]yes[/]" if c.fits else "[red]no[/]"
-        style = "bold" if c is chosen else None
+        style = "bold" if c is chosen else "dim" if c.strategy in ADAPTERS and c is not adapter_instead else None
         table.add_row(c.strategy, *(f"{c.estimate.memory[k] / 1024**3:.2f}" for k in COMPONENTS),
-                      f"{c.estimate.total / 1024**3:.2f}", mark, style=style)
+                      f"{c.estimate.total / 1024**3:.2f}", mark, style=style,
+                      end_section=i + 1 < len(candidates) and c.strategy not in ADAPTERS
+                      and candidates[i + 1].strategy in ADAPTERS)
     console.print(table)
     for c in candidates:
         notes = f" ({'; '.join(c.estimate.notes)})" if c.estimate.notes else ""
         console.print(f"  [bold]{c.strategy}[/] {escape('[' + _settings_text(c) + ']')}: {c.why}{notes}", highlight=False)
+    if chosen is None and adapter_instead is not None:
+        a = adapter_instead
+        console.print(f"[red]No full-parameter method fits.[/] An adapter method does: [bold]{a.strategy}[/], "
+                      f"peak {format_bytes(a.estimate.total)} (it trains low-rank adapters on a frozen base); "
+                      f"pick it with `--strategy {a.strategy}`. What would make a full-parameter method fit:")
     if chosen is None:
-        console.print("[red]Nothing fits.[/] What would, per strategy:")
+        if adapter_instead is None:
+            console.print("[red]Nothing fits.[/] What would, per strategy:")
         for name, fixes in report["nearest_fixes"].items():
             console.print(f"  {name}: {' or '.join(fixes) if fixes else 'none of the cards in the presets'}",
                           highlight=False)

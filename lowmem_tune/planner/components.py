@@ -94,7 +94,9 @@ def logits_bytes(arch: Architecture, w: Workload, head_trained: bool = True) -> 
     gradient when the head trains (targets: `LOSS_TARGETS`)."""
     chunk = min(w.tokens, LOSS_CHUNK_TOKENS)
     d = w.dtype_bytes
-    head = arch.vocab_size * arch.hidden_size * d if head_trained else 0
+    if not head_trained:  # measured: float32 logits and log-softmax only
+        return chunk * arch.vocab_size * 8 + 2 * w.tokens * arch.hidden_size * d
+    head = arch.vocab_size * arch.hidden_size * d
     return chunk * arch.vocab_size * (8 + d) + 2 * w.tokens * arch.hidden_size * d + head
 
 

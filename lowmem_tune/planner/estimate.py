@@ -32,11 +32,12 @@ from lowmem_tune.planner.components import (
     sketch_finish_bytes,
 )
 from lowmem_tune.planner.welore_ranks import AssumedLrc, assumed_lrcs
-from lowmem_tune.profile import INT8_CAPABLE, StrategySection, strategy_knobs
+from lowmem_tune.profile import ADAPTERS, INT8_CAPABLE, StrategySection, strategy_knobs
 
 COMPONENTS = ("weights", "gradients", "optimizer", "projectors", "activations", "logits", "overhead")
 PLANNER_KNOBS = ("rank", "sampled_layers", "optimizer", "bits", "layerwise", "rank_reduction", "svd", "rounding",
-                 "update_proj_gap", "weight_bits", "group_size", "train_embeddings", "embedding_rank")
+                 "update_proj_gap", "weight_bits", "group_size", "train_embeddings", "embedding_rank", "lora_rank",
+                 "lora_dropout", "target_modules")
 """The StrategySection knobs the planner searches or reads; the estimate ignores the others."""
 
 
@@ -78,7 +79,8 @@ class _Parts:
     trained_from_layer: int = 0
     frozen_layers: int = 0  # layers gradients pass through without training them (lisa, owlore)
     frozen_norms_train: bool = False  # ... whose norms train all the same (welore's train_norms, on by default)
-    lrc_activation_bytes: int = 0  # what WeLore's factors keep on top of frozen layers
+    extra_activation_bytes: int = 0  # what WeLore's factors or adapters keep on top of frozen layers
+    extra_layer_bytes: int = 0  # ... of them, what one layer's adapters keep (recomputed with checkpointing)
     notes: list[str] = field(default_factory=list)
 
 
@@ -198,6 +200,8 @@ def _head_and_embeddings(arch: Architecture, s: StrategySection) -> tuple[list[i
 
 
 def _embeddings_train(s: StrategySection) -> bool:
+    if s.name in ADAPTERS:
+        return False
     return s.train_embeddings is not False and not (s.name == "welore" and s.train_embeddings is None)
 
 
@@ -224,6 +228,8 @@ def _parts(s: StrategySection, arch: Architecture, w: Workload) -> _Parts:
         return _layer_sampling_parts(arch, s, w, parts)
     if strategy == "welore":
         return _welore_parts(arch, s, w, parts)
+    if strategy in ADAPTERS:
+        return _adapter_parts(arch, s, w, parts)
     raise ValueError(f"no estimate for strategy {strategy!r}")
 
 
@@ -278,7 +284,7 @@ def _welore_parts(arch: Architecture, s: StrategySection, w: Workload, parts: _P
     factors += [(LinearShape(x.linear.name, x.rank, x.linear.in_features, False), x.layers, s.rank) for x in lrcs]
     heads, _ = _head_and_embeddings(arch, s)
     norms = norms + [t for t in heads if t != arch.final_norm_params]
-    parts.lrc_activation_bytes = _welore_layer_extra(arch, lrcs, w)
+    parts.extra_activation_bytes = _welore_layer_extra(arch, lrcs, w)
     parts.frozen_layers = arch.num_layers
     parts.frozen_norms_train = True
     trainable = sum(n * (f.out_features * f.in_features) for f, n, _ in factors) + sum(norms)
@@ -290,6 +296,77 @@ def _welore_parts(arch: Architecture, s: StrategySection, w: Workload, parts: _P
         return _galore(parts, factors, norms, s, w)
     factor_sizes = [f.out_features * f.in_features for f, n, _ in factors for _ in range(n)]
     return _adamw(parts, norms + factor_sizes, s.optimizer, s, w)
+
+
+NF4_BLOCK = 64  # nf4.py: values per NF4 scale
+NESTED_BLOCK = 256  # bitsandbytes: 8-bit scales per float32 scale of the second level
+
+
+def _nf4_bytes(numel: int) -> int:
+    """An NF4 weight with double quantization: 4-bit codes, an 8-bit scale per 64 values and a
+    float32 scale per 256 of those."""
+    blocks = -(-numel // NF4_BLOCK)
+    return numel // 2 + blocks + 4 * -(-blocks // NESTED_BLOCK)
+
+
+def _adapter_parts(arch: Architecture, s: StrategySection, w: Workload, parts: _Parts) -> _Parts:
+    """LoRA / DoRA / QLoRA (strategies/adapters.py): a frozen base (16-bit, or NF4 decoder linears)
+    and float32 adapters on the target linears of every layer, trained with torch AdamW."""
+    d, r = w.dtype_bytes, s.lora_rank
+    targets = [lin for lin in arch.linears if s.target_modules is None or lin.name in s.target_modules]
+    magnitude = s.name == "dora"
+    sizes = [r * lin.in_features for lin in targets] + [r * lin.out_features for lin in targets]
+    sizes += [lin.out_features for lin in targets] if magnitude else []
+    adapter = sum(sizes) * arch.num_layers
+    if s.name == "qlora":
+        linear = sum(lin.out_features * lin.in_features for lin in arch.linears)
+        parts.weights = (arch.params - linear * arch.num_layers) * d + _nf4_bytes(linear) * arch.num_layers
+        # bitsandbytes dequantizes the whole weight for each matmul, forward and backward
+        parts.layer_transient = d * max(lin.out_features * lin.in_features for lin in arch.linears)
+        parts.notes.append("NF4 decoder weights (double quantization), 16-bit compute")
+    parts.weights += 4 * adapter
+    parts.dense_grads = 4 * adapter
+    parts.optimizer = 8 * adapter
+    parts.step_temp = 2 * 4 * max(sizes)  # torch AdamW's single-tensor path, as on fake tensors
+    if magnitude:  # DoRA's weight norm: B A made by passing an in x in identity through the adapter,
+        # then W + B A and its norm, in float32, one target at a time in forward
+        biggest = max(targets, key=lambda lin: lin.out_features * lin.in_features + lin.in_features ** 2)
+        parts.layer_transient = max(parts.layer_transient, 4 * (biggest.in_features ** 2
+                                                                + 3 * biggest.out_features * biggest.in_features))
+    parts.frozen_layers = arch.num_layers
+    parts.extra_layer_bytes = _adapter_layer_extra(targets, r, s.lora_dropout > 0, magnitude, w)
+    parts.extra_activation_bytes = parts.extra_layer_bytes * arch.num_layers
+    parts.notes.append(f"not full-parameter: trains {adapter:,} adapter parameters "
+                       f"({adapter / arch.params:.2%} of the model); embeddings and head frozen")
+    return parts
+
+
+def _adapter_layer_extra(targets: list[LinearShape], rank: int, dropout: bool, magnitude: bool, w: Workload) -> int:
+    """What one layer's adapters keep for backward over a frozen layer: each keeps its input in
+    float32 (peft casts it to the adapters' dtype: a copy per target in 16-bit runs), the output
+    of its dropout, and its rank-wide intermediate; DoRA also the base output and the adapter's
+    output, to train the magnitude."""
+    d = w.dtype_bytes
+    per_token = 0
+    inputs: set[tuple[str, int]] = set()
+    for lin in targets:
+        if d != 4:
+            per_token += 4 * lin.in_features
+        else:  # float32 run: the input itself, shared by the linears that read it
+            inputs.add((_INPUT_OF.get(lin.name, lin.name), lin.in_features))
+        if dropout:
+            per_token += 4 * lin.in_features  # the dropout's float32 output (measured: the mask adds nothing)
+        per_token += 4 * rank
+        if magnitude:  # with dropout peft recomputes the base output from the dropped input, in float32
+            per_token += (4 if dropout else d) * lin.out_features + 4 * lin.out_features
+    per_token += 4 * sum(size for _, size in inputs)
+    # ... through a float32 copy of the base weight, which that product keeps
+    weights = 4 * sum(lin.out_features * lin.in_features for lin in targets) if magnitude and dropout and d != 4 else 0
+    return per_token * w.tokens + weights
+
+
+_INPUT_OF = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
+"""Linears of a decoder layer that read the same tensor."""
 
 
 def _welore_layer_extra(arch: Architecture, lrcs: list[AssumedLrc], w: Workload) -> int:
@@ -315,8 +392,10 @@ def estimate(strategy: StrategySection, arch: Architecture, workload: Workload) 
     p = _parts(strategy, arch, workload)
     kept_acts, working = activation_bytes(arch, workload, p.trained_from_layer, p.frozen_layers,
                                           p.frozen_norms_train)
-    if not workload.gradient_checkpointing:
-        kept_acts += p.lrc_activation_bytes
+    if workload.gradient_checkpointing:
+        working += p.extra_layer_bytes
+    else:
+        kept_acts += p.extra_activation_bytes
     logits = logits_bytes(arch, workload, head_trained=_embeddings_train(strategy))
     # the logits' backward finishes before any layer's backward (or recompute) starts
     working += p.layer_transient

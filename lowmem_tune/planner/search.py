@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from lowmem_tune.hardware import GpuTarget
 from lowmem_tune.planner.architecture import Architecture
 from lowmem_tune.planner.estimate import Estimate, Workload, estimate
-from lowmem_tune.profile import STRATEGY_NAMES, StrategySection
+from lowmem_tune.profile import ADAPTERS, FULL_PARAMETER, StrategySection
 
 if TYPE_CHECKING:
     from lowmem_tune.profile import Profile
@@ -20,10 +20,15 @@ ORDER = {
     # fewest trained weights / cheapest steps first
     "speed": ("full", "adamw8bit", "lisa", "owlore", "galore", "fira", "welore"),
     # re-sorted by total below
-    "memory": STRATEGY_NAMES,
+    "memory": FULL_PARAMETER,
 }
-"""The candidates `plan` weighs without --strategy, in order of preference (welore's estimate is
-of a model already compressed at the rank reduction it searches)."""
+"""The candidates `plan` chooses from without --strategy, in order of preference (welore's estimate
+is of a model already compressed at the rank reduction it searches)."""
+ADAPTER_ORDER = ("lora", "dora", "qlora")
+"""Adapter methods, shown beside the others and named when no full-parameter method fits, never
+chosen in their place (`--strategy lora` picks one): the most faithful first — a 16-bit base, then
+DoRA's extra magnitudes, then the NF4 base."""
+assert set(ADAPTER_ORDER) == set(ADAPTERS)
 MICRO_BATCHES = (16, 8, 4, 2, 1)
 TARGET_SEQUENCES_PER_STEP = 16
 RANKS = {"quality": (256, 128), "speed": (128,), "memory": (128,)}
@@ -63,7 +68,7 @@ stop training). `--prefer memory` goes the other way."""
 
 def _settings_grid(strategy: str, prefer: str, arch: Architecture) -> list[StrategySection]:
     """A strategy's configurations in order of preference."""
-    if strategy in ("full", "adamw8bit"):
+    if strategy in ("full", "adamw8bit") or strategy in ADAPTERS:
         return [StrategySection(name=strategy)]
     group = int8_group_size(arch)
     if strategy == "welore":  # removing rank gives up more than INT8 weights do: the smaller reduction first
@@ -153,19 +158,41 @@ def nearest_fixes(arch: Architecture, gpu: GpuTarget, margin: float, seq_len: in
     return fixes
 
 
+@dataclass
+class SearchResult:
+    candidates: list[Candidate]
+    """One per strategy: the full-parameter ones, then the adapters (the pinned one only, with
+    --strategy)."""
+    chosen: Candidate | None
+    adapter_instead: Candidate | None = None
+    """When no full-parameter method fits: the adapter method that would (named, not chosen)."""
+
+
 def search(arch: Architecture, gpu: GpuTarget, usable: int, seq_len: int, micro_batch: int | None,
-           prefer: str, strategy: str | None, gpus: int = 1) -> tuple[list[Candidate], Candidate | None]:
-    """One candidate per strategy (the pinned one only, with --strategy) and the chosen one."""
+           prefer: str, strategy: str | None, gpus: int = 1) -> SearchResult:
+    """Every strategy's best candidate, and the one chosen among the full-parameter methods (or the
+    pinned strategy)."""
     dtype_bytes = 2 if gpu.bf16 else 4
-    names = (strategy,) if strategy else ORDER[prefer]
-    candidates = [best_for(name, arch, usable, seq_len, micro_batch, prefer, dtype_bytes, gpus) for name in names]
+
+    def best(name: str) -> Candidate:
+        return best_for(name, arch, usable, seq_len, micro_batch, prefer, dtype_bytes, gpus)
+
+    if strategy:
+        candidate = best(strategy)
+        return SearchResult([candidate], candidate if candidate.fits else None)
+    names = ORDER[prefer]
+    candidates = [best(name) for name in names]
+    adapters = [best(name) for name in ADAPTER_ORDER]
     fitting = [c for c in candidates if c.fits]
+    fitting_adapters = [c for c in adapters if c.fits]
     if prefer == "memory":
         candidates.sort(key=lambda c: c.estimate.total)
+        adapters.sort(key=lambda c: c.estimate.total)
         chosen = min(fitting, key=lambda c: c.estimate.total, default=None)
     else:  # what a configuration gives up comes before which method it is
         chosen = min(fitting, key=lambda c: (_given_up(c), names.index(c.strategy)), default=None)
-    return candidates, chosen
+    instead = None if chosen is not None or not fitting_adapters else fitting_adapters[0]
+    return SearchResult(candidates + adapters, chosen, instead)
 
 
 def _given_up(c: Candidate) -> int:
@@ -180,8 +207,10 @@ def _given_up(c: Candidate) -> int:
 
 # Published recipes for the knobs the planner does not search (REFERENCE.md §3): OwLore's
 # K = 50, T = 100, scale 1.0, lr 3e-4.
+# The adapters: the QLoRA paper's 2e-4 for 7B-13B models.
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "owlore": {"strategy": {"interval": 50, "update_proj_gap": 100, "scale": 1.0}, "train": {"lr": 3.0e-4}},
+    **{name: {"train": {"lr": 2.0e-4}} for name in ADAPTERS},
 }
 
 
@@ -194,7 +223,7 @@ def build_profile(model: str, candidate: Candidate, gpu_spec: str, margin: float
     w = candidate.workload
     strategy: dict[str, Any] = {"name": candidate.strategy}
     strategy.update({k: v for k, v in s.items() if k in ("rank", "bits", "layerwise", "sampled_layers", "optimizer",
-                                                          "rank_reduction")})
+                                                          "rank_reduction", "lora_rank")})
     if s.get("weight_bits") == 8:
         strategy.update(weight_bits=8, group_size=s["group_size"])
     strategy.update({k: s[k] for k in ("train_embeddings", "embedding_rank") if s.get(k) is not None})

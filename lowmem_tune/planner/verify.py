@@ -202,11 +202,12 @@ def _run(profile: Profile, strategy, config, dtype, ctx, tracker, steps: int, n_
         build_peak = tracker.restart_peak()
         tracker.notes.append(f"welore: the dense model before compression peaked at {build_peak} bytes; "
                              "measured from the compressed model on")
-    elif profile.strategy.weight_bits == 8:
+    elif strategy.loads_on_cpu:
         # a run loads the 16-bit checkpoint on the CPU and quantizes a layer at a time on its way to
-        # the device; here the whole model was built in 16 bits first, which no device ever holds
+        # the device (INT8 weights, QLoRA's NF4); here the whole model was built in 16 bits first,
+        # which no device ever holds
         tracker.restart_peak()
-        tracker.notes.append("int8: measured from the quantized model on (a run quantizes while loading)")
+        tracker.notes.append("quantized weights: measured from the quantized model on (a run quantizes while loading)")
     if t.activation_checkpointing:
         enable_activation_checkpointing(model)
     model.train()

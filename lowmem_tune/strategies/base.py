@@ -126,6 +126,11 @@ class Strategy(ABC):
         """Static facts for the dashboard's strategy panel and OUTPUT/strategy.json."""
         return {"name": self.name}
 
+    def checkpoint_keys(self, model: nn.Module) -> set[str] | None:
+        """The model's state_dict keys a checkpoint holds; None: all of them (every weight may have
+        changed). Adapter methods keep only the adapters': the frozen base is reloaded."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Strategy state for checkpoints (plain tensors and numbers)."""
         return {}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from lowmem_tune.atomic import atomic_directory
@@ -49,26 +49,34 @@ def latest_checkpoint(checkpoints_dir: Path) -> CheckpointInfo | None:
 
 
 def save_checkpoint(checkpoints_dir: Path, step: int, model: nn.Module, state: dict[str, Any],
-                    keep: int) -> Path:
-    """Write step-N atomically, then drop all but the newest `keep` checkpoints."""
+                    keep: int, keys: set[str] | None = None) -> Path:
+    """Write step-N atomically, then drop all but the newest `keep` checkpoints. `keys`: the
+    state_dict entries to hold (an adapter's), None for the whole model."""
     final = checkpoints_dir / f"step-{step}"
     # re-saving a step (a stop right after a periodic save) replaces it without a moment where
     # neither copy is complete
     with atomic_directory(final, replace=True) as tmp:
-        save_model(model, str(tmp / MODEL_FILE))
+        if keys is None:
+            save_model(model, str(tmp / MODEL_FILE))
+        else:
+            tensors = model.state_dict()
+            save_file({k: tensors[k].detach().contiguous() for k in sorted(keys)}, str(tmp / MODEL_FILE))
         torch.save(state, tmp / STATE_FILE)
     for old in list_checkpoints(checkpoints_dir)[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)
     return final
 
 
-def load_checkpoint(info: CheckpointInfo, model: nn.Module) -> dict[str, Any]:
+def load_checkpoint(info: CheckpointInfo, model: nn.Module, keys: set[str] | None = None) -> dict[str, Any]:
     """Load weights into `model` in place, onto the device it is on, and return the trainer state
-    on the CPU. Each component moves its own tensors where they belong when it loads its part:
-    moments go to their parameter's device, offloaded state stays on the CPU, generator states
-    stay CPU ByteTensors (a CPU generator refuses any other)."""
+    on the CPU; `keys` as save_checkpoint was given them (the rest of the model stays as loaded).
+    Each component moves its own tensors where they belong when it loads its part: moments go to
+    their parameter's device, offloaded state stays on the CPU, generator states stay CPU
+    ByteTensors (a CPU generator refuses any other)."""
     device = next(model.parameters()).device
     missing, unexpected = load_model(model, str(info.path / MODEL_FILE), strict=False, device=str(device))
+    if keys is not None:
+        missing = sorted(keys.intersection(missing))
     if unexpected or missing:
         raise RuntimeError(
             f"checkpoint {info.path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"

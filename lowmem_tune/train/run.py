@@ -154,7 +154,7 @@ class TrainingRun:
         self.updater = self.strategy.build_updater(self.model, ctx)
         self.loss = data_parallel_loss(self.model, self.updater, world, self.device)
         if self.resume_from is not None:
-            state = load_checkpoint(self.resume_from, self.model)
+            state = load_checkpoint(self.resume_from, self.model, self.strategy.checkpoint_keys(self.model))
             check_resume_world(state, world, self.resume_from.path)
             try:
                 self.updater.load_state_dict(state["updater"])
@@ -283,7 +283,7 @@ class TrainingRun:
             "world_size": self.world.size,
         }
         path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, state,
-                               self.profile.train.keep_checkpoints)
+                               self.profile.train.keep_checkpoints, self.strategy.checkpoint_keys(self.model))
         self.events.emit(CheckpointSaved(self.step, str(path), time.perf_counter() - began))
 
     # ------------------------------------------------------------------ the end

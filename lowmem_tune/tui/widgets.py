@@ -240,16 +240,22 @@ class StrategyPanel(Panel):
     """The method's live state. Reads `RunStarted.strategy_info` (the strategy's describe()) and
     the strategy fields of each metrics line: `active_layers` (LISA, OwLore), `next_refresh_in` and
     `projectors_refreshed` (GaLore, Fira), describe()'s `layers` (one dict per decoder layer with its
-    sampling `probability`) and WeLore's `lrc` / `n_lrc` / reduction figures."""
+    sampling `probability`), WeLore's `lrc` / `n_lrc` / reduction figures and the trainable share
+    (WeLore, the adapters)."""
 
     def show(self, state: RunState) -> None:
         if state.started is None:
             self.show_text(Text("waiting for the run to start…", style="dim"))
             return
         info, m = state.started.strategy_info, state.metrics
+        counts = ("trainable_parameters", "total_parameters")
         lines = [Text.assemble((str(info.get("name", state.started.strategy)), "bold"), "  ",
                                ("  ".join(f"{k} {_scalar(v)}" for k, v in info.items()
-                                          if k != "name" and not isinstance(v, (list, dict))), "dim"))]
+                                          if k != "name" and k not in counts and not isinstance(v, (list, dict))),
+                                "dim"))]
+        if info.get("trainable_parameters") and info.get("total_parameters"):
+            trained, total = info["trainable_parameters"], info["total_parameters"]
+            lines.append(Text.assemble("trains ", (f"{trained:,}", "bold"), f" of {total:,} parameters ({trained / total:.2%})"))
         if m.get("next_refresh_in") is not None:
             refreshed = m.get("projectors_refreshed") or 0
             lines.append(Text.assemble("next subspace refresh in ", (f"{m['next_refresh_in']}", "bold"), " steps",
