@@ -16,7 +16,8 @@ one and a multiple of it by accuracy on the dev part (the held-out part never ch
 anything); the chosen one is then run with more seeds. Reported per strategy: the base model's
 held-out accuracy, the finetuned one's with a 95% interval (±1.96 standard errors; over seeds,
 the mean and each seed), the loss curve, tokens/s, the process's peak resident memory, wall time.
-WeLore's row also gives the compressed model's accuracy before any finetuning.
+WeLore's row also gives the compressed model's accuracy before any finetuning. The adapter methods
+(lora, qlora, dora) run beside them on the same data and steps, at their planned 2e-4 (QLoRA's).
 
 Experiments:
 - `sst2`: GLUE SST-2 (872 rows: 300 held-out, 100 dev, the rest train).
@@ -50,7 +51,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 MIX = ["boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
-STRATEGIES = ["full", "adamw8bit", "galore", "fira", "lisa", "owlore", "welore"]
+STRATEGIES = ["full", "adamw8bit", "galore", "fira", "lisa", "owlore", "welore", "lora", "qlora", "dora"]
 SEEDED = ["full", "galore", "owlore", "welore"]  # run with every seed; the others with the first
 LR_FACTORS = {"owlore": [1 / 3, 1.0]}
 """The grid each strategy chooses its learning rate from on the dev part, as factors of the one its
