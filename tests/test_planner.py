@@ -155,3 +155,32 @@ def test_the_planners_copies_of_the_codes_constants_agree_with_the_code():
     assert components.ROUNDING_BLOCK == writer.BLOCK_ELEMENTS
     assert components.LOSS_CHUNK_TOKENS == loss.CHUNK_TOKENS
     assert components.AVERAGE_BUCKET_BYTES == distributed.BUCKET_BYTES
+
+
+@pytest.mark.parametrize("prefer", ["quality", "speed", "memory"])
+def test_adapters_are_listed_apart_and_never_chosen_in_place_of_a_full_parameter_method(prefer):
+    result = _plan("--model", "llama-2-7b", "--gpu", "rtx4090", "--prefer", prefer, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    kinds = [c["full_parameter"] for c in report["candidates"]]
+    assert kinds == sorted(kinds, reverse=True) and kinds.count(False) == 3  # lora, dora, qlora below
+    by_name = {c["strategy"]: c for c in report["candidates"]}
+    assert by_name["qlora"]["memory"]["weights"] < 0.35 * by_name["lora"]["memory"]["weights"]  # NF4 decoder
+    # QLoRA is the smallest of all here, and still not what --prefer memory picks
+    assert report["chosen"]["full_parameter"] and report["adapter_instead"] is None
+
+
+def test_where_no_full_parameter_method_fits_the_adapter_that_does_is_named_not_chosen(tmp_path):
+    args = ("--model", "llama-2-13b", "--gpu", "12GB", "--seq-len", "1024")
+    report = json.loads(_plan(*args, "--json").output)
+    assert report["chosen"] is None and not any(c["fits"] for c in report["candidates"] if c["full_parameter"])
+    assert report["adapter_instead"]["strategy"] == "qlora" and report["adapter_instead"]["fits"]
+    text = " ".join(_plan(*args).output.split())
+    assert "No full-parameter method fits. An adapter method does: qlora, peak 8.81 GiB" in text
+    assert "pick it with `--strategy qlora`" in text and "Nothing fits" not in text
+
+    out = tmp_path / "qlora.yaml"
+    result = _plan(*args, "--strategy", "qlora", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    profile = load_profile(out)
+    assert profile.strategy.name == "qlora" and profile.strategy.lora_rank == 16 and profile.train.lr == 2e-4
