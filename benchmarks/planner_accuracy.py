@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/planner_accuracy.py --models demo-llama llama-2-7b --seq-lens 512
 
-Writes benchmarks/results/planner_accuracy.{json,md}. A measurement, not a test: nothing fails.
+Writes benchmarks/results/planner_accuracy{_TAG}.{json,md}. A measurement, not a test: nothing fails.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--tag", default="", help="a suffix for the result files (planner_accuracy_TAG.*)")
     args = parser.parse_args()
     checkpointing = not args.no_checkpointing
     rows = []
@@ -96,7 +97,8 @@ def main() -> None:
                       f"fake {measured.peak_bytes / 2**30:7.3f} GiB ({row['relative_error']:+.1%}), "
                       f"{row['verify_seconds']:.0f} s", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "planner_accuracy.json").write_text(json.dumps(rows, indent=1))
+    stem = "planner_accuracy" + (f"_{args.tag}" if args.tag else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=1))
     lines = ["| model | strategy | seq | analytic GiB | fake-tensor peak GiB | error | CUDA peak GiB | verify s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -107,7 +109,7 @@ def main() -> None:
         cuda = f"{r['cuda_peak_bytes'] / 2**30:.3f}" if r["cuda_peak_bytes"] else "n/a"
         lines.append(f"| {r['model']} | {r['strategy']} | {r['seq_len']} | {r['analytic_bytes'] / 2**30:.3f} | "
                      f"{r['fake_peak_bytes'] / 2**30:.3f} | {r['relative_error']:+.1%} | {cuda} | {r['verify_seconds']:.0f} |")
-    (RESULTS / "planner_accuracy.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
