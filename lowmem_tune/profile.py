@@ -30,8 +30,7 @@ GALORE_INSIDE = ("galore", "fira", "lisa", "owlore", "welore")
 LAYER_SAMPLING = ("lisa", "owlore")
 INT8_CAPABLE = ("galore", "fira", "lisa", "owlore", "welore")
 """Strategies that can train with INT8 decoder weights (LISA / OwLore / WeLore with GaLore inside)."""
-ADAPTERS = ("lora", "qlora", "dora")
-"""Adapter methods (peft) on a frozen base: not full-parameter, listed apart by the planner."""
+ADAPTERS = ("lora", "qlora", "dora")  # peft, on a frozen base: not full-parameter, listed apart by the planner
 FULL_PARAMETER = tuple(name for name in STRATEGY_NAMES if name not in ADAPTERS)
 """Strategies that can train with INT8 decoder weights (LISA / OwLore / WeLore with GaLore inside)."""
 ONE = at_least(1)
@@ -116,8 +115,7 @@ class StrategySection:
     train_norms: bool = knob(True, applies=("welore",))
     # Adapters (peft): LoRA, QLoRA (NF4 base), DoRA
     lora_rank: int = knob(16, bounds=ONE, applies=ADAPTERS)
-    lora_alpha: float = knob(32.0, bounds=POSITIVE, applies=ADAPTERS)
-    """The adapter's output is scaled by lora_alpha / lora_rank."""
+    lora_alpha: float = knob(32.0, bounds=POSITIVE, applies=ADAPTERS)  # the output is scaled by alpha / rank
     lora_dropout: float = knob(0.05, bounds=Bounds(0, 1, high_open=True), applies=ADAPTERS)
     target_modules: list[str] | None = knob(None, applies=ADAPTERS)
     """Short names of the decoder linears that get adapters (q_proj, ..., down_proj); null: all."""

@@ -8,6 +8,7 @@ import torch
 
 from lowmem_tune.atomic import atomic_directory
 from lowmem_tune.catalog import resolve_model
+from lowmem_tune.commands import working
 from lowmem_tune.compress import (
     compress_model,
     compressed_ranks,
@@ -65,7 +66,8 @@ def compress_command(model: str, rank_reduction: float, min_ratio: float, output
     svd_device = pick_device(device)
     console = Console(stderr=True)
     # Weights stay on the CPU; each matrix visits the GPU for its SVD, so a 7B model compresses on a 16 GB card.
-    dense = load_model(resolved, "pretrained", _stored_dtype(resolved.config), torch.device("cpu"))
+    with working(f"loading {resolved.name}"):
+        dense = load_model(resolved, "pretrained", _stored_dtype(resolved.config), torch.device("cpu"))
     plan = compress_model(dense, rank_reduction, min_ratio, cache_dir(), svd_device)
     _refuse_non_empty(Path(output))
     with atomic_directory(output) as tmp:

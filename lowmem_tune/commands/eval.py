@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_tune.atomic import write_json_atomic
+from lowmem_tune.commands import working
 from lowmem_tune.errors import UserError
 
 
@@ -128,7 +129,8 @@ def eval_command(dataset: str, model: str | None, data_files: tuple[str, ...] = 
     torch_device = pick_device(device)
     tokenizer = _load_tokenizer(resolved)
     chat_renderer(tokenizer, apply_chat_template, fewshot_as_multiturn)  # no chat template: fails before the model loads
-    loaded = load_model(resolved, "pretrained", resolve_dtype(dtype, torch_device), torch_device)
+    with working(f"loading {resolved.name}"):
+        loaded = load_model(resolved, "pretrained", resolve_dtype(dtype, torch_device), torch_device)
 
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lowmem_tune.commands import working
 from lowmem_tune.errors import UserError
 from lowmem_tune.strategies.outliers import (
     RANDOM_TOKENS_NOTE,
@@ -70,8 +71,9 @@ def inspect_outliers_command(model: str, calibration_file: Path | None, samples:
     resolved = resolve_model(model)
     torch_device = pick_device(device)
     random_weights = resolved.pretrained_path is None
-    loaded = load_model(resolved, "random" if random_weights else "pretrained",
-                        resolve_dtype("auto", torch_device), torch_device)
+    with working(f"loading {resolved.name}"):
+        loaded = load_model(resolved, "random" if random_weights else "pretrained",
+                            resolve_dtype("auto", torch_device), torch_device)
     batches, source = _calibration_for_inspect(resolved, calibration_file, samples, seq_len)
     result, hit = compute_outlier_ratios(loaded, batches, threshold, source, cache_dir())
     probabilities = sampling_probabilities(result)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lowmem_tune.planner.adapters import adapter_memory
 from lowmem_tune.planner.architecture import Architecture, LinearShape
 from lowmem_tune.planner.components import (
     AVERAGE_BUCKET_BYTES,
@@ -298,75 +299,18 @@ def _welore_parts(arch: Architecture, s: StrategySection, w: Workload, parts: _P
     return _adamw(parts, norms + factor_sizes, s.optimizer, s, w)
 
 
-NF4_BLOCK = 64  # nf4.py: values per NF4 scale
-NESTED_BLOCK = 256  # bitsandbytes: 8-bit scales per float32 scale of the second level
-
-
-def _nf4_bytes(numel: int) -> int:
-    """An NF4 weight with double quantization: 4-bit codes, an 8-bit scale per 64 values and a
-    float32 scale per 256 of those."""
-    blocks = -(-numel // NF4_BLOCK)
-    return numel // 2 + blocks + 4 * -(-blocks // NESTED_BLOCK)
-
-
 def _adapter_parts(arch: Architecture, s: StrategySection, w: Workload, parts: _Parts) -> _Parts:
-    """LoRA / DoRA / QLoRA (strategies/adapters.py): a frozen base (16-bit, or NF4 decoder linears)
-    and float32 adapters on the target linears of every layer, trained with torch AdamW."""
-    d, r = w.dtype_bytes, s.lora_rank
-    targets = [lin for lin in arch.linears if s.target_modules is None or lin.name in s.target_modules]
-    magnitude = s.name == "dora"
-    sizes = [r * lin.in_features for lin in targets] + [r * lin.out_features for lin in targets]
-    sizes += [lin.out_features for lin in targets] if magnitude else []
-    adapter = sum(sizes) * arch.num_layers
-    if s.name == "qlora":
-        linear = sum(lin.out_features * lin.in_features for lin in arch.linears)
-        parts.weights = (arch.params - linear * arch.num_layers) * d + _nf4_bytes(linear) * arch.num_layers
-        # bitsandbytes dequantizes the whole weight for each matmul, forward and backward
-        parts.layer_transient = d * max(lin.out_features * lin.in_features for lin in arch.linears)
-        parts.notes.append("NF4 decoder weights (double quantization), 16-bit compute")
-    parts.weights += 4 * adapter
-    parts.dense_grads = 4 * adapter
-    parts.optimizer = 8 * adapter
-    parts.step_temp = 2 * 4 * max(sizes)  # torch AdamW's single-tensor path, as on fake tensors
-    if magnitude:  # DoRA's weight norm: B A made by passing an in x in identity through the adapter,
-        # then W + B A and its norm, in float32, one target at a time in forward
-        biggest = max(targets, key=lambda lin: lin.out_features * lin.in_features + lin.in_features ** 2)
-        parts.layer_transient = max(parts.layer_transient, 4 * (biggest.in_features ** 2
-                                                                + 3 * biggest.out_features * biggest.in_features))
+    """LoRA / DoRA / QLoRA: the pieces `adapters.adapter_memory` counts, held as AdamW's are."""
+    a = adapter_memory(arch, s, w, parts.weights)
+    parts.weights = a.weights
+    parts.dense_grads, parts.optimizer = 4 * a.parameters, 8 * a.parameters  # float32, torch AdamW
+    parts.step_temp = 2 * 4 * a.largest  # torch AdamW's single-tensor path, as on fake tensors
+    parts.layer_transient = a.layer_transient
     parts.frozen_layers = arch.num_layers
-    parts.extra_layer_bytes = _adapter_layer_extra(targets, r, s.lora_dropout > 0, magnitude, w)
-    parts.extra_activation_bytes = parts.extra_layer_bytes * arch.num_layers
-    parts.notes.append(f"not full-parameter: trains {adapter:,} adapter parameters "
-                       f"({adapter / arch.params:.2%} of the model); embeddings and head frozen")
+    parts.extra_layer_bytes = a.layer_extra
+    parts.extra_activation_bytes = a.layer_extra * arch.num_layers
+    parts.notes += a.notes
     return parts
-
-
-def _adapter_layer_extra(targets: list[LinearShape], rank: int, dropout: bool, magnitude: bool, w: Workload) -> int:
-    """What one layer's adapters keep for backward over a frozen layer: each keeps its input in
-    float32 (peft casts it to the adapters' dtype: a copy per target in 16-bit runs), the output
-    of its dropout, and its rank-wide intermediate; DoRA also the base output and the adapter's
-    output, to train the magnitude."""
-    d = w.dtype_bytes
-    per_token = 0
-    inputs: set[tuple[str, int]] = set()
-    for lin in targets:
-        if d != 4:
-            per_token += 4 * lin.in_features
-        else:  # float32 run: the input itself, shared by the linears that read it
-            inputs.add((_INPUT_OF.get(lin.name, lin.name), lin.in_features))
-        if dropout:
-            per_token += 4 * lin.in_features  # the dropout's float32 output (measured: the mask adds nothing)
-        per_token += 4 * rank
-        if magnitude:  # with dropout peft recomputes the base output from the dropped input, in float32
-            per_token += (4 if dropout else d) * lin.out_features + 4 * lin.out_features
-    per_token += 4 * sum(size for _, size in inputs)
-    # ... through a float32 copy of the base weight, which that product keeps
-    weights = 4 * sum(lin.out_features * lin.in_features for lin in targets) if magnitude and dropout and d != 4 else 0
-    return per_token * w.tokens + weights
-
-
-_INPUT_OF = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
-"""Linears of a decoder layer that read the same tensor."""
 
 
 def _welore_layer_extra(arch: Architecture, lrcs: list[AssumedLrc], w: Workload) -> int:
