@@ -30,6 +30,8 @@ MODELS = ["llama-2-7b", "llama-2-13b", "llama-3-8b", "mistral-7b", "qwen2.5-7b",
 CARDS = ["rtx4060", "rtx3060", "rtx4060ti-16gb", "rtx4080", "rtx3090", "rtx4090", "a100-40gb"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 VERIFIED = ("rtx4060", "rtx3060", "rtx4060ti-16gb", "rtx4090")  # 8, 12, 16 and 24 GB (rtx4080 / 3090 plan alike)
+ALTERNATIVES = {"apollo": "A", "apollo-mini": "Am", "lora": "L", "dora": "D", "qlora": "Q"}
+"""The second table's methods (where the plan has them), by their short cell names."""
 
 
 def plan(model: str, card: str, seq_len: int) -> dict[str, Any]:
@@ -102,7 +104,9 @@ def main() -> None:
                 chosen = report["chosen"]
                 row = {"model": model, "card": card, "seq_len": seq_len, "usable_bytes": report["gpu"]["usable_bytes"],
                        "chosen": None if chosen is None else {k: chosen[k] for k in ("strategy", "settings", "memory")},
-                       "label": label(chosen), "nearest_fixes": report.get("nearest_fixes")}
+                       "label": label(chosen), "nearest_fixes": report.get("nearest_fixes"),
+                       "alternatives": {c["strategy"]: {"fits": c["fits"], "total_bytes": c["memory"]["total"]}
+                                        for c in report["candidates"] if c["strategy"] in ALTERNATIVES}}
                 if chosen is not None and card in VERIFIED and model in args.verify_models and not args.no_verify:
                     reused = earlier.get(_plan_key(row))
                     row["verify"] = verify(model, card, seq_len) if reused is None else {
@@ -135,8 +139,28 @@ def main() -> None:
                     cell += f" ({row['chosen']['memory']['total'] / 2**30:.1f} GiB)"
                 cells.append(cell)
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += _alternatives_table(rows, args)
     (RESULTS / "reach.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _alternatives_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """Per model and card: each of ALTERNATIVES that fits, with its estimate (GiB)."""
+    named = [name for name in ALTERNATIVES if any(name in r["alternatives"] for r in rows)]
+    lines = ["", "Beside the chosen plan: " + ", ".join(f"{ALTERNATIVES[n]} = {n}" for n in named)
+             + " — each that fits, with its estimate in GiB at the settings `plan --strategy` would pick (— : none fits)."]
+    for seq_len in args.seq_lens:
+        lines += ["", f"**seq {seq_len}**", "", "| model | " + " | ".join(args.cards) + " |",
+                  "|---|" + "---|" * len(args.cards)]
+        for model in args.models:
+            cells = []
+            for card in args.cards:
+                row = next(r for r in rows if (r["model"], r["card"], r["seq_len"]) == (model, card, seq_len))
+                fits = [f"{ALTERNATIVES[n]} {row['alternatives'][n]['total_bytes'] / 2**30:.1f}" for n in named
+                        if row["alternatives"].get(n, {}).get("fits")]
+                cells.append(" · ".join(fits) or "—")
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":
