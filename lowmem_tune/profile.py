@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,16 +21,36 @@ from lowmem_tune.errors import UserError, one_line
 from lowmem_tune.resources import chat_template_names, profiles_dir
 from lowmem_tune.schema import POSITIVE, SHARE, Bounds, above, applies_to, at_least, build, knob
 
-STRATEGY_NAMES = ("full", "adamw8bit", "galore", "fira", "lisa", "owlore", "welore")
+STRATEGY_NAMES = ("full", "adamw8bit", "galore", "fira", "apollo", "apollo-mini", "lisa", "owlore", "welore")
 """Every strategy, by the name a profile gives in `strategy.name`: the one list the registry, the
 planner and the CLI take theirs from."""
 StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
 
 GALORE_INSIDE = ("galore", "fira", "lisa", "owlore", "welore")
 """Strategies that run GaLore (for LISA / OwLore / WeLore: with `optimizer: galore`, the default)."""
+APOLLO = ("apollo", "apollo-mini")
+"""APOLLO (channel-wise scaling) and APOLLO-Mini (rank 1, tensor-wise): also `optimizer:` choices
+inside LISA and OwLore."""
+LOW_RANK_INSIDE = GALORE_INSIDE + APOLLO
+"""Strategies whose matrices train through a projected optimizer (GaLore's or APOLLO's)."""
 LAYER_SAMPLING = ("lisa", "owlore")
-INT8_CAPABLE = ("galore", "fira", "lisa", "owlore", "welore")
-"""Strategies that can train with INT8 decoder weights (LISA / OwLore / WeLore with GaLore inside)."""
+INT8_CAPABLE = ("galore", "fira", "apollo", "apollo-mini", "lisa", "owlore", "welore")
+"""Strategies that can train with INT8 decoder weights (LISA / OwLore / WeLore with GaLore inside,
+LISA / OwLore with APOLLO inside)."""
+INT8_OPTIMIZERS = ("galore",) + APOLLO
+"""`optimizer:` choices that write INT8 weights (LISA, OwLore; WeLore takes galore only)."""
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    # APOLLO's paper and apollo-torch: rank 256 at 7B scale, scale 1 (the projection is random, so
+    # a larger rank only makes the channel-wise scaling factor less noisy); its pretraining runs use
+    # rank 1/4 of the hidden size, and min(rank, m, n) caps it for small models.
+    "apollo": {"rank": 256, "scale": 1.0},
+    # APOLLO-Mini: rank 1, one tensor-wise factor, scale sqrt(128) (the paper's alpha; apollo-torch
+    # takes scale 128 and multiplies by its square root): a rank-1 estimate of the gradient's norm
+    # ratio is smaller than the channel-wise one, which the scale makes up for.
+    "apollo-mini": {"rank": 1, "scale": math.sqrt(128)},
+}
+"""Defaults of `rank` and `scale` that differ by method (the dataclass holds GaLore's), filled in when
+a profile is loaded and omits them; inside LISA / OwLore those of `optimizer:`."""
 ONE = at_least(1)
 TRUNCATIONS = ("cut_prompt", "drop")
 """`data.truncation`: what happens to an example longer than `data.max_seq_len` (see DataSection)."""
@@ -62,13 +83,19 @@ class HardwareSection:
 @dataclass
 class StrategySection:
     name: StrategyName = "galore"
-    # GaLore / Fira (and GaLore inside OwLore, LISA and WeLore when optimizer: galore)
-    rank: int = knob(128, bounds=ONE, applies=GALORE_INSIDE)
-    update_proj_gap: int = knob(200, bounds=ONE, applies=GALORE_INSIDE)
-    scale: float = knob(0.25, bounds=POSITIVE, applies=GALORE_INSIDE)
+    # GaLore / Fira / APOLLO (and GaLore or APOLLO inside OwLore and LISA, GaLore inside WeLore)
+    rank: int = knob(128, bounds=ONE, applies=LOW_RANK_INSIDE)
+    """GaLore's default; APOLLO's 256, APOLLO-Mini's 1 (METHOD_DEFAULTS)."""
+    update_proj_gap: int = knob(200, bounds=ONE, applies=LOW_RANK_INSIDE)
+    """Steps between new bases: GaLore's SVD, APOLLO's new random projection (200 in both papers)."""
+    scale: float = knob(0.25, bounds=POSITIVE, applies=LOW_RANK_INSIDE)
+    """Factor on the update: GaLore's alpha (0.25); APOLLO's 1, APOLLO-Mini's sqrt(128) (METHOD_DEFAULTS;
+    apollo-torch's `scale` is the square of this one)."""
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = knob("std", applies=GALORE_INSIDE)
-    bits: Literal[8, 32] = knob(8, applies=GALORE_INSIDE)
-    layerwise: bool = knob(True, applies=GALORE_INSIDE)
+    bits: Literal[8, 32] = knob(8, applies=LOW_RANK_INSIDE)
+    layerwise: bool = knob(True, applies=LOW_RANK_INSIDE)
+    """GaLore: gradients consumed in backward hooks, updates at the step. APOLLO: each matrix updated
+    in its backward hook at the step's last micro-batch (its update needs the whole gradient)."""
     moments: Literal["keep", "project", "reset"] = knob("keep", applies=GALORE_INSIDE)
     svd: Literal["sketch", "exact", "randomized", "first_micro_batch"] = knob("sketch", applies=GALORE_INSIDE)
     """Where a subspace comes from: `sketch`, a randomized sketch of the whole batch's gradient
@@ -86,7 +113,10 @@ class StrategySection:
     16-bit copy of a weight exists only inside its own layer's forward and backward."""
     group_size: int = knob(256, bounds=ONE, applies=INT8_CAPABLE)
     """Input features per INT8 scale (a row whose width it does not divide ends in a shorter group)."""
-    fira_limiter: float = knob(1.01, bounds=at_least(1), applies=("fira",))
+    fira_limiter: float = knob(1.01, bounds=at_least(1), applies=("fira",) + APOLLO)
+    """gamma of Fira's norm-growth limiter: a term whose norm grows by more than gamma since the last
+    step is scaled down to gamma times the last one. Fira limits its scaled residual, APOLLO its
+    scaled gradient (as apollo-torch, gamma 1.01)."""
     # Layer sampling (LISA, OwLore)
     sampled_layers: int = knob(2, bounds=ONE, applies=LAYER_SAMPLING)
     interval: int = knob(20, bounds=ONE, applies=LAYER_SAMPLING)
@@ -103,8 +133,9 @@ class StrategySection:
     """Train embeddings, final norm and lm_head. null: the method's own default — on for every
     method but WeLore (LRC-only finetuning of a pretrained model keeps them frozen)."""
     inactive_state: Literal["drop", "offload"] = knob("drop", applies=LAYER_SAMPLING)
-    optimizer: Literal["galore", "adamw", "adamw8bit"] = knob("galore", applies=LAYER_SAMPLING + ("welore",))
-    """Optimizer inside sampled layers (OwLore, LISA) or for the low-rank factors (WeLore)."""
+    optimizer: Literal["galore", "apollo", "apollo-mini", "adamw", "adamw8bit"] = knob(
+        "galore", applies=LAYER_SAMPLING + ("welore",))
+    """Optimizer inside sampled layers (OwLore, LISA) or for the low-rank factors (WeLore: not apollo)."""
     # WeLore
     rank_reduction: float = knob(0.5, bounds=SHARE, applies=("welore",))
     min_ratio: float = knob(0.5, bounds=SHARE, applies=("welore",))
@@ -327,13 +358,30 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def _with_method_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with the METHOD_DEFAULTS of its strategy (or of the optimizer inside LISA / OwLore) for
+    the keys it omits."""
+    section = raw.get("strategy")
+    if not isinstance(section, dict):
+        return raw
+    name = section.get("name", StrategySection.name)
+    method = section.get("optimizer", StrategySection.optimizer) if name in LAYER_SAMPLING else name
+    defaults = METHOD_DEFAULTS.get(method) if isinstance(method, str) else None  # a wrong type: build says so
+    if not defaults:
+        return raw
+    return {**raw, "strategy": {**defaults, **section}}
+
+
 def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> Profile:
-    profile = build(Profile, raw, source)
+    profile = build(Profile, _with_method_defaults(raw), source)
     _check_strategy_keys(raw, source)
     s = profile.strategy
-    if s.weight_bits == 8 and s.name in LAYER_SAMPLING + ("welore",) and s.optimizer != "galore":
-        raise UserError(f"{source}: strategy.weight_bits 8 with {s.name} needs strategy.optimizer: galore "
-                        f"(INT8 weights take GaLore's updates; got optimizer {s.optimizer})")
+    if s.name == "welore" and s.optimizer in APOLLO:
+        raise UserError(f"{source}: strategy.optimizer {s.optimizer} applies to lisa and owlore; welore trains its "
+                        "factors with galore, adamw or adamw8bit")
+    if s.weight_bits == 8 and s.name in LAYER_SAMPLING + ("welore",) and s.optimizer not in INT8_OPTIMIZERS:
+        raise UserError(f"{source}: strategy.weight_bits 8 with {s.name} needs strategy.optimizer: galore, apollo or "
+                        f"apollo-mini (INT8 weights take their updates; got optimizer {s.optimizer})")
     runs_galore = s.name == "galore" or (s.name in LAYER_SAMPLING + ("welore",) and s.optimizer == "galore")
     if runs_galore and s.proj_type == "full" and s.svd == "sketch":  # fira takes the exact SVD whatever svd says
         raise UserError(f"{source}: strategy.proj_type full needs strategy.svd exact or randomized (the sketch "
