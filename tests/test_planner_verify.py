@@ -11,6 +11,11 @@ from lowmem_tune.profile import profile_from_dict
 
 @pytest.mark.parametrize("strategy, checkpointing, knobs", [
     ("full", True, {}), ("adamw8bit", False, {}), ("galore", True, {}),
+    # APOLLO keeps every matrix's gradient while micro-batches accumulate; layerwise, the update's
+    # temporaries run in backward; INT8 weights; inside LISA
+    ("apollo", True, {}), ("apollo", False, {"layerwise": False}),
+    ("apollo-mini", True, {"weight_bits": 8, "group_size": 32}),
+    ("lisa", True, {"sampled_layers": 1, "optimizer": "apollo"}),
     # frozen layers between sampled ones keep a smaller activation set without checkpointing
     ("owlore", False, {"sampled_layers": 2}),
     ("lisa", True, {"sampled_layers": 1, "optimizer": "adamw"}),
