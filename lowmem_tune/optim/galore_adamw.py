@@ -5,8 +5,8 @@ Param groups are galore-torch compatible: a group with `rank` (and optionally `u
 their gradient (see `GaLoreProjector`); every other parameter gets plain AdamW. Adam itself is in
 `moments.py` (float32, or bitsandbytes' blockwise 8-bit kernel for tensors of `min_8bit_size`
 values or more with bits=8), Fira's residual in `fira.py`, where a subspace comes from
-(`svd`: sketch, exact, randomized, first_micro_batch) in `subspace.py`. The APOLLO variants draw
-a random projection instead of an SVD and scale the raw gradient (`apollo.py`). Decoupled weight decay
+(`svd`: sketch, exact, randomized, first_micro_batch) in `subspace.py`; the APOLLO variants draw
+a random projection instead and scale the raw gradient (`apollo.py`). Decoupled weight decay
 W <- W - lr wd W after the update, as galore-torch 1.0 (the 8-bit kernel on a dense tensor decays
 before it, as torch.optim.AdamW). With `rounding`, updates into bf16/fp16 weights are rounded
 stochastically (`writer.py`) instead of to nearest.
@@ -154,8 +154,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ gradients in
     def keeps_full_grad(self, p: torch.Tensor) -> bool:
         """Whether p's full gradient must survive until step(): non-GaLore tensors, Fira and APOLLO
-        matrices, and matrices taking a basis from the accumulated gradient (rules exact, randomized, and
-        first_micro_batch's scheduled refreshes)."""
+        matrices, and matrices taking a basis from the accumulated gradient (rules exact,
+        randomized, and first_micro_batch's scheduled refreshes)."""
         if not self.is_galore(p) or self.config.variant != "galore":
             return True
         state = self._state(p)

@@ -172,7 +172,9 @@ def _apollo(parts: _Parts, matrices: Matrices, full: int, biggest: LinearShape, 
     block = min(m * n, ROUNDING_BLOCK)
     temp = 8 * low + (20 if s.weight_bits == 8 else 8) * block
     if s.layerwise:  # in backward, inside a layer's working set (estimate)
-        parts.hook_transient = temp + (m * n * d if w.gradient_accumulation == 1 else 0)
+        # the gradient in flight (with one micro-batch a step), and with several GPUs its flat copy
+        # for the all-reduce (train/distributed.py), made in the hook
+        parts.hook_transient = temp + m * n * d * ((w.gradient_accumulation == 1) + (w.gpus > 1))
     else:
         parts.step_temp = max(parts.step_temp, temp)
     if not s.layerwise or w.gradient_accumulation > 1:
