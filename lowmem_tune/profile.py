@@ -299,6 +299,15 @@ def load_profile(path: str | Path, overrides: list[str] | tuple[str, ...] = (), 
         if dropped and notes is not None:
             notes.append(f"strategy.name={strategy['name']} (--set): {strategy['name']} does not read "
                          f"{', '.join('strategy.' + k for k in dropped)} from {path}, so they are left out")
+        # the file's GaLore rank and scale are not an APOLLO-Mini's: a method with its own defaults takes them
+        own = METHOD_DEFAULTS.get(str(strategy["name"]), {})
+        replaced = [k for k in file_strategy if k in own and strategy.get(k) == file_strategy[k]]
+        for key in replaced:
+            del strategy[key]
+        if replaced and notes is not None:
+            notes.append(f"strategy.name={strategy['name']} (--set): {strategy['name']}'s own "
+                         + ", ".join(f"strategy.{k} {own[k]:g}" for k in replaced)
+                         + f" replace {path}'s (--set them to keep others)")
     return profile_from_dict(raw, source=str(path))
 
 
@@ -379,6 +388,9 @@ def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> Profile:
     if s.name == "welore" and s.optimizer in APOLLO:
         raise UserError(f"{source}: strategy.optimizer {s.optimizer} applies to lisa and owlore; welore trains its "
                         "factors with galore, adamw or adamw8bit")
+    if s.embedding_rank is not None and s.name in LAYER_SAMPLING and s.optimizer != "galore":
+        raise UserError(f"{source}: strategy.embedding_rank trains the embeddings through GaLore, which {s.name} runs "
+                        f"with optimizer: galore only (got optimizer {s.optimizer}); set it to null or use galore")
     if s.weight_bits == 8 and s.name in LAYER_SAMPLING + ("welore",) and s.optimizer not in INT8_OPTIMIZERS:
         raise UserError(f"{source}: strategy.weight_bits 8 with {s.name} needs strategy.optimizer: galore, apollo or "
                         f"apollo-mini (INT8 weights take their updates; got optimizer {s.optimizer})")

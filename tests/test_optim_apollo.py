@@ -257,6 +257,8 @@ def test_each_method_gets_its_own_rank_and_scale_unless_the_profile_sets_them():
     ({"name": "apollo-mini", "svd": "exact"}, "strategy.svd does not apply to strategy apollo-mini"),
     ({"name": "apollo", "moments": "reset"}, "strategy.moments does not apply to strategy apollo"),
     ({"name": "welore", "optimizer": "apollo"}, "strategy.optimizer apollo applies to lisa and owlore"),
+    # the planner would count GaLore embeddings that the run would not have
+    ({"name": "owlore", "optimizer": "apollo", "embedding_rank": 8}, "with optimizer: galore only"),
     ({"name": "lisa", "optimizer": "adamw", "weight_bits": 8}, "needs strategy.optimizer: galore, apollo or apollo-mini"),
     ({"name": "apollo", "fira_limiter": 0.9}, "strategy.fira_limiter: must be at least 1"),
 ])
@@ -295,3 +297,14 @@ def test_lisa_with_apollo_inside_trains_only_sampled_layers_through_apollo():
         assert held and all(id(p) in active for p in held)  # the state of layers that left is released
         assert all(isinstance(opt.state[p]["projector"], RandomProjector) for p in held)
     updater.close()
+
+
+def test_switching_a_galore_profile_to_apollo_mini_takes_minis_rank_and_scale_and_says_so():
+    from lowmem_tune.profile import load_profile
+
+    notes: list[str] = []
+    mini = load_profile("demo", ["strategy.name=apollo-mini"], notes).strategy  # the demo sets rank 32, scale 1
+    assert (mini.rank, mini.scale) == (1, math.sqrt(128))
+    assert any("apollo-mini's own strategy.rank 1, strategy.scale 11.3137 replace" in note for note in notes), notes
+    kept = load_profile("demo", ["strategy.name=apollo", "strategy.rank=16"]).strategy
+    assert (kept.rank, kept.scale) == (16, 1.0)  # asked for with --set: kept

@@ -36,3 +36,18 @@ def test_analytic_total_within_5_percent_of_fake_peak(strategy, checkpointing, k
     assert measured.peak_bytes > 0 and measured.by_category["weights"] > 0
     assert abs(analytic.total / measured.peak_bytes - 1) < 0.05, (analytic.memory, measured.by_category)
 
+
+
+@pytest.mark.parametrize("strategy, knobs", [("apollo", {}), ("apollo-mini", {"weight_bits": 8, "group_size": 32})])
+def test_apollo_with_one_micro_batch_a_step_within_5_percent(strategy, knobs):
+    """What the planner picks for APOLLO on small cards: steps of one micro-batch, each matrix
+    updated in its hook, its gradient and the update's temporaries inside the layer's backward."""
+    profile = profile_from_dict({
+        "model": {"name": "demo-llama", "init": "random", "dtype": "bfloat16"},
+        "strategy": {"name": strategy, **knobs},
+        "train": {"micro_batch_size": 2, "gradient_accumulation": 1, "activation_checkpointing": True},
+        "data": {"max_seq_len": 128},
+    })
+    measured = verify_profile(profile)
+    analytic = estimate_profile(profile, dtype_bytes=2)
+    assert abs(analytic.total / measured.peak_bytes - 1) < 0.05, (analytic.memory, measured.by_category)
