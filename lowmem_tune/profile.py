@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from lowmem_tune.errors import UserError, one_line
+from lowmem_tune.profile_methods import APOLLO, InsideOptimizer, optimizer_error, replace_file_defaults, with_defaults
 from lowmem_tune.resources import chat_template_names, profiles_dir
 from lowmem_tune.schema import POSITIVE, SHARE, Bounds, above, applies_to, at_least, build, knob
 
@@ -28,29 +28,10 @@ StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
 
 GALORE_INSIDE = ("galore", "fira", "lisa", "owlore", "welore")
 """Strategies that run GaLore (for LISA / OwLore / WeLore: with `optimizer: galore`, the default)."""
-APOLLO = ("apollo", "apollo-mini")
-"""APOLLO (channel-wise scaling) and APOLLO-Mini (rank 1, tensor-wise): also `optimizer:` choices
-inside LISA and OwLore."""
-LOW_RANK_INSIDE = GALORE_INSIDE + APOLLO
-"""Strategies whose matrices train through a projected optimizer (GaLore's or APOLLO's)."""
-LAYER_SAMPLING = ("lisa", "owlore")
+LOW_RANK_INSIDE = GALORE_INSIDE + APOLLO  # through a projected optimizer: GaLore's or APOLLO's
+LAYER_SAMPLING = ("lisa", "owlore")  # profile_methods.SAMPLING
 INT8_CAPABLE = ("galore", "fira", "apollo", "apollo-mini", "lisa", "owlore", "welore")
-"""Strategies that can train with INT8 decoder weights (LISA / OwLore / WeLore with GaLore inside,
-LISA / OwLore with APOLLO inside)."""
-INT8_OPTIMIZERS = ("galore",) + APOLLO
-"""`optimizer:` choices that write INT8 weights (LISA, OwLore; WeLore takes galore only)."""
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    # APOLLO's paper and apollo-torch: rank 256 at 7B scale, scale 1 (the projection is random, so
-    # a larger rank only makes the channel-wise scaling factor less noisy); its pretraining runs use
-    # rank 1/4 of the hidden size, and min(rank, m, n) caps it for small models.
-    "apollo": {"rank": 256, "scale": 1.0},
-    # APOLLO-Mini: rank 1, one tensor-wise factor, scale sqrt(128) (the paper's alpha; apollo-torch
-    # takes scale 128 and multiplies by its square root): a rank-1 estimate of the gradient's norm
-    # ratio is smaller than the channel-wise one, which the scale makes up for.
-    "apollo-mini": {"rank": 1, "scale": math.sqrt(128)},
-}
-"""Defaults of `rank` and `scale` that differ by method (the dataclass holds GaLore's), filled in when
-a profile is loaded and omits them; inside LISA / OwLore those of `optimizer:`."""
+"""Strategies that can train with INT8 decoder weights (LISA / OwLore: GaLore or APOLLO inside; WeLore: GaLore)."""
 ONE = at_least(1)
 TRUNCATIONS = ("cut_prompt", "drop")
 """`data.truncation`: what happens to an example longer than `data.max_seq_len` (see DataSection)."""
@@ -86,16 +67,13 @@ class StrategySection:
     # GaLore / Fira / APOLLO (and GaLore or APOLLO inside OwLore and LISA, GaLore inside WeLore)
     rank: int = knob(128, bounds=ONE, applies=LOW_RANK_INSIDE)
     """GaLore's default; APOLLO's 256, APOLLO-Mini's 1 (METHOD_DEFAULTS)."""
-    update_proj_gap: int = knob(200, bounds=ONE, applies=LOW_RANK_INSIDE)
-    """Steps between new bases: GaLore's SVD, APOLLO's new random projection (200 in both papers)."""
+    update_proj_gap: int = knob(200, bounds=ONE, applies=LOW_RANK_INSIDE)  # GaLore's SVD, APOLLO's random draw
     scale: float = knob(0.25, bounds=POSITIVE, applies=LOW_RANK_INSIDE)
-    """Factor on the update: GaLore's alpha (0.25); APOLLO's 1, APOLLO-Mini's sqrt(128) (METHOD_DEFAULTS;
-    apollo-torch's `scale` is the square of this one)."""
+    """Factor on the update: GaLore's alpha; APOLLO's 1, Mini's sqrt(128) (apollo-torch's is its square)."""
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = knob("std", applies=GALORE_INSIDE)
     bits: Literal[8, 32] = knob(8, applies=LOW_RANK_INSIDE)
     layerwise: bool = knob(True, applies=LOW_RANK_INSIDE)
-    """GaLore: gradients consumed in backward hooks, updates at the step. APOLLO: each matrix updated
-    in its backward hook at the step's last micro-batch (its update needs the whole gradient)."""
+    """GaLore: gradients consumed in backward hooks. APOLLO: each matrix updated in its hook."""
     moments: Literal["keep", "project", "reset"] = knob("keep", applies=GALORE_INSIDE)
     svd: Literal["sketch", "exact", "randomized", "first_micro_batch"] = knob("sketch", applies=GALORE_INSIDE)
     """Where a subspace comes from: `sketch`, a randomized sketch of the whole batch's gradient
@@ -114,9 +92,8 @@ class StrategySection:
     group_size: int = knob(256, bounds=ONE, applies=INT8_CAPABLE)
     """Input features per INT8 scale (a row whose width it does not divide ends in a shorter group)."""
     fira_limiter: float = knob(1.01, bounds=at_least(1), applies=("fira",) + APOLLO)
-    """gamma of Fira's norm-growth limiter: a term whose norm grows by more than gamma since the last
-    step is scaled down to gamma times the last one. Fira limits its scaled residual, APOLLO its
-    scaled gradient (as apollo-torch, gamma 1.01)."""
+    """gamma: a term whose norm grows past gamma times the last step's is scaled back (Fira: its
+    scaled residual; APOLLO: its scaled gradient, as apollo-torch)."""
     # Layer sampling (LISA, OwLore)
     sampled_layers: int = knob(2, bounds=ONE, applies=LAYER_SAMPLING)
     interval: int = knob(20, bounds=ONE, applies=LAYER_SAMPLING)
@@ -133,8 +110,7 @@ class StrategySection:
     """Train embeddings, final norm and lm_head. null: the method's own default — on for every
     method but WeLore (LRC-only finetuning of a pretrained model keeps them frozen)."""
     inactive_state: Literal["drop", "offload"] = knob("drop", applies=LAYER_SAMPLING)
-    optimizer: Literal["galore", "apollo", "apollo-mini", "adamw", "adamw8bit"] = knob(
-        "galore", applies=LAYER_SAMPLING + ("welore",))
+    optimizer: InsideOptimizer = knob("galore", applies=LAYER_SAMPLING + ("welore",))
     """Optimizer inside sampled layers (OwLore, LISA) or for the low-rank factors (WeLore: not apollo)."""
     # WeLore
     rank_reduction: float = knob(0.5, bounds=SHARE, applies=("welore",))
@@ -299,15 +275,8 @@ def load_profile(path: str | Path, overrides: list[str] | tuple[str, ...] = (), 
         if dropped and notes is not None:
             notes.append(f"strategy.name={strategy['name']} (--set): {strategy['name']} does not read "
                          f"{', '.join('strategy.' + k for k in dropped)} from {path}, so they are left out")
-        # the file's GaLore rank and scale are not an APOLLO-Mini's: a method with its own defaults takes them
-        own = METHOD_DEFAULTS.get(str(strategy["name"]), {})
-        replaced = [k for k in file_strategy if k in own and strategy.get(k) == file_strategy[k]]
-        for key in replaced:
-            del strategy[key]
-        if replaced and notes is not None:
-            notes.append(f"strategy.name={strategy['name']} (--set): {strategy['name']}'s own "
-                         + ", ".join(f"strategy.{k} {own[k]:g}" for k in replaced)
-                         + f" replace {path}'s (--set them to keep others)")
+        if (replaced := replace_file_defaults(strategy, file_strategy, path)) and notes is not None:
+            notes.append(replaced)
     return profile_from_dict(raw, source=str(path))
 
 
@@ -367,33 +336,13 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _with_method_defaults(raw: dict[str, Any]) -> dict[str, Any]:
-    """`raw` with the METHOD_DEFAULTS of its strategy (or of the optimizer inside LISA / OwLore) for
-    the keys it omits."""
-    section = raw.get("strategy")
-    if not isinstance(section, dict):
-        return raw
-    name = section.get("name", StrategySection.name)
-    method = section.get("optimizer", StrategySection.optimizer) if name in LAYER_SAMPLING else name
-    defaults = METHOD_DEFAULTS.get(method) if isinstance(method, str) else None  # a wrong type: build says so
-    if not defaults:
-        return raw
-    return {**raw, "strategy": {**defaults, **section}}
-
-
 def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> Profile:
-    profile = build(Profile, _with_method_defaults(raw), source)
+    profile = build(Profile, with_defaults(raw, StrategySection.name, StrategySection.optimizer), source)
     _check_strategy_keys(raw, source)
     s = profile.strategy
-    if s.name == "welore" and s.optimizer in APOLLO:
-        raise UserError(f"{source}: strategy.optimizer {s.optimizer} applies to lisa and owlore; welore trains its "
-                        "factors with galore, adamw or adamw8bit")
-    if s.embedding_rank is not None and s.name in LAYER_SAMPLING and s.optimizer != "galore":
-        raise UserError(f"{source}: strategy.embedding_rank trains the embeddings through GaLore, which {s.name} runs "
-                        f"with optimizer: galore only (got optimizer {s.optimizer}); set it to null or use galore")
-    if s.weight_bits == 8 and s.name in LAYER_SAMPLING + ("welore",) and s.optimizer not in INT8_OPTIMIZERS:
-        raise UserError(f"{source}: strategy.weight_bits 8 with {s.name} needs strategy.optimizer: galore, apollo or "
-                        f"apollo-mini (INT8 weights take their updates; got optimizer {s.optimizer})")
+    wrong = optimizer_error(s)
+    if wrong:
+        raise UserError(f"{source}: {wrong}")
     runs_galore = s.name == "galore" or (s.name in LAYER_SAMPLING + ("welore",) and s.optimizer == "galore")
     if runs_galore and s.proj_type == "full" and s.svd == "sketch":  # fira takes the exact SVD whatever svd says
         raise UserError(f"{source}: strategy.proj_type full needs strategy.svd exact or randomized (the sketch "

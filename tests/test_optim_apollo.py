@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lowmem_tune.optim import GaLoreAdamW, GaLoreConfig
+from lowmem_tune.optim import ApolloAdamW, GaLoreAdamW, GaLoreConfig
 from lowmem_tune.optim.apollo import RandomProjector
 
 SHAPES = [(48, 32), (32, 80), (40, 40)]  # right, left and right (square) projections under 'std'
@@ -50,7 +50,7 @@ def test_matches_apollo_torch_over_several_new_projections(monkeypatch, variant,
     ref = [torch.nn.Parameter(p.detach().clone()) for p in start]
     ours = [torch.nn.Parameter(p.detach().clone()) for p in start]
     lr, adam = 1e-2, {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
-    opt = GaLoreAdamW(apollo_groups(ours[:3], ours[3:], rank=rank, scale=scale), lr=lr,
+    opt = ApolloAdamW(apollo_groups(ours[:3], ours[3:], rank=rank, scale=scale), lr=lr,
                       config=GaLoreConfig(bits=32, variant=variant, **adam))
     ref_groups = apollo_groups(ref[:3], ref[3:], rank=rank, scale=scale ** 2)  # it multiplies by sqrt(scale)
     ref_groups[0].update(proj="random", scale_type="tensor" if variant == "apollo-mini" else "channel")
@@ -108,7 +108,7 @@ def test_no_svd_or_qr_is_ever_taken(monkeypatch):
     for name in ("svd", "qr", "svdvals", "eigh"):
         monkeypatch.setattr(torch.linalg, name, refuse)
     mats = make_params()
-    opt = GaLoreAdamW(apollo_groups(mats, gap=2), lr=1e-3, config=GaLoreConfig(variant="apollo"))
+    opt = ApolloAdamW(apollo_groups(mats, gap=2), lr=1e-3, config=GaLoreConfig(variant="apollo"))
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
         feed(mats, gen)
@@ -122,7 +122,7 @@ def test_8bit_moments_take_under_a_third_of_fp32_bytes_and_follow_the_32bit_step
     moved, moment_bytes = {}, {}
     for bits in (32, 8):
         w = torch.nn.Parameter(w0.detach().clone())
-        opt = GaLoreAdamW(apollo_groups([w], rank=64), lr=1e-3, config=GaLoreConfig(bits=bits, variant="apollo"))
+        opt = ApolloAdamW(apollo_groups([w], rank=64), lr=1e-3, config=GaLoreConfig(bits=bits, variant="apollo"))
         for _ in range(3):
             w.grad = grad.clone()
             opt.step()
@@ -140,7 +140,7 @@ def test_8bit_moments_take_under_a_third_of_fp32_bytes_and_follow_the_32bit_step
 @pytest.mark.parametrize("variant, bits", [("apollo", 32), ("apollo", 8), ("apollo-mini", 32)])
 def test_state_dict_survives_weights_only_load_and_resumes_bitwise(variant, bits):
     def build(params):
-        return GaLoreAdamW(apollo_groups(params[:3], params[3:], gap=3, rank=1 if variant == "apollo-mini" else 8),
+        return ApolloAdamW(apollo_groups(params[:3], params[3:], gap=3, rank=1 if variant == "apollo-mini" else 8),
                            lr=1e-2, config=GaLoreConfig(weight_decay=0.01, bits=bits, variant=variant, stagger=True,
                                                         min_8bit_size=64))
 
@@ -174,6 +174,8 @@ def test_state_dict_survives_weights_only_load_and_resumes_bitwise(variant, bits
 
 
 def test_moment_policies_other_than_keep_and_other_sides_are_refused():
+    with pytest.raises(ValueError, match="runs as ApolloAdamW"):
+        GaLoreAdamW(make_params(), config=GaLoreConfig(variant="apollo-mini"))
     with pytest.raises(ValueError, match="moments 'keep'"):
         GaLoreConfig(variant="apollo", moments="project")
     with pytest.raises(ValueError, match="proj_type std"):
@@ -209,7 +211,7 @@ def test_layerwise_with_accumulation_takes_the_ordinary_optimizers_steps(tiny64,
         mats = galore_matrices(model)
         chosen = {id(p) for p in mats}
         rest = [p for p in model.parameters() if id(p) not in chosen]
-        opt = GaLoreAdamW([{"params": mats, "rank": 1 if variant == "apollo-mini" else 8, "update_proj_gap": 3,
+        opt = ApolloAdamW([{"params": mats, "rank": 1 if variant == "apollo-mini" else 8, "update_proj_gap": 3,
                             "scale": 1.0}, {"params": rest}], lr=1e-3,
                           config=GaLoreConfig(weight_decay=0.01, variant=variant, micro_batches=k))
         updater = GaLoreUpdater(opt, max_grad_norm=0.5, layerwise=layerwise, modules=list(model.modules()))
@@ -259,7 +261,8 @@ def test_each_method_gets_its_own_rank_and_scale_unless_the_profile_sets_them():
     ({"name": "welore", "optimizer": "apollo"}, "strategy.optimizer apollo applies to lisa and owlore"),
     # the planner would count GaLore embeddings that the run would not have
     ({"name": "owlore", "optimizer": "apollo", "embedding_rank": 8}, "with optimizer: galore only"),
-    ({"name": "lisa", "optimizer": "adamw", "weight_bits": 8}, "needs strategy.optimizer: galore, apollo or apollo-mini"),
+    ({"name": "lisa", "optimizer": "adamw", "weight_bits": 8},
+     "needs strategy.optimizer: galore, apollo or apollo-mini"),
     ({"name": "apollo", "fira_limiter": 0.9}, "strategy.fira_limiter: must be at least 1"),
 ])
 def test_bad_apollo_settings_are_one_line_errors(strategy, message):
@@ -285,14 +288,14 @@ def test_lisa_with_apollo_inside_trains_only_sampled_layers_through_apollo():
     model = strategy.prepare_model(model, StrategyContext(device=torch.device("cpu"), dtype=torch.float32))
     updater = strategy.build_updater(model, StrategyContext(device=torch.device("cpu"), dtype=torch.float32))
     opt = updater.optimizer
-    assert opt.apollo and opt.config.variant == "apollo"
+    assert isinstance(opt, ApolloAdamW) and opt.config.variant == "apollo"
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     for step in range(4):
         strategy.on_step_start(step, model, updater)
         model(input_ids=x, labels=x).loss.backward()
         updater.set_lr(1e-3)
         updater.step()
-        held = [p for p in opt.state if opt.is_apollo(p)]
+        held = [p for p in opt.state if opt.is_galore(p)]
         active = {id(p) for i in strategy.applied for p in strategy.layer_params[i]}
         assert held and all(id(p) in active for p in held)  # the state of layers that left is released
         assert all(isinstance(opt.state[p]["projector"], RandomProjector) for p in held)

@@ -13,6 +13,16 @@ dimension), Gaussian with variance 1/r. Each step:
 The moments are kept across new projections, as apollo-torch does. The state per matrix is the
 r-sized moments, the projection (r·min(m, n) values in the weights' dtype) and one norm.
 
+`ApolloAdamW` is GaLoreAdamW with these matrices (its other parameters take AdamW as there). The
+update needs each matrix's whole gradient G (s depends on the batch's R = Pᵀ G), so G accumulates
+in p.grad over the step's micro-batches; layerwise, the matrix is updated in its hook at the last
+micro-batch (after averaging G across processes) and G is freed there, so with one micro-batch per
+step only the gradients in flight are alive. The global clipping norm is not known that early, so
+APOLLO matrices are never clipped, in either mode (both take the same steps): their update's size
+is Adam's, which a clipping factor c changes only through the moments (s ⊙ G is otherwise
+invariant to c), and the norm-growth limiter bounds it. The clipping norm includes their ||G|| and
+clips every other tensor.
+
 Matches apollo-torch 1.0.3's `APOLLOAdamW` on the same gradients and projections
 (tests/test_optim_apollo.py), except:
 - `scale` multiplies the update (as GaLore's does); apollo-torch multiplies by sqrt(scale), so its
@@ -34,12 +44,13 @@ from typing import Any
 import torch
 
 from lowmem_tune.optim.fira import channel_ratio, limit_growth, projected_dim
+from lowmem_tune.optim.galore_adamw import GaLoreAdamW
+from lowmem_tune.optim.galore_config import APOLLO_VARIANTS, GaLoreConfig
 from lowmem_tune.optim.moments import bias_correction, storage_of
+from lowmem_tune.optim.norms import squared_norm
 from lowmem_tune.optim.projector import GaLoreProjector
 from lowmem_tune.optim.subspace import gaussian
 from lowmem_tune.optim.writer import RoundingWriter, WeightStore, row_blocks
-
-APOLLO_VARIANTS = ("apollo", "apollo-mini")
 
 
 class RandomProjector(GaLoreProjector):
@@ -74,16 +85,78 @@ class RandomProjector(GaLoreProjector):
         self.seed = int(state["seed"])
 
 
-def apollo_step(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], low: torch.Tensor,
-                grad: torch.Tensor, writer: RoundingWriter | None, limiter: float, tensorwise: bool,
+class ApolloAdamW(GaLoreAdamW):
+    """GaLoreAdamW whose GaLore groups' matrices take APOLLO steps (variant apollo or apollo-mini)."""
+
+    def __init__(self, params: Any, lr: float = 1e-3, config: GaLoreConfig = GaLoreConfig(variant="apollo"),
+                 **kwargs: Any) -> None:
+        if config.variant not in APOLLO_VARIANTS:
+            raise ValueError(f"ApolloAdamW runs variants {APOLLO_VARIANTS}, got {config.variant!r}")
+        super().__init__(params, lr, config, **kwargs)
+        self.rule = "random"  # no SVD rule applies
+
+    def new_projector(self, p: torch.Tensor) -> RandomProjector:
+        group = self._group[id(p)]
+        return RandomProjector(tuple(p.shape), group["rank"], group["update_proj_gap"], group.get("scale", 1.0),
+                               group.get("proj_type", "std"), self._phase[id(p)], self.name_of(p))
+
+    @torch.no_grad()
+    def absorb_grad(self, p: torch.Tensor) -> None:
+        """Layerwise: at the step's last micro-batch p.grad is the batch's gradient; average it
+        across processes, update the matrix and free it."""
+        if not self.is_galore(p) or p.grad is None:
+            super().absorb_grad(p)
+            return
+        state = self._state(p)
+        state["micro"] = state.get("micro", 0) + 1
+        if state["micro"] < self.config.micro_batches:
+            return
+        if self.average is not None:
+            self.average([p.grad])
+        del state["micro"]
+        state["full_sq"], state["updated"] = squared_norm(p.grad), True
+        self._update(p, self._group[id(p)], state)
+
+    def _steps_itself(self, p: torch.Tensor, group: dict[str, Any], consumed_sq: list[torch.Tensor],
+                      full_sq: list[torch.Tensor]) -> bool:
+        if not self.is_galore(p):
+            return False
+        state = self.state.get(p)
+        if state and state.pop("updated", False):  # in its hook
+            consumed_sq.append(state.pop("full_sq"))
+            full_sq.append(consumed_sq[-1])
+        if p.grad is not None:
+            consumed_sq.append(squared_norm(p.grad))
+            full_sq.append(consumed_sq[-1])
+            state = self._state(p)
+            state.pop("micro", None)
+            self._update(p, group, state)
+        return True
+
+    def _update(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """A matrix's whole step from p.grad, a new projection first when one is due; frees p.grad."""
+        proj: RandomProjector = state["projector"]
+        if proj.due(self.global_step):  # moments kept, as apollo-torch does
+            with self.refresh_timer.section(p.device):
+                proj.redraw(self._seed(p), p.grad, p.dtype)
+            self._refreshed += 1
+        self._ensure_moments(p, state)
+        apollo_step(p, group, state, p.grad, self.writer, self.config.fira_limiter,
+                    self.config.variant == "apollo-mini", self._stores.get(id(p)))
+        p.grad = None
+
+
+def apollo_step(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], grad: torch.Tensor,
+                writer: RoundingWriter | None, limiter: float, tensorwise: bool,
                 store: WeightStore | None = None) -> None:
-    """One APOLLO update of matrix `p` from its low-rank gradient `low` and full gradient `grad`."""
+    """One APOLLO update of matrix `p` from its gradient `grad` (any dtype)."""
     lr, wd = group["lr"], group["weight_decay"]
     proj: RandomProjector = state["projector"]
+    wide = torch.promote_types(grad.dtype, torch.float32)
+    low = proj.project(grad).to(wide)
     direction = storage_of(state).direction(state, low, group["betas"], group["eps"])
     ratio = channel_ratio(direction, low, None if tensorwise else projected_dim(proj.sides))
     per_row = ratio.ndim == 2 and ratio.shape[0] > 1  # m x 1: a factor per row of G
-    wide = torch.promote_types(grad.dtype, torch.float32)
 
     def scaled_rows(start: int, rows: int) -> torch.Tensor:
         """Rows start .. start + rows of s ⊙ G in float32 (a block: no full-size float32 copy)."""

@@ -1,8 +1,8 @@
 """The one place that builds an `Updater` from a profile: every strategy asks here.
 
 A strategy says which parameters may train and how: `galore` / `fira` / `apollo` / `apollo-mini`
-(GaLore-AdamW or its variants over the given 2-D matrices, plain AdamW over the rest, layerwise or not), `adamw` (torch AdamW) or `adamw8bit`
-(bitsandbytes' AdamW8bit) over all of them — or, for 16-bit weights with stochastic rounding,
+(GaLore-AdamW, or its subclass ApolloAdamW, over the given 2-D matrices, plain AdamW over the
+rest, layerwise or not), `adamw` (torch AdamW) or `adamw8bit` (bitsandbytes' AdamW8bit) over all of them — or, for 16-bit weights with stochastic rounding,
 the same AdamW (fp32 or bitsandbytes' 8-bit moments) through GaLore-AdamW without projection.
 """
 
@@ -14,9 +14,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from lowmem_tune.optim.apollo import APOLLO_VARIANTS
+from lowmem_tune.optim.apollo import ApolloAdamW
 from lowmem_tune.optim.galore_adamw import GaLoreAdamW
-from lowmem_tune.optim.galore_config import GaLoreConfig
+from lowmem_tune.optim.galore_config import APOLLO_VARIANTS, GaLoreConfig
 from lowmem_tune.optim.layerwise import GaLoreUpdater
 from lowmem_tune.optim.rounding import StochasticRounding
 from lowmem_tune.optim.updater import StandardUpdater, Updater
@@ -93,7 +93,7 @@ def build_updater(optimizer: str, parameters: TrainableParameters, profile: Prof
     config = GaLoreConfig(betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay, bits=s.bits, moments=s.moments,
                           variant=optimizer, fira_limiter=s.fira_limiter, svd=s.svd,
                           stagger=optimizer not in APOLLO_VARIANTS, micro_batches=t.gradient_accumulation)
-    opt = GaLoreAdamW(
+    opt = (ApolloAdamW if optimizer in APOLLO_VARIANTS else GaLoreAdamW)(
         groups, lr=t.lr, config=config, param_names=parameters.names,
         rounding=StochasticRounding(t.seed) if s.rounding == "stochastic" else None, inform=inform,
         stores=parameters.stores, average=average,

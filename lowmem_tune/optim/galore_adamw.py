@@ -1,12 +1,11 @@
-"""GaLore-AdamW (32-bit and 8-bit moments), Fira and APOLLO / APOLLO-Mini, as one torch optimizer.
+"""GaLore-AdamW (32-bit and 8-bit moments) and Fira, as one torch optimizer (APOLLO: a subclass, apollo.py).
 
 Param groups are galore-torch compatible: a group with `rank` (and optionally `update_proj_gap`,
 `scale`, `proj_type`) is a GaLore group, and its 2-D parameters run Adam in a rank-r subspace of
 their gradient (see `GaLoreProjector`); every other parameter gets plain AdamW. Adam itself is in
 `moments.py` (float32, or bitsandbytes' blockwise 8-bit kernel for tensors of `min_8bit_size`
 values or more with bits=8), Fira's residual in `fira.py`, where a subspace comes from
-(`svd`: sketch, exact, randomized, first_micro_batch) in `subspace.py`; the APOLLO variants draw
-a random projection instead and scale the raw gradient (`apollo.py`). Decoupled weight decay
+(`svd`: sketch, exact, randomized, first_micro_batch) in `subspace.py`. Decoupled weight decay
 W <- W - lr wd W after the update, as galore-torch 1.0 (the 8-bit kernel on a dense tensor decays
 before it, as torch.optim.AdamW). With `rounding`, updates into bf16/fp16 weights are rounded
 stochastically (`writer.py`) instead of to nearest.
@@ -18,15 +17,6 @@ Gradients come from p.grad at `step()` (ordinary mode) or, one micro-batch at a 
 matrix's refreshes, straight from its layer's backward (`projected_grad.py`); clipping uses the
 norm of the gradient the optimizer consumes (low-rank for GaLore matrices), exact in both modes.
 With `average` (several processes) the step's gradient state is averaged across them first.
-
-APOLLO needs each matrix's whole gradient G at its update (the update is s ⊙ G, and s depends on
-the batch's R = Pᵀ G), so G accumulates in p.grad over the step's micro-batches; layerwise, the
-matrix is updated in its hook at the last micro-batch (after averaging G across processes) and G
-is freed there, so with one micro-batch per step only the gradients in flight are alive. The
-global clipping norm is not known that early, so APOLLO matrices are never clipped, in either
-mode (both take the same steps): their update's size is Adam's, which a clipping factor c changes
-only through the moments (s ⊙ G is otherwise invariant to c), and the norm-growth limiter bounds
-it. The clipping norm includes their ||G||, and clips every other tensor.
 
 State appears on a parameter's first gradient, its moments at its first update (so a matrix
 whose first basis waits for room holds none: see `SketchRoom`); `release(params, offload)` drops
@@ -42,8 +32,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from lowmem_tune.optim.adam_step import dense_step, galore_step
-from lowmem_tune.optim.apollo import APOLLO_VARIANTS, RandomProjector, apollo_step
-from lowmem_tune.optim.galore_config import GaLoreConfig
+from lowmem_tune.optim.galore_config import APOLLO_VARIANTS, GaLoreConfig
 from lowmem_tune.optim.moments import carry_moments, moments_for
 from lowmem_tune.optim.norms import squared_norm
 from lowmem_tune.optim.offload import is_parked, park, tensor_bytes, unpark
@@ -70,12 +59,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
     ) -> None:
         super().__init__(params, {"lr": lr, "betas": config.betas, "eps": config.eps,
                                   "weight_decay": config.weight_decay})
+        if config.variant in APOLLO_VARIANTS and type(self) is GaLoreAdamW:
+            raise ValueError(f"variant {config.variant!r} runs as ApolloAdamW (lowmem_tune/optim/apollo.py)")
         self.config = config
-        self.apollo = config.variant in APOLLO_VARIANTS
         # Fira keeps every full gradient for its residual anyway: its basis is their exact SVD.
-        # APOLLO's is a random draw.
-        self.rule = ("random" if self.apollo else
-                     "exact" if config.variant == "fira" and config.svd == "sketch" else config.svd)
+        self.rule = "exact" if config.variant == "fira" and config.svd == "sketch" else config.svd
         if average is not None and config.svd == "first_micro_batch":
             raise ValueError("svd 'first_micro_batch' takes a basis from one process's gradient; with several "
                              "processes use 'sketch' or 'exact'")
@@ -113,15 +101,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def is_apollo(self, p: torch.Tensor) -> bool:
-        return self.apollo and self.is_galore(p)
-
     def new_projector(self, p: torch.Tensor) -> GaLoreProjector:
-        group, phase, name = self._group[id(p)], self._phase[id(p)], self.name_of(p)
-        if self.apollo:
-            return RandomProjector(tuple(p.shape), group["rank"], group["update_proj_gap"], group.get("scale", 1.0),
-                                   group.get("proj_type", "std"), phase, name)
-        return GaLoreProjector.for_group(group, tuple(p.shape), phase, name)
+        return GaLoreProjector.for_group(self._group[id(p)], tuple(p.shape), self._phase[id(p)], self.name_of(p))
 
     def _state(self, p: torch.Tensor) -> dict[str, Any]:
         """The parameter's state, created on first use and brought back from the CPU if parked."""
@@ -153,9 +134,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ gradients in
     def keeps_full_grad(self, p: torch.Tensor) -> bool:
-        """Whether p's full gradient must survive until step(): non-GaLore tensors, Fira and APOLLO
-        matrices, and matrices taking a basis from the accumulated gradient (rules exact,
-        randomized, and first_micro_batch's scheduled refreshes)."""
+        """Whether p's full gradient must survive until step(): non-GaLore tensors, Fira matrices,
+        and matrices taking a basis from the accumulated gradient (rules exact, randomized, and
+        first_micro_batch's scheduled refreshes)."""
         if not self.is_galore(p) or self.config.variant != "galore":
             return True
         state = self._state(p)
@@ -238,11 +219,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def absorb_grad(self, p: torch.Tensor) -> None:
         """Consume p.grad (one micro-batch) into the matrix's sketch or low-rank accumulator and
-        free it, unless the full gradient is needed at the step; an APOLLO matrix is updated at the
-        step's last micro-batch."""
-        if self.is_apollo(p) and p.grad is not None:
-            self._apollo_hook(p)
-            return
+        free it, unless the full gradient is needed at the step."""
         self.take_initial_basis(p)
         if p.grad is None or self.keeps_full_grad(p):
             return
@@ -278,19 +255,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         consumed_sq: list[torch.Tensor] = []
         full_sq: list[torch.Tensor] = []
         full_exact = True
-        apollo: list[tuple[torch.Tensor, dict[str, Any], dict[str, Any]]] = []
         for group in self.param_groups:
             for p in group["params"]:
-                state = self.state.get(p)
-                if self.is_apollo(p):
-                    if state and state.pop("updated", False):  # in its hook (layerwise)
-                        consumed_sq.append(state.pop("full_sq"))
-                        full_sq.append(consumed_sq[-1])
-                    if p.grad is not None:
-                        consumed_sq.append(squared_norm(p.grad))
-                        full_sq.append(consumed_sq[-1])
-                        apollo.append((p, group, self._state(p)))
+                if self._steps_itself(p, group, consumed_sq, full_sq):
                     continue
+                state = self.state.get(p)
                 if p.grad is None and not (state and ("grad_acc" in state or "sketch" in state or "deferred" in state)):
                     continue
                 state = self._state(p)
@@ -309,9 +278,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     consumed_sq.append(squared_norm(low))
                     full_sq.append(consumed_sq[-1])
                 pending.append((p, group, state, low))
-        for p, group, state in apollo:  # never clipped (module docstring)
-            state.pop("micro", None)
-            self._apollo_update(p, group, state)
         self.refreshed_last_step, self._refreshed = self._refreshed, 0
         if not consumed_sq:
             zero = torch.zeros(())
@@ -335,34 +301,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.global_step += 1
         return consumed, full
 
+    def _steps_itself(self, p: torch.Tensor, group: dict[str, Any], consumed_sq: list[torch.Tensor],
+                      full_sq: list[torch.Tensor]) -> bool:
+        """Whether p took its whole step here, unclipped, its squared norms appended (APOLLO's matrices)."""
+        return False
+
     def _ensure_moments(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         if "exp_avg" not in state:  # moments appear at the first update
             storage, shape, dtype = self._moments_of(p)
             state.update(storage.create(shape, p.device, dtype))
-
-    def _apollo_hook(self, p: torch.Tensor) -> None:
-        """Layerwise APOLLO: at the step's last micro-batch p.grad is the batch's gradient; average
-        it across processes, update the matrix and free it."""
-        state = self._state(p)
-        state["micro"] = state.get("micro", 0) + 1
-        if state["micro"] < self.config.micro_batches:
-            return
-        if self.average is not None:
-            self.average([p.grad])
-        del state["micro"]
-        state["full_sq"], state["updated"] = squared_norm(p.grad), True
-        self._apollo_update(p, self._group[id(p)], state)
-
-    def _apollo_update(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        """An APOLLO matrix's whole step from p.grad (a new projection first when it is due); frees p.grad."""
-        proj: RandomProjector = state["projector"]
-        if proj.due(self.global_step):
-            self._refresh(p, state, p.grad)
-        low = _low_rank(proj, p.grad)
-        self._ensure_moments(p, state)
-        apollo_step(p, group, state, low, p.grad, self.writer, self.config.fira_limiter,
-                    self.config.variant == "apollo-mini", self._stores.get(id(p)))
-        p.grad = None
 
     def _gradient_state(self) -> list[torch.Tensor]:
         """What this process holds of the step's gradient: full gradients, low-rank accumulators and
@@ -401,11 +348,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _refresh(self, p: torch.Tensor, state: dict[str, Any], gradient: torch.Tensor | tuple) -> None:
         proj: GaLoreProjector = state["projector"]
-        if isinstance(proj, RandomProjector):  # APOLLO: moments kept, as apollo-torch does
-            with self.refresh_timer.section(p.device):
-                proj.redraw(self._seed(p), gradient, p.dtype)
-            self._refreshed += 1
-            return
         first = proj.needs_basis()
         with self.refresh_timer.section(p.device):
             change = refresh(proj, gradient, self.rule, p.dtype, self._seed(p), self._tell)

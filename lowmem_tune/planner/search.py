@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 from lowmem_tune.hardware import GpuTarget
 from lowmem_tune.planner.architecture import Architecture
 from lowmem_tune.planner.estimate import Estimate, Workload, estimate
-from lowmem_tune.profile import APOLLO, METHOD_DEFAULTS, STRATEGY_NAMES, StrategySection
+from lowmem_tune.profile import APOLLO, STRATEGY_NAMES, StrategySection
+from lowmem_tune.profile_methods import METHOD_DEFAULTS
 
 if TYPE_CHECKING:
     from lowmem_tune.profile import Profile
