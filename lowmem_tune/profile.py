@@ -17,22 +17,24 @@ from typing import Any, Literal
 import yaml
 
 from lowmem_tune.errors import UserError, one_line
+from lowmem_tune.profile_methods import APOLLO, InsideOptimizer, optimizer_error, replace_file_defaults, with_defaults
 from lowmem_tune.resources import chat_template_names, profiles_dir
 from lowmem_tune.schema import POSITIVE, SHARE, Bounds, above, applies_to, at_least, build, knob
 
-STRATEGY_NAMES = ("full", "adamw8bit", "galore", "fira", "lisa", "owlore", "welore", "lora", "qlora", "dora")
+STRATEGY_NAMES = ("full", "adamw8bit", "galore", "fira", "apollo", "apollo-mini", "lisa", "owlore", "welore", "lora",
+                  "qlora", "dora")
 """Every strategy, by the name a profile gives in `strategy.name`: the one list the registry, the
 planner and the CLI take theirs from."""
 StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
 
 GALORE_INSIDE = ("galore", "fira", "lisa", "owlore", "welore")
 """Strategies that run GaLore (for LISA / OwLore / WeLore: with `optimizer: galore`, the default)."""
-LAYER_SAMPLING = ("lisa", "owlore")
-INT8_CAPABLE = ("galore", "fira", "lisa", "owlore", "welore")
-"""Strategies that can train with INT8 decoder weights (LISA / OwLore / WeLore with GaLore inside)."""
+LOW_RANK_INSIDE = GALORE_INSIDE + APOLLO  # through a projected optimizer: GaLore's or APOLLO's
+LAYER_SAMPLING = ("lisa", "owlore")  # profile_methods.SAMPLING
+INT8_CAPABLE = ("galore", "fira", "apollo", "apollo-mini", "lisa", "owlore", "welore")
+"""Strategies that can train with INT8 decoder weights (LISA / OwLore: GaLore or APOLLO inside; WeLore: GaLore)."""
 ADAPTERS = ("lora", "qlora", "dora")  # peft, on a frozen base: not full-parameter, listed apart by the planner
 FULL_PARAMETER = tuple(name for name in STRATEGY_NAMES if name not in ADAPTERS)
-"""Strategies that can train with INT8 decoder weights (LISA / OwLore / WeLore with GaLore inside)."""
 ONE = at_least(1)
 TRUNCATIONS = ("cut_prompt", "drop")
 """`data.truncation`: what happens to an example longer than `data.max_seq_len` (see DataSection)."""
@@ -65,13 +67,16 @@ class HardwareSection:
 @dataclass
 class StrategySection:
     name: StrategyName = "galore"
-    # GaLore / Fira (and GaLore inside OwLore, LISA and WeLore when optimizer: galore)
-    rank: int = knob(128, bounds=ONE, applies=GALORE_INSIDE)
-    update_proj_gap: int = knob(200, bounds=ONE, applies=GALORE_INSIDE)
-    scale: float = knob(0.25, bounds=POSITIVE, applies=GALORE_INSIDE)
+    # GaLore / Fira / APOLLO (and GaLore or APOLLO inside OwLore and LISA, GaLore inside WeLore)
+    rank: int = knob(128, bounds=ONE, applies=LOW_RANK_INSIDE)
+    """GaLore's default; APOLLO's 256, APOLLO-Mini's 1 (METHOD_DEFAULTS)."""
+    update_proj_gap: int = knob(200, bounds=ONE, applies=LOW_RANK_INSIDE)  # GaLore's SVD, APOLLO's random draw
+    scale: float = knob(0.25, bounds=POSITIVE, applies=LOW_RANK_INSIDE)
+    """Factor on the update: GaLore's alpha; APOLLO's 1, Mini's sqrt(128) (apollo-torch's is its square)."""
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = knob("std", applies=GALORE_INSIDE)
-    bits: Literal[8, 32] = knob(8, applies=GALORE_INSIDE)
-    layerwise: bool = knob(True, applies=GALORE_INSIDE)
+    bits: Literal[8, 32] = knob(8, applies=LOW_RANK_INSIDE)
+    layerwise: bool = knob(True, applies=LOW_RANK_INSIDE)
+    """GaLore: gradients consumed in backward hooks. APOLLO: each matrix updated in its hook."""
     moments: Literal["keep", "project", "reset"] = knob("keep", applies=GALORE_INSIDE)
     svd: Literal["sketch", "exact", "randomized", "first_micro_batch"] = knob("sketch", applies=GALORE_INSIDE)
     """Where a subspace comes from: `sketch`, a randomized sketch of the whole batch's gradient
@@ -89,7 +94,9 @@ class StrategySection:
     16-bit copy of a weight exists only inside its own layer's forward and backward."""
     group_size: int = knob(256, bounds=ONE, applies=INT8_CAPABLE)
     """Input features per INT8 scale (a row whose width it does not divide ends in a shorter group)."""
-    fira_limiter: float = knob(1.01, bounds=at_least(1), applies=("fira",))
+    fira_limiter: float = knob(1.01, bounds=at_least(1), applies=("fira",) + APOLLO)
+    """gamma: a term whose norm grows past gamma times the last step's is scaled back (Fira: its
+    scaled residual; APOLLO: its scaled gradient, as apollo-torch)."""
     # Layer sampling (LISA, OwLore)
     sampled_layers: int = knob(2, bounds=ONE, applies=LAYER_SAMPLING)
     interval: int = knob(20, bounds=ONE, applies=LAYER_SAMPLING)
@@ -106,8 +113,8 @@ class StrategySection:
     """Train embeddings, final norm and lm_head. null: the method's own default — on for every
     method but WeLore (LRC-only finetuning of a pretrained model keeps them frozen)."""
     inactive_state: Literal["drop", "offload"] = knob("drop", applies=LAYER_SAMPLING)
-    optimizer: Literal["galore", "adamw", "adamw8bit"] = knob("galore", applies=LAYER_SAMPLING + ("welore",))
-    """Optimizer inside sampled layers (OwLore, LISA) or for the low-rank factors (WeLore)."""
+    optimizer: InsideOptimizer = knob("galore", applies=LAYER_SAMPLING + ("welore",))
+    """Optimizer inside sampled layers (OwLore, LISA) or for the low-rank factors (WeLore: not apollo)."""
     # WeLore
     rank_reduction: float = knob(0.5, bounds=SHARE, applies=("welore",))
     min_ratio: float = knob(0.5, bounds=SHARE, applies=("welore",))
@@ -277,6 +284,8 @@ def load_profile(path: str | Path, overrides: list[str] | tuple[str, ...] = (), 
         if dropped and notes is not None:
             notes.append(f"strategy.name={strategy['name']} (--set): {strategy['name']} does not read "
                          f"{', '.join('strategy.' + k for k in dropped)} from {path}, so they are left out")
+        if (replaced := replace_file_defaults(strategy, file_strategy, path)) and notes is not None:
+            notes.append(replaced)
     return profile_from_dict(raw, source=str(path))
 
 
@@ -337,12 +346,12 @@ def _is_file(path: Path) -> bool:
 
 
 def profile_from_dict(raw: dict[str, Any], source: str = "profile") -> Profile:
-    profile = build(Profile, raw, source)
+    profile = build(Profile, with_defaults(raw, StrategySection.name, StrategySection.optimizer), source)
     _check_strategy_keys(raw, source)
     s = profile.strategy
-    if s.weight_bits == 8 and s.name in LAYER_SAMPLING + ("welore",) and s.optimizer != "galore":
-        raise UserError(f"{source}: strategy.weight_bits 8 with {s.name} needs strategy.optimizer: galore "
-                        f"(INT8 weights take GaLore's updates; got optimizer {s.optimizer})")
+    wrong = optimizer_error(s)
+    if wrong:
+        raise UserError(f"{source}: {wrong}")
     runs_galore = s.name == "galore" or (s.name in LAYER_SAMPLING + ("welore",) and s.optimizer == "galore")
     if runs_galore and s.proj_type == "full" and s.svd == "sketch":  # fira takes the exact SVD whatever svd says
         raise UserError(f"{source}: strategy.proj_type full needs strategy.svd exact or randomized (the sketch "

@@ -19,6 +19,8 @@ STRATEGIES = {
     "adamw8bit": {},
     "galore": {"rank": 8, "update_proj_gap": 4},
     "fira": {"rank": 8, "update_proj_gap": 4},
+    "apollo": {"rank": 8, "update_proj_gap": 4},
+    "apollo-mini": {"update_proj_gap": 4},
     "lisa": {"sampled_layers": 1, "interval": 3},
     "owlore": {"sampled_layers": 1, "interval": 3, "rank": 8, "update_proj_gap": 4, "calibration_samples": 4,
                "calibration_seq_len": 16},

@@ -44,6 +44,9 @@ def torchrun(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Com
 
 
 @pytest.mark.parametrize("strategy", [{"name": "galore", "layerwise": True},
+                                      # each matrix's gradient averaged in its hook, then updated there
+                                      {"name": "apollo", "layerwise": True},
+                                      {"name": "lisa", "optimizer": "apollo-mini", "sampled_layers": 2, "interval": 2},
                                       {"name": "owlore", "sampled_layers": 2, "interval": 2},
                                       # both processes compress; the fresh cache gets one entry
                                       {"name": "welore", "weight_bits": 8, "group_size": 32},

@@ -113,7 +113,7 @@ def _print_tables(report: dict[str, Any], arch: Architecture, candidates: list[C
     table = Table(title=f"Peak memory per strategy (GiB), seq len {w['seq_len']}, weights in {w['dtype']}",
                   caption=f"logit: the loss's logits, {LOSS_TARGETS}"
                   + ("; below the line: adapter methods (a frozen base, not full-parameter)" if adapters else ""),
-                  box=box.SIMPLE_HEAD, pad_edge=False)
+                  box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("strategy", no_wrap=True)
     for name in COMPONENTS:
         table.add_column(_SHORT.get(name, name), justify="right")

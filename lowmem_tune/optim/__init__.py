@@ -1,6 +1,7 @@
-"""Optimizers and updaters: GaLore, 8-bit GaLore, Fira, the layerwise engine, and the one builder."""
+"""Optimizers and updaters: GaLore, 8-bit GaLore, Fira, APOLLO, the layerwise engine, and the one builder."""
 
-from lowmem_tune.optim.build import OPTIMIZERS, TrainableParameters, build_updater
+from lowmem_tune.optim.build import LOW_RANK_OPTIMIZERS, OPTIMIZERS, TrainableParameters, build_updater
+from lowmem_tune.optim.apollo import ApolloAdamW
 from lowmem_tune.optim.galore_adamw import GaLoreAdamW
 from lowmem_tune.optim.galore_config import GaLoreConfig
 from lowmem_tune.optim.layerwise import GaLoreUpdater
@@ -9,5 +10,6 @@ from lowmem_tune.optim.projector import GaLoreProjector, SVDFailure
 from lowmem_tune.optim.rounding import StochasticRounding
 from lowmem_tune.optim.updater import StandardUpdater, Updater
 
-__all__ = ["OPTIMIZERS", "GaLoreAdamW", "GaLoreConfig", "GaLoreProjector", "GaLoreUpdater", "SVDFailure",
-           "StandardUpdater", "StochasticRounding", "TrainableParameters", "Updater", "build_updater", "tensor_bytes"]
+__all__ = ["LOW_RANK_OPTIMIZERS", "OPTIMIZERS", "ApolloAdamW", "GaLoreAdamW", "GaLoreConfig", "GaLoreProjector",
+           "GaLoreUpdater", "SVDFailure", "StandardUpdater", "StochasticRounding", "TrainableParameters", "Updater",
+           "build_updater", "tensor_bytes"]

@@ -1,8 +1,8 @@
 """The one place that builds an `Updater` from a profile: every strategy asks here.
 
-A strategy says which parameters may train and how: `galore` / `fira` (GaLore-AdamW over the given
-2-D matrices, plain AdamW over the rest, layerwise or not), `adamw` (torch AdamW) or `adamw8bit`
-(bitsandbytes' AdamW8bit) over all of them — or, for 16-bit weights with stochastic rounding,
+A strategy says which parameters may train and how: `galore` / `fira` / `apollo` / `apollo-mini`
+(GaLore-AdamW, or its subclass ApolloAdamW, over the given 2-D matrices, plain AdamW over the
+rest, layerwise or not), `adamw` (torch AdamW) or `adamw8bit` (bitsandbytes' AdamW8bit) over all of them — or, for 16-bit weights with stochastic rounding,
 the same AdamW (fp32 or bitsandbytes' 8-bit moments) through GaLore-AdamW without projection.
 """
 
@@ -14,15 +14,18 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from lowmem_tune.optim.apollo import ApolloAdamW
 from lowmem_tune.optim.galore_adamw import GaLoreAdamW
-from lowmem_tune.optim.galore_config import GaLoreConfig
+from lowmem_tune.optim.galore_config import APOLLO_VARIANTS, GaLoreConfig
 from lowmem_tune.optim.layerwise import GaLoreUpdater
 from lowmem_tune.optim.rounding import StochasticRounding
 from lowmem_tune.optim.updater import StandardUpdater, Updater
 from lowmem_tune.optim.writer import WeightStore
 from lowmem_tune.profile import Profile
 
-OPTIMIZERS = ("galore", "fira", "adamw", "adamw8bit")
+LOW_RANK_OPTIMIZERS = ("galore", "fira") + APOLLO_VARIANTS
+"""The optimizers that train 2-D matrices through a projection (GaLoreAdamW's variants)."""
+OPTIMIZERS = LOW_RANK_OPTIMIZERS + ("adamw", "adamw8bit")
 
 
 @dataclass
@@ -32,7 +35,7 @@ class TrainableParameters:
     Frozen parameters may be included: they train once they require grad (layer sampling)."""
 
     matrices: Sequence[nn.Parameter]
-    """Through GaLore, for galore / fira."""
+    """Through GaLore-AdamW's projection, for the LOW_RANK_OPTIMIZERS."""
     others: Sequence[nn.Parameter]
     """Through AdamW."""
     embeddings: Sequence[nn.Parameter] = ()
@@ -86,10 +89,11 @@ def build_updater(optimizer: str, parameters: TrainableParameters, profile: Prof
         groups.append({"params": list(parameters.embeddings), "rank": s.embedding_rank, **galore})
     if parameters.others:
         groups.append({"params": list(parameters.others)})
+    # a random projection costs no SVD to spread over T steps: every matrix redraws at once, as apollo-torch
     config = GaLoreConfig(betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay, bits=s.bits, moments=s.moments,
-                          variant=optimizer, fira_limiter=s.fira_limiter, svd=s.svd, stagger=True,
-                          micro_batches=t.gradient_accumulation)
-    opt = GaLoreAdamW(
+                          variant=optimizer, fira_limiter=s.fira_limiter, svd=s.svd,
+                          stagger=optimizer not in APOLLO_VARIANTS, micro_batches=t.gradient_accumulation)
+    opt = (ApolloAdamW if optimizer in APOLLO_VARIANTS else GaLoreAdamW)(
         groups, lr=t.lr, config=config, param_names=parameters.names,
         rounding=StochasticRounding(t.seed) if s.rounding == "stochastic" else None, inform=inform,
         stores=parameters.stores, average=average,

@@ -1,4 +1,4 @@
-"""GaLore-AdamW (32-bit and 8-bit moments) and Fira, as one torch optimizer.
+"""GaLore-AdamW (32-bit and 8-bit moments) and Fira, as one torch optimizer (APOLLO: a subclass, apollo.py).
 
 Param groups are galore-torch compatible: a group with `rank` (and optionally `update_proj_gap`,
 `scale`, `proj_type`) is a GaLore group, and its 2-D parameters run Adam in a rank-r subspace of
@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from lowmem_tune.optim.adam_step import dense_step, galore_step
-from lowmem_tune.optim.galore_config import GaLoreConfig
+from lowmem_tune.optim.galore_config import APOLLO_VARIANTS, GaLoreConfig
 from lowmem_tune.optim.moments import carry_moments, moments_for
 from lowmem_tune.optim.norms import squared_norm
 from lowmem_tune.optim.offload import is_parked, park, tensor_bytes, unpark
@@ -59,6 +59,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
     ) -> None:
         super().__init__(params, {"lr": lr, "betas": config.betas, "eps": config.eps,
                                   "weight_decay": config.weight_decay})
+        if config.variant in APOLLO_VARIANTS and type(self) is GaLoreAdamW:
+            raise ValueError(f"variant {config.variant!r} runs as ApolloAdamW (lowmem_tune/optim/apollo.py)")
         self.config = config
         # Fira keeps every full gradient for its residual anyway: its basis is their exact SVD.
         self.rule = "exact" if config.variant == "fira" and config.svd == "sketch" else config.svd
@@ -135,7 +137,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """Whether p's full gradient must survive until step(): non-GaLore tensors, Fira matrices,
         and matrices taking a basis from the accumulated gradient (rules exact, randomized, and
         first_micro_batch's scheduled refreshes)."""
-        if not self.is_galore(p) or self.config.variant == "fira":
+        if not self.is_galore(p) or self.config.variant != "galore":
             return True
         state = self._state(p)
         proj: GaLoreProjector = state["projector"]
@@ -255,6 +257,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         full_exact = True
         for group in self.param_groups:
             for p in group["params"]:
+                if self._steps_itself(p, group, consumed_sq, full_sq):
+                    continue
                 state = self.state.get(p)
                 if p.grad is None and not (state and ("grad_acc" in state or "sketch" in state or "deferred" in state)):
                     continue
@@ -275,7 +279,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     full_sq.append(consumed_sq[-1])
                 pending.append((p, group, state, low))
         self.refreshed_last_step, self._refreshed = self._refreshed, 0
-        if not pending:
+        if not consumed_sq:
             zero = torch.zeros(())
             return zero, zero
         consumed = torch.stack(consumed_sq).sum().sqrt()
@@ -283,9 +287,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         full = torch.stack(full_sq).sum().sqrt() if full_exact and self.average is None else None
         coef = None if max_norm is None else (max_norm / (consumed + 1e-6)).clamp(max=1.0)
         for p, group, state, grad in pending:
-            if "exp_avg" not in state:  # moments appear at the first update
-                storage, shape, dtype = self._moments_of(p)
-                state.update(storage.create(shape, p.device, dtype))
+            self._ensure_moments(p, state)
             if coef is not None:
                 grad.mul_(coef.to(grad.device, grad.dtype))
                 if p.grad is not None and p.grad is not grad:
@@ -298,6 +300,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
             p.grad = None
         self.global_step += 1
         return consumed, full
+
+    def _steps_itself(self, p: torch.Tensor, group: dict[str, Any], consumed_sq: list[torch.Tensor],
+                      full_sq: list[torch.Tensor]) -> bool:
+        """Whether p took its whole step here, unclipped, its squared norms appended (APOLLO's matrices)."""
+        return False
+
+    def _ensure_moments(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        if "exp_avg" not in state:  # moments appear at the first update
+            storage, shape, dtype = self._moments_of(p)
+            state.update(storage.create(shape, p.device, dtype))
 
     def _gradient_state(self) -> list[torch.Tensor]:
         """What this process holds of the step's gradient: full gradients, low-rank accumulators and

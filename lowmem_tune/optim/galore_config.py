@@ -8,7 +8,9 @@ from lowmem_tune.optim.moments import MIN_8BIT_SIZE
 from lowmem_tune.optim.subspace import BASIS_RULES
 
 MOMENT_POLICIES = ("keep", "project", "reset")
-VARIANTS = ("galore", "fira")
+APOLLO_VARIANTS = ("apollo", "apollo-mini")
+"""Run by ApolloAdamW (apollo.py), GaLoreAdamW's subclass."""
+VARIANTS = ("galore", "fira") + APOLLO_VARIANTS
 
 
 @dataclass(frozen=True)
@@ -37,5 +39,8 @@ class GaLoreConfig:
             raise ValueError(f"moments must be one of {MOMENT_POLICIES}, got {self.moments!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.variant in APOLLO_VARIANTS and self.moments != "keep":
+            raise ValueError(f"variant {self.variant} keeps its moments across random projections (moments 'keep'), "
+                             f"got {self.moments!r}")
         if self.svd not in BASIS_RULES:
             raise ValueError(f"svd must be one of {BASIS_RULES}, got {self.svd!r}")

@@ -57,8 +57,7 @@ class Fp32Moments:
         m̂ / (sqrt(v̂) + eps): a tensor stepped a block at a time needs no full-size float32 copy."""
         beta1, beta2 = betas
         state["step"] += 1
-        t = state["step"]
-        step_size = math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        step_size = bias_correction(state["step"], betas)
 
         def direction(grad: torch.Tensor, start: int, rows: int) -> torch.Tensor:
             m, v = state["exp_avg"].narrow(0, start, rows), state["exp_avg_sq"].narrow(0, start, rows)
@@ -68,6 +67,11 @@ class Fp32Moments:
             return (m / v.sqrt().add_(eps)).mul_(step_size)
 
         return direction
+
+
+def bias_correction(step: int, betas: tuple[float, float]) -> float:
+    """sqrt(1 - b2^t) / (1 - b1^t): the factor on m / (sqrt(v) + eps) at step t (both storages)."""
+    return math.sqrt(1 - betas[1] ** step) / (1 - betas[0] ** step)
 
 
 @functools.cache

@@ -27,7 +27,7 @@ class GaLoreState(Protocol):
     def new_projector(self, p: torch.Tensor) -> GaLoreProjector: ...
 
 
-TRANSIENT = ("grad_acc", "full_sq", "micro", "sketch", "basis_taken", "deferred", "low_only")
+TRANSIENT = ("grad_acc", "full_sq", "micro", "sketch", "basis_taken", "deferred", "low_only", "updated")
 """Per-step state, gone by the end of every step: never in a checkpoint."""
 
 

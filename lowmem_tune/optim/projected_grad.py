@@ -10,8 +10,8 @@ dense step (the projection is mathematically the same; `GaLoreProjector.project_
 `ProjectedGradients` hands a `LowRankSink` to the layers holding GaLore matrices: plain nn.Linear
 get a forward through `sinked_linear` (lowrank_grad.py), layers that declare a `low_rank_sink`
 attribute (`Int8Linear`, `LowRankLinear`) get it set. The sink takes a matrix at a step where it
-neither takes nor refreshes a basis (nor is Fira, whose residual needs G): its backward hands the
-low-rank gradient to the optimizer's accumulator and autograd no weight gradient. Otherwise the
+neither takes nor refreshes a basis (nor is Fira's or APOLLO's, whose updates need G): its
+backward hands the low-rank gradient to the optimizer's accumulator and autograd no weight gradient. Otherwise the
 layer runs as before and the post-accumulate-grad hooks see G (sketches, refreshes, first bases).
 The decision depends only on state that changes at the step or in the matrix's own hook, so an
 activation-checkpointing recompute takes the same path as the forward it replays.
@@ -42,7 +42,7 @@ class LowRankSink:
     def takes(self, weight: torch.Tensor) -> bool:
         """Whether the matrix's gradient at this micro-batch is only ever needed in its subspace."""
         opt = self.optimizer
-        if opt.config.variant == "fira" or not opt.is_galore(weight):
+        if opt.config.variant != "galore" or not opt.is_galore(weight):  # Fira's residual and APOLLO's update need G
             return False
         state = opt.state.get(weight)
         if not state or is_parked(state) or any(key in state for key in BASIS_IN_PROGRESS):

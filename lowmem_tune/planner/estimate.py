@@ -8,6 +8,8 @@ A run's memory peaks in one of a few moments, and each is a sum of what is alive
   `randomized`) are alive instead of their accumulators and projectors. With one micro-batch per
   step a sketch is turned into a basis inside its own hook, so only one is ever alive;
 - the optimizer step: weights + state + kept gradients + the step's temporaries.
+APOLLO keeps no accumulators: its update needs each matrix's whole gradient, kept until the step
+(or, layerwise, until the hook at the step's last micro-batch, where one matrix at a time is updated).
 The estimate is the largest of these, with its components. What each piece costs is in
 `components.py`. CUDA's own cost (context, workspace, allocator slack) is not here: see
 hardware.reserve_bytes.
@@ -27,13 +29,14 @@ from lowmem_tune.planner.components import (
     activation_bytes,
     adam_state_bytes,
     galore_matrix,
+    layer_backward_extra_bytes,
     logits_bytes,
     rounding_bytes,
     sketch_bytes,
     sketch_finish_bytes,
 )
-from lowmem_tune.planner.welore_ranks import AssumedLrc, assumed_lrcs
-from lowmem_tune.profile import ADAPTERS, INT8_CAPABLE, StrategySection, strategy_knobs
+from lowmem_tune.planner.welore_ranks import assumed_lrcs, welore_layer_extra
+from lowmem_tune.profile import ADAPTERS, APOLLO, INT8_CAPABLE, StrategySection, strategy_knobs
 
 COMPONENTS = ("weights", "gradients", "optimizer", "projectors", "activations", "logits", "overhead")
 PLANNER_KNOBS = ("rank", "sampled_layers", "optimizer", "bits", "layerwise", "rank_reduction", "svd", "rounding",
@@ -77,6 +80,7 @@ class _Parts:
     # the accumulators and projectors (every GaLore matrix of a strategy takes its basis at one step)
     basis_transient: int = 0  # a sketch made and turned into a basis within one hook
     layer_transient: int = 0  # an INT8 layer's weight, dequantized inside its forward and backward
+    hook_transient: int = 0  # layerwise APOLLO: one matrix's gradient and its update's temporaries, in backward
     trained_from_layer: int = 0
     frozen_layers: int = 0  # layers gradients pass through without training them (lisa, owlore)
     frozen_norms_train: bool = False  # ... whose norms train all the same (welore's train_norms, on by default)
@@ -126,6 +130,8 @@ def _galore(parts: _Parts, matrices: Matrices, dense: list[int], s: StrategySect
     parts.optimizer += sum(n * x[1] for _, n, _, x in per)
     full = sum(n * lin.out_features * lin.in_features * d for lin, n, _, _ in per)
     biggest = max((lin for lin, _, _ in matrices), key=lambda lin: lin.out_features * lin.in_features)
+    if variant in APOLLO:
+        return _apollo(parts, matrices, full, biggest, s, w)
     parts.step_temp = max(parts.step_temp, max(x[3] for *_, x in per))
     rule = "exact" if variant == "fira" and s.svd == "sketch" else s.svd
     if variant == "fira" or not s.layerwise:
@@ -151,6 +157,31 @@ def _galore(parts: _Parts, matrices: Matrices, dense: list[int], s: StrategySect
         parts.dense_grads += refreshing * biggest.out_features * biggest.in_features * d
         if rule != "first_micro_batch":
             parts.basis_held = full
+    return _averaging(parts, w)
+
+
+def _apollo(parts: _Parts, matrices: Matrices, full: int, biggest: LinearShape, s: StrategySection,
+            w: Workload) -> _Parts:
+    """APOLLO's matrices (projection and moments counted by `_galore`): their gradients are kept
+    until the update — every one across the micro-batches of a step, and at a non-layerwise step;
+    layerwise with one micro-batch only the one in its hook. An update holds the float32 low-rank
+    gradient and direction, and a block of rows of s ⊙ G (float32) with the block's value it is
+    written into (an INT8 block: its old value, value, update, and the noise and sum of stochastic
+    rounding onto the codes; measured on fake tensors)."""
+    d = w.dtype_bytes
+    m, n = biggest.out_features, biggest.in_features
+    low = max(min(r, lin.out_features, lin.in_features) * max(lin.out_features, lin.in_features)
+              for lin, _, r in matrices)
+    block = min(m * n, ROUNDING_BLOCK)
+    temp = 8 * low + (20 if s.weight_bits == 8 else 8) * block
+    if s.layerwise:  # in backward, inside a layer's working set (estimate)
+        # the gradient in flight (with one micro-batch a step), and with several GPUs its flat copy
+        # for the all-reduce (train/distributed.py), made in the hook
+        parts.hook_transient = temp + m * n * d * ((w.gradient_accumulation == 1) + (w.gpus > 1))
+    else:
+        parts.step_temp = max(parts.step_temp, temp)
+    if not s.layerwise or w.gradient_accumulation > 1:
+        parts.dense_grads += full
     return _averaging(parts, w)
 
 
@@ -221,7 +252,7 @@ def _parts(s: StrategySection, arch: Architecture, w: Workload) -> _Parts:
                       s, w)
     if s.rounding == "stochastic":
         parts.step_temp = rounding_bytes(largest, d)
-    if strategy in ("galore", "fira"):
+    if strategy in ("galore", "fira") + APOLLO:
         dense = heads + _layer_small_tensors(arch) * arch.num_layers
         decoder = [(lin, arch.num_layers, s.rank) for lin in arch.linears]
         return _galore(parts, decoder + head_matrices, dense, s, w, strategy)
@@ -254,8 +285,9 @@ def _layer_sampling_parts(arch: Architecture, s: StrategySection, w: Workload, p
     parts.frozen_layers = arch.num_layers - gamma
     always, head_matrices = _head_and_embeddings(arch, s)
     small = _layer_small_tensors(arch) * gamma
-    if s.optimizer == "galore":
-        return _galore(parts, [(lin, gamma, s.rank) for lin in arch.linears] + head_matrices, always + small, s, w)
+    if s.optimizer in ("galore",) + APOLLO:
+        return _galore(parts, [(lin, gamma, s.rank) for lin in arch.linears] + head_matrices, always + small, s, w,
+                       s.optimizer)
     always = always + [m.out_features * m.in_features for m, _, _ in head_matrices]  # no GaLore: full rank
     matrices = [lin.out_features * lin.in_features for lin in arch.linears] * gamma
     return _adamw(parts, always + small + matrices, s.optimizer, s, w)
@@ -285,7 +317,7 @@ def _welore_parts(arch: Architecture, s: StrategySection, w: Workload, parts: _P
     factors += [(LinearShape(x.linear.name, x.rank, x.linear.in_features, False), x.layers, s.rank) for x in lrcs]
     heads, _ = _head_and_embeddings(arch, s)
     norms = norms + [t for t in heads if t != arch.final_norm_params]
-    parts.extra_activation_bytes = _welore_layer_extra(arch, lrcs, w)
+    parts.extra_activation_bytes = welore_layer_extra(arch, lrcs, w)
     parts.frozen_layers = arch.num_layers
     parts.frozen_norms_train = True
     trainable = sum(n * (f.out_features * f.in_features) for f, n, _ in factors) + sum(norms)
@@ -313,23 +345,6 @@ def _adapter_parts(arch: Architecture, s: StrategySection, w: Workload, parts: _
     return parts
 
 
-def _welore_layer_extra(arch: Architecture, lrcs: list[AssumedLrc], w: Workload) -> int:
-    """Activations the LRCs add over frozen layers (all layers summed): each LRC keeps its
-    rank-k intermediate for the left factor's gradient, and its input for the right factor's
-    (q/k/v share the attention norm's output, gate/up the MLP norm's; measured on fake tensors:
-    d·h per norm output, one more d·h when gate and up both train, as in a trained layer)."""
-    d, h = w.dtype_bytes, arch.hidden_size
-    inputs = {"q_proj": ("attn", h), "k_proj": ("attn", h), "v_proj": ("attn", h),
-              "o_proj": ("o", arch.q_dim), "gate_proj": ("gate", h), "up_proj": ("up", h),
-              "down_proj": ("down", arch.intermediate_size)}
-    total = 0
-    for layer in range(arch.num_layers):
-        here = [x for x in lrcs if layer < x.layers]  # which layers hold them does not matter here
-        groups = {inputs[x.linear.name] for x in here if x.linear.name in inputs}
-        total += sum(size for _, size in groups) + sum(x.rank for x in here)
-    return total * d * w.tokens
-
-
 def estimate(strategy: StrategySection, arch: Architecture, workload: Workload) -> Estimate:
     """The peak bytes of training `arch` with `strategy` (its name and knobs), by component (see
     module docstring)."""
@@ -342,7 +357,9 @@ def estimate(strategy: StrategySection, arch: Architecture, workload: Workload) 
         kept_acts += p.extra_activation_bytes
     logits = logits_bytes(arch, workload, head_trained=_embeddings_train(strategy))
     # the logits' backward finishes before any layer's backward (or recompute) starts
-    working += p.layer_transient
+    # APOLLO's hooks run between a layer's gradient products, whose temporaries are gone by then
+    # (measured on fake tensors): the larger of the two counts
+    working += p.layer_transient + max(p.hook_transient - layer_backward_extra_bytes(arch, workload), 0)
     act_overhead = max(working - logits, 0)
     held = p.dense_grads + p.accumulators
     state = {"optimizer": p.optimizer, "projectors": p.projectors}

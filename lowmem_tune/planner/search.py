@@ -9,16 +9,19 @@ from typing import TYPE_CHECKING, Any
 from lowmem_tune.hardware import GpuTarget
 from lowmem_tune.planner.architecture import Architecture
 from lowmem_tune.planner.estimate import Estimate, Workload, estimate
-from lowmem_tune.profile import ADAPTERS, FULL_PARAMETER, StrategySection
+from lowmem_tune.profile import ADAPTERS, APOLLO, FULL_PARAMETER, StrategySection
+from lowmem_tune.profile_methods import METHOD_DEFAULTS
 
 if TYPE_CHECKING:
     from lowmem_tune.profile import Profile
 
 ORDER = {
-    # full-parameter methods first, then layer sampling; WeLore (it removes rank) when nothing else fits
-    "quality": ("full", "adamw8bit", "fira", "galore", "owlore", "lisa", "welore"),
-    # fewest trained weights / cheapest steps first
-    "speed": ("full", "adamw8bit", "lisa", "owlore", "galore", "fira", "welore"),
+    # full-parameter methods first (APOLLO after GaLore: its subspace is random, not the gradient's;
+    # Mini's rank-1 statistics after APOLLO's), then layer sampling; WeLore (it removes rank) when
+    # nothing else fits
+    "quality": ("full", "adamw8bit", "fira", "galore", "apollo", "apollo-mini", "owlore", "lisa", "welore"),
+    # fewest trained weights / cheapest steps first (APOLLO takes no SVD, but every matrix's full gradient)
+    "speed": ("full", "adamw8bit", "lisa", "owlore", "apollo-mini", "apollo", "galore", "fira", "welore"),
     # re-sorted by total below
     "memory": FULL_PARAMETER,
 }
@@ -32,6 +35,7 @@ assert set(ADAPTER_ORDER) == set(ADAPTERS)
 MICRO_BATCHES = (16, 8, 4, 2, 1)
 TARGET_SEQUENCES_PER_STEP = 16
 RANKS = {"quality": (256, 128), "speed": (128,), "memory": (128,)}
+"""GaLore's and Fira's ranks; APOLLO's is its METHOD_DEFAULTS one (256, Mini 1), as in the paper."""
 RANK_REDUCTIONS = (0.3, 0.5, 0.7)  # WeLore: the smallest that fits is chosen
 SAMPLED_LAYERS = {"quality": (4, 2), "speed": (2, 1), "memory": (1,)}
 
@@ -76,8 +80,12 @@ def _settings_grid(strategy: str, prefer: str, arch: Architecture) -> list[Strat
                 for x in RANK_REDUCTIONS for bits in (16, 8)]
     grid = []
     for bits, embeddings in GIVE_UP[::-1] if prefer == "memory" else GIVE_UP:
-        if embeddings == "galore" and strategy == "fira":
-            continue  # Fira keeps full gradients: GaLore on the embeddings would save nothing
+        if embeddings == "galore" and strategy in ("fira",) + APOLLO:
+            continue  # Fira keeps full gradients: GaLore on the embeddings would save nothing; APOLLO has none
+        if strategy in APOLLO:
+            grid.append(StrategySection(name=strategy, **METHOD_DEFAULTS[strategy], weight_bits=bits, group_size=group,
+                                        train_embeddings=False if embeddings == "frozen" else None))
+            continue
         for knob in (RANKS if strategy in ("galore", "fira") else SAMPLED_LAYERS)[prefer]:
             rank = knob if strategy in ("galore", "fira") else StrategySection.rank
             base = {"rank": rank} if strategy in ("galore", "fira") else {"sampled_layers": knob}
@@ -87,17 +95,32 @@ def _settings_grid(strategy: str, prefer: str, arch: Architecture) -> list[Strat
     return grid
 
 
-def _workloads(seq_len: int, micro_batch: int | None, prefer: str, dtype_bytes: int, gpus: int) -> list[Workload]:
+def _workloads(seq_len: int, micro_batch: int | None, prefer: str, dtype_bytes: int, gpus: int,
+               accumulate: bool = True) -> list[Workload]:
+    """Micro batch sizes and checkpointing in order of preference, each accumulating up to
+    TARGET_SEQUENCES_PER_STEP sequences a step (or, without `accumulate`, one micro-batch a step)."""
     sizes = (micro_batch,) if micro_batch else MICRO_BATCHES
     if prefer == "memory":
         sizes = tuple(sorted(sizes))
     grid = []
     for checkpointing in ((True,) if prefer == "memory" else (False, True)):
         for mb in sizes:
-            accumulation = max(1, TARGET_SEQUENCES_PER_STEP // (mb * gpus))
+            accumulation = max(1, TARGET_SEQUENCES_PER_STEP // (mb * gpus)) if accumulate else 1
             grid.append(Workload(seq_len, mb, checkpointing, dtype_bytes, accumulation, gpus))
     # speed: no checkpointing beats a larger micro batch; otherwise the larger micro batch first
     return grid if prefer != "quality" else sorted(grid, key=lambda w: (-w.micro_batch_size, w.gradient_checkpointing))
+
+
+def _strategy_workloads(strategy: str, seq_len: int, micro_batch: int | None, prefer: str, dtype_bytes: int,
+                        gpus: int) -> list[Workload]:
+    """APOLLO keeps every matrix's gradient while a step accumulates micro-batches (its update is
+    the scaled gradient of the whole batch), so after the accumulating workloads it tries steps of
+    one micro-batch, whose gradients it updates and frees in backward."""
+    grid = _workloads(seq_len, micro_batch, prefer, dtype_bytes, gpus)
+    if strategy in APOLLO:
+        grid += [w for w in _workloads(seq_len, micro_batch, prefer, dtype_bytes, gpus, accumulate=False)
+                 if w not in grid]
+    return grid
 
 
 def best_for(strategy: str, arch: Architecture, usable: int, seq_len: int, micro_batch: int | None,
@@ -105,7 +128,7 @@ def best_for(strategy: str, arch: Architecture, usable: int, seq_len: int, micro
     """The preferred fitting settings of one strategy, else its smallest configuration."""
     smallest: tuple[Estimate, Workload] | None = None
     for settings in _settings_grid(strategy, prefer, arch):
-        for workload in _workloads(seq_len, micro_batch, prefer, dtype_bytes, gpus):
+        for workload in _strategy_workloads(strategy, seq_len, micro_batch, prefer, dtype_bytes, gpus):
             est = estimate(settings, arch, workload)
             if est.total <= usable:
                 return Candidate(est, workload, True, _why_fits(est, usable))

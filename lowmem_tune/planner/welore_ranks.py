@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from lowmem_tune.planner.architecture import Architecture, LinearShape
+from lowmem_tune.planner.components import Workload
 
 ASSUMED_ORDER = ("q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "v_proj", "down_proj")
 ASSUMED_MAX_DROP = 0.9
@@ -54,3 +55,20 @@ def assumed_lrcs(arch: Architecture, rank_reduction: float, min_ratio: float = 0
     by_name = {lin.name: lin for lin in arch.linears}
     return [AssumedLrc(by_name[k], min(_lrc_cap(full[k], min_ratio), max(1, round(full[k] * (1 - share)))), n)
             for k, n in counts.items() if n]
+
+
+def welore_layer_extra(arch: Architecture, lrcs: list[AssumedLrc], w: Workload) -> int:
+    """Activations the LRCs add over frozen layers (all layers summed): each LRC keeps its
+    rank-k intermediate for the left factor's gradient, and its input for the right factor's
+    (q/k/v share the attention norm's output, gate/up the MLP norm's; measured on fake tensors:
+    d·h per norm output, one more d·h when gate and up both train, as in a trained layer)."""
+    d, h = w.dtype_bytes, arch.hidden_size
+    inputs = {"q_proj": ("attn", h), "k_proj": ("attn", h), "v_proj": ("attn", h),
+              "o_proj": ("o", arch.q_dim), "gate_proj": ("gate", h), "up_proj": ("up", h),
+              "down_proj": ("down", arch.intermediate_size)}
+    total = 0
+    for layer in range(arch.num_layers):
+        here = [x for x in lrcs if layer < x.layers]  # which layers hold them does not matter here
+        groups = {inputs[x.linear.name] for x in here if x.linear.name in inputs}
+        total += sum(size for _, size in groups) + sum(x.rank for x in here)
+    return total * d * w.tokens

@@ -17,7 +17,7 @@ from torch import nn
 
 from lowmem_tune.events import EventSink, Info
 from lowmem_tune.layers import decoder_layers, layer_linears
-from lowmem_tune.optim import TrainableParameters, Updater, build_updater
+from lowmem_tune.optim import LOW_RANK_OPTIMIZERS, TrainableParameters, Updater, build_updater
 from lowmem_tune.profile import Profile
 from lowmem_tune.quantize import dense_state_dict, int8_layers, quantize_decoder
 from lowmem_tune.resources import cache_dir as default_cache_dir
@@ -77,9 +77,9 @@ class Strategy(ABC):
         """Which optimizer updates the weights: one of optim.OPTIMIZERS."""
 
     def parameter_groups(self, model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(matrices through GaLore, everything else) that may train; frozen ones may be included."""
+        """(matrices through GaLore or APOLLO, everything else) that may train; frozen ones may be included."""
         params = trainable_parameters(model)
-        if self.optimizer not in ("galore", "fira"):
+        if self.optimizer not in LOW_RANK_OPTIMIZERS:
             return [], params
         matrices = galore_matrices(model)
         chosen = {id(p) for p in matrices}

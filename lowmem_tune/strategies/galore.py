@@ -1,6 +1,8 @@
-"""`galore` and `fira`: every weight trainable; the decoder layers' linear projections train in a
-low-rank gradient subspace (GaLore, or Fira with the scaled residual), everything else with AdamW.
-With `strategy.layerwise` (default) gradients are consumed in backward hooks (see optim.layerwise).
+"""`galore`, `fira`, `apollo` and `apollo-mini`: every weight trainable; the decoder layers' linear
+projections train in a low-rank gradient subspace (GaLore, or Fira with the scaled residual) or
+scale their raw gradient by Adam's low-rank statistics in a random subspace (APOLLO: per channel;
+APOLLO-Mini: rank 1, per tensor), everything else with AdamW. With `strategy.layerwise` (default)
+gradients are consumed in backward hooks (see optim.layerwise).
 """
 
 from __future__ import annotations
@@ -34,4 +36,19 @@ class Fira(GaLore):
     optimizer = "fira"
 
 
-__all__ = ["Fira", "GaLore", "galore_matrices"]
+class Apollo(GaLore):
+    """APOLLO (Zhu et al. 2024): a seeded random projection redrawn every update_proj_gap steps,
+    AdamW moments in rank r, the raw gradient scaled per channel (optim/apollo.py)."""
+
+    name = "apollo"
+    optimizer = "apollo"
+
+
+class ApolloMini(GaLore):
+    """APOLLO-Mini: APOLLO at rank 1 with one tensor-wise scaling factor."""
+
+    name = "apollo-mini"
+    optimizer = "apollo-mini"
+
+
+__all__ = ["Apollo", "ApolloMini", "Fira", "GaLore", "galore_matrices"]

@@ -23,7 +23,7 @@ from torch import nn
 from lowmem_tune.atomic import write_json_atomic
 from lowmem_tune.errors import UserError
 from lowmem_tune.layers import decoder_layers
-from lowmem_tune.optim import Updater
+from lowmem_tune.optim import LOW_RANK_OPTIMIZERS, Updater
 from lowmem_tune.strategies.base import Strategy, StrategyContext, embedding_modules, galore_matrices
 from lowmem_tune.strategies.outliers import (
     RANDOM_TOKENS_NOTE,
@@ -152,7 +152,7 @@ class LayerSamplingStrategy(Strategy):
         """Every parameter that may train during the run, active now or not (LMFlow #726: a layer
         frozen when the optimizer is built must still train when it is sampled later)."""
         candidates = self.always_trained + [p for params in self.layer_params for p in params]
-        if self.optimizer not in ("galore", "fira"):
+        if self.optimizer not in LOW_RANK_OPTIMIZERS:
             return [], candidates
         matrices = galore_matrices(model, include_frozen=True)
         chosen = {id(p) for p in matrices}

@@ -29,7 +29,7 @@ from torch import nn
 from lowmem_tune.errors import UserError, one_line
 from lowmem_tune.events import RunFinished
 from lowmem_tune.loss import causal_lm_loss
-from lowmem_tune.optim import GaLoreUpdater, Updater
+from lowmem_tune.optim import LOW_RANK_OPTIMIZERS, GaLoreUpdater, Updater
 from lowmem_tune.profile import LAYER_SAMPLING, Profile
 from lowmem_tune.train.checkpoint import STATE_FILE
 from lowmem_tune.train.setup import checkpoint_to_resume
@@ -150,9 +150,10 @@ def check_distributed(profile: Profile, world: World) -> None:
     if not world.distributed:
         return
     s = profile.strategy
-    if s.name in LAYER_SAMPLING and s.optimizer != "galore":
+    if s.name in LAYER_SAMPLING and s.optimizer not in LOW_RANK_OPTIMIZERS:
         raise UserError(f"strategy {s.name} with optimizer {s.optimizer} runs in one process: its layers change "
-                        "requires_grad, which DistributedDataParallel fixes when it starts; use optimizer: galore")
+                        "requires_grad, which DistributedDataParallel fixes when it starts; use optimizer: galore, "
+                        "apollo or apollo-mini")
     if s.svd == "first_micro_batch" and s.name != "full" and s.name != "adamw8bit":
         raise UserError("strategy.svd first_micro_batch takes a basis from one process's gradient; with several "
                         "processes use sketch or exact")

@@ -80,7 +80,7 @@ def base_profile(strategy: str = "full") -> dict[str, Any]:
         "train": {"max_steps": 2, "micro_batch_size": 2, "activation_checkpointing": False, "seed": 1},
         "output": {"dir": "run"},
     }
-    if strategy in ("galore", "fira", "lisa", "owlore", "welore"):
+    if strategy in ("galore", "fira", "apollo", "apollo-mini", "lisa", "owlore", "welore"):
         raw["strategy"].update(rank=8, update_proj_gap=2)
     if strategy == "owlore":
         raw["strategy"].update(calibration_samples=2, calibration_seq_len=16)
