@@ -17,24 +17,14 @@ from typing import Any, Literal
 import yaml
 
 from lowmem_tune.errors import UserError, one_line
-from lowmem_tune.profile_methods import APOLLO, InsideOptimizer, optimizer_error, replace_file_defaults, with_defaults
+# the method names live in profile_methods (a leaf); every importer of profile finds them here too
+from lowmem_tune.profile_methods import (ADAPTERS, APOLLO, FULL_PARAMETER, GALORE_INSIDE, INT8_CAPABLE, LAYER_SAMPLING,
+                                         LOW_RANK_INSIDE, STRATEGY_NAMES, InsideOptimizer, optimizer_error,
+                                         replace_file_defaults, with_defaults)
 from lowmem_tune.resources import chat_template_names, profiles_dir
 from lowmem_tune.schema import POSITIVE, SHARE, Bounds, above, applies_to, at_least, build, knob
 
-STRATEGY_NAMES = ("full", "adamw8bit", "galore", "fira", "apollo", "apollo-mini", "lisa", "owlore", "welore", "lora",
-                  "qlora", "dora")
-"""Every strategy, by the name a profile gives in `strategy.name`: the one list the registry, the
-planner and the CLI take theirs from."""
 StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
-
-GALORE_INSIDE = ("galore", "fira", "lisa", "owlore", "welore")
-"""Strategies that run GaLore (for LISA / OwLore / WeLore: with `optimizer: galore`, the default)."""
-LOW_RANK_INSIDE = GALORE_INSIDE + APOLLO  # through a projected optimizer: GaLore's or APOLLO's
-LAYER_SAMPLING = ("lisa", "owlore")  # profile_methods.SAMPLING
-INT8_CAPABLE = ("galore", "fira", "apollo", "apollo-mini", "lisa", "owlore", "welore")
-"""Strategies that can train with INT8 decoder weights (LISA / OwLore: GaLore or APOLLO inside; WeLore: GaLore)."""
-ADAPTERS = ("lora", "qlora", "dora")  # peft, on a frozen base: not full-parameter, listed apart by the planner
-FULL_PARAMETER = tuple(name for name in STRATEGY_NAMES if name not in ADAPTERS)
 ONE = at_least(1)
 TRUNCATIONS = ("cut_prompt", "drop")
 """`data.truncation`: what happens to an example longer than `data.max_seq_len` (see DataSection)."""

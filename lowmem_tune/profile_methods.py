@@ -1,6 +1,7 @@
-"""What differs by method in a profile's strategy section: APOLLO's names, the rank and scale
-defaults that are a method's own, and the checks of `optimizer:` inside LISA / OwLore / WeLore.
-profile.py applies them when a profile is loaded (a leaf: it imports nothing of the package)."""
+"""What differs by method in a profile's strategy section: the method names and their groups, the
+rank and scale defaults that are a method's own, and the checks of `optimizer:` inside LISA /
+OwLore / WeLore. profile.py applies them when a profile is loaded (a leaf: it imports nothing of
+the package)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,19 @@ if TYPE_CHECKING:
 APOLLO = ("apollo", "apollo-mini")
 """APOLLO (channel-wise scaling) and APOLLO-Mini (rank 1, tensor-wise): also `optimizer:` choices
 inside LISA and OwLore."""
-SAMPLING = ("lisa", "owlore")
-"""profile.LAYER_SAMPLING (here too, so that this module imports nothing)."""
+STRATEGY_NAMES = ("full", "adamw8bit", "galore", "fira", "apollo", "apollo-mini", "lisa", "owlore", "welore", "lora",
+                  "qlora", "dora")
+"""Every strategy, by the name a profile gives in `strategy.name`: the one list the registry, the
+planner and the CLI take theirs from."""
+
+GALORE_INSIDE = ("galore", "fira", "lisa", "owlore", "welore")
+"""Strategies that run GaLore (for LISA / OwLore / WeLore: with `optimizer: galore`, the default)."""
+LOW_RANK_INSIDE = GALORE_INSIDE + APOLLO  # through a projected optimizer: GaLore's or APOLLO's
+LAYER_SAMPLING = ("lisa", "owlore")
+INT8_CAPABLE = ("galore", "fira", "apollo", "apollo-mini", "lisa", "owlore", "welore")
+"""Strategies that can train with INT8 decoder weights (LISA / OwLore: GaLore or APOLLO inside; WeLore: GaLore)."""
+ADAPTERS = ("lora", "qlora", "dora")  # peft, on a frozen base: not full-parameter, listed apart by the planner
+FULL_PARAMETER = tuple(name for name in STRATEGY_NAMES if name not in ADAPTERS)
 INSIDE_OPTIMIZERS = ("galore",) + APOLLO + ("adamw", "adamw8bit")
 """`strategy.optimizer`: inside LISA and OwLore (any), for WeLore's factors (not APOLLO)."""
 InsideOptimizer = Literal[INSIDE_OPTIMIZERS]  # type: ignore[valid-type]
@@ -41,7 +53,7 @@ def with_defaults(raw: dict[str, Any], default_name: str, default_optimizer: str
     if not isinstance(section, dict):
         return raw
     name = section.get("name", default_name)
-    method = section.get("optimizer", default_optimizer) if name in SAMPLING else name
+    method = section.get("optimizer", default_optimizer) if name in LAYER_SAMPLING else name
     defaults = METHOD_DEFAULTS.get(method) if isinstance(method, str) else None  # a wrong type: build says so
     if not defaults:
         return raw
@@ -68,10 +80,10 @@ def optimizer_error(s: StrategySection) -> str | None:
     if s.name == "welore" and s.optimizer in APOLLO:
         return (f"strategy.optimizer {s.optimizer} applies to lisa and owlore; welore trains its factors with "
                 "galore, adamw or adamw8bit")
-    if s.embedding_rank is not None and s.name in SAMPLING and s.optimizer != "galore":
+    if s.embedding_rank is not None and s.name in LAYER_SAMPLING and s.optimizer != "galore":
         return (f"strategy.embedding_rank trains the embeddings through GaLore, which {s.name} runs with "
                 f"optimizer: galore only (got optimizer {s.optimizer}); set it to null or use galore")
-    if s.weight_bits == 8 and s.name in SAMPLING + ("welore",) and s.optimizer not in INT8_OPTIMIZERS:
+    if s.weight_bits == 8 and s.name in LAYER_SAMPLING + ("welore",) and s.optimizer not in INT8_OPTIMIZERS:
         return (f"strategy.weight_bits 8 with {s.name} needs strategy.optimizer: galore, apollo or apollo-mini "
                 f"(INT8 weights take their updates; got optimizer {s.optimizer})")
     return None
