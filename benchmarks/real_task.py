@@ -17,7 +17,8 @@ anything); the chosen one is then run with more seeds. Reported per strategy: th
 held-out accuracy, the finetuned one's with a 95% interval (±1.96 standard errors; over seeds,
 the mean and each seed), the loss curve, tokens/s, the process's peak resident memory, wall time.
 WeLore's row also gives the compressed model's accuracy before any finetuning. The adapter methods
-(lora, qlora, dora) run beside them on the same data and steps, at their planned 2e-4 (QLoRA's).
+(lora, qlora, dora) run beside them on the same data and steps, at their planned 2e-4 (QLoRA's);
+each row also gives what `plan` estimates for that profile's peak on a GPU.
 
 Experiments:
 - `sst2`: GLUE SST-2 (872 rows: 300 held-out, 100 dev, the rest train).
@@ -51,7 +52,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 MIX = ["boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
-STRATEGIES = ["full", "adamw8bit", "galore", "fira", "lisa", "owlore", "welore", "lora", "qlora", "dora"]
+STRATEGIES = ["full", "adamw8bit", "galore", "fira", "apollo", "apollo-mini", "lisa", "owlore", "welore", "lora", "qlora",
+              "dora"]
 SEEDED = ["full", "galore", "owlore", "welore"]  # run with every seed; the others with the first
 LR_FACTORS = {"owlore": [1 / 3, 1.0]}
 """The grid each strategy chooses its learning rate from on the dev part, as factors of the one its
@@ -196,11 +198,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     try:
         run.setup()
         tokenizer = run.data.tokenizer
+        from lowmem_tune.planner.estimate import estimate_profile
+
+        # what `plan` gives this very profile (the peak on a GPU: the CPU's resident memory is not that)
+        planned = estimate_profile(run.profile, torch.finfo(run.dtype).bits // 8).total
         before = scores(run.model, "heldout") if args.strategy == "welore" else None  # the compressed model
         outcome = run.train()
         metrics = [json.loads(line) for line in (Path(raw["output"]["dir"]) / "metrics.jsonl").read_text().splitlines()]
         result = {"status": outcome.status, "dev": scores(run.model, "dev"), "heldout": scores(run.model, "heldout"),
-                  "compressed_heldout": before, "losses": [m["loss"] for m in metrics],
+                  "compressed_heldout": before, "losses": [m["loss"] for m in metrics], "planned_bytes": planned,
                   "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics[2:] or metrics),
                   "dtype": str(run.dtype).removeprefix("torch."), "settings": raw["strategy"],
                   "train": {k: raw["train"][k] for k in ("max_steps", "micro_batch_size", "lr", "seed")}}
@@ -339,12 +345,12 @@ def write_results(report: dict[str, Any], args: argparse.Namespace) -> None:
                                             f"{100 * report['data']['majority'][t]:.1f} %)" for t in tasks)
              + f"; train parts: {sum(c['train'] for c in report['data']['counts'].values())} examples.", ""]
     columns = ["strategy", "lr (dev-chosen)", "seeds", *tasks, *(["average"] if len(tasks) > 1 else []),
-               "tokens/s", "peak RSS GiB", "wall s / run"]
+               "tokens/s", "planned GPU peak GiB", "peak RSS GiB", "wall s / run"]
     lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     base_avg = mean_acc(base)
     lines.append("| base model | — | — | " + " | ".join(f"{100 * base[t]['acc']:.1f} ± {196 * (base[t]['acc_stderr'] or 0):.1f}"
                                               for t in tasks)
-                 + (f" | {100 * base_avg:.1f} |" if len(tasks) > 1 else " |") + " — | — | — |")
+                 + (f" | {100 * base_avg:.1f} |" if len(tasks) > 1 else " |") + " — | — | — | — |")
     for strategy, entry in report["strategies"].items():
         runs = entry["runs"]
         cells = []
@@ -355,13 +361,14 @@ def write_results(report: dict[str, Any], args: argparse.Namespace) -> None:
         row = (f"| {strategy} | {entry['lr']:g} | {len(runs)} | " + " | ".join(cells)
                + (f" | {100 * avg:.1f} |" if len(tasks) > 1 else " |")
                + f" {statistics.mean(r['tokens_per_s'] for r in runs):.0f} | "
+               + (f"{runs[0]['planned_bytes'] / 2**30:.2f}" if "planned_bytes" in runs[0] else "—") + " | "
                f"{max(r['peak_rss_bytes'] for r in runs) / 2**30:.2f} | {statistics.mean(r['wall_s'] for r in runs):.0f} |")
         lines.append(row)
         if strategy == "welore":
             compressed = runs[0]["compressed_heldout"]
             lines.append("| welore: compressed, before finetuning | — | — | " + " | ".join(
                 f"{100 * compressed[t]['acc']:.1f}" for t in tasks) + (f" | {100 * mean_acc(compressed):.1f} |"
-                                                                        if len(tasks) > 1 else " |") + " — | — | — |")
+                                                                        if len(tasks) > 1 else " |") + " — | — | — | — |")
     lines += ["", "Per seed (held-out " + ("average" if len(tasks) > 1 else "accuracy") + "), and each trial's dev / "
               "held-out score:", ""]
     for strategy, entry in report["strategies"].items():
