@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -125,20 +125,7 @@ def main() -> None:
              f"commit {meta['commit']} (`{meta['command']}`). A cell: strategy, GaLore rank (r) or sampled layers "
              "(γ), what was given up (INT8 weights, embeddings through GaLore or frozen), micro batch; — : nothing "
              "fits. Verified: the analytic peak against the fake-tensor `--verify` peak."]
-    for seq_len in args.seq_lens:
-        lines += ["", f"**seq {seq_len}**", "", "| model | " + " | ".join(args.cards) + " |",
-                  "|---|" + "---|" * len(args.cards)]
-        for model in args.models:
-            cells = []
-            for card in args.cards:
-                row = next(r for r in rows if (r["model"], r["card"], r["seq_len"]) == (model, card, seq_len))
-                cell = row["label"]
-                if "verify" in row and "relative_error" in row["verify"]:
-                    cell += f" ({row['chosen']['memory']['total'] / 2**30:.1f} GiB, verify {row['verify']['relative_error']:+.1%})"
-                elif row["chosen"] is not None:
-                    cell += f" ({row['chosen']['memory']['total'] / 2**30:.1f} GiB)"
-                cells.append(cell)
-            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += _grid(rows, args, _chosen_cell)
     lines += _alternatives_table(rows, args)
     (RESULTS / "reach.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -149,18 +136,36 @@ def _alternatives_table(rows: list[dict[str, Any]], args: argparse.Namespace) ->
     named = [name for name in ALTERNATIVES if any(name in r["alternatives"] for r in rows)]
     lines = ["", "Beside the chosen plan: " + ", ".join(f"{ALTERNATIVES[n]} = {n}" for n in named)
              + " — each that fits, with its estimate in GiB at the settings `plan --strategy` would pick (— : none fits)."]
+
+    def cell(row: dict[str, Any]) -> str:
+        fits = [f"{ALTERNATIVES[n]} {row['alternatives'][n]['total_bytes'] / 2**30:.1f}" for n in named
+                if row["alternatives"].get(n, {}).get("fits")]
+        return " · ".join(fits) or "—"
+
+    return lines + _grid(rows, args, cell)
+
+
+def _grid(rows: list[dict[str, Any]], args: argparse.Namespace, cell: Callable[[dict[str, Any]], str]) -> list[str]:
+    """A markdown table per sequence length: a line per model, a column per card, `cell(row)` in each."""
+    lines = []
     for seq_len in args.seq_lens:
         lines += ["", f"**seq {seq_len}**", "", "| model | " + " | ".join(args.cards) + " |",
                   "|---|" + "---|" * len(args.cards)]
         for model in args.models:
-            cells = []
-            for card in args.cards:
-                row = next(r for r in rows if (r["model"], r["card"], r["seq_len"]) == (model, card, seq_len))
-                fits = [f"{ALTERNATIVES[n]} {row['alternatives'][n]['total_bytes'] / 2**30:.1f}" for n in named
-                        if row["alternatives"].get(n, {}).get("fits")]
-                cells.append(" · ".join(fits) or "—")
+            cells = [cell(next(r for r in rows if (r["model"], r["card"], r["seq_len"]) == (model, card, seq_len)))
+                     for card in args.cards]
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _chosen_cell(row: dict[str, Any]) -> str:
+    """The chosen plan's label, its estimate and, where measured, the estimate's error against --verify."""
+    if "verify" in row and "relative_error" in row["verify"]:
+        return (f"{row['label']} ({row['chosen']['memory']['total'] / 2**30:.1f} GiB, "
+                f"verify {row['verify']['relative_error']:+.1%})")
+    if row["chosen"] is not None:
+        return f"{row['label']} ({row['chosen']['memory']['total'] / 2**30:.1f} GiB)"
+    return row["label"]
 
 
 if __name__ == "__main__":

@@ -64,12 +64,6 @@ def _outside_fake_mode() -> contextlib.AbstractContextManager:
     return unset_fake_temporarily()
 
 
-def nf4_layers(model: nn.Module) -> list[nn.Module]:
-    import bitsandbytes as bnb
-
-    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-
-
 def dequantized_nf4(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """An NF4 Linear4bit's weight in `dtype`, on its device."""
     import bitsandbytes.functional as F

@@ -3,7 +3,6 @@ moments, checkpoints, layerwise updates with accumulation, INT8 weights, layer s
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -11,25 +10,11 @@ import torch
 
 from lowmem_tune.optim import ApolloAdamW, GaLoreAdamW, GaLoreConfig
 from lowmem_tune.optim.apollo import RandomProjector
-
-SHAPES = [(48, 32), (32, 80), (40, 40)]  # right, left and right (square) projections under 'std'
-
-
-def make_params(seed: int = 0, shapes=SHAPES) -> list[torch.nn.Parameter]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+from tests.test_optim_galore import feed, galore_groups, make_params, resume_midway
 
 
 def apollo_groups(mats, dense=(), rank=8, gap=5, scale=1.0):
-    groups = [{"params": list(mats), "rank": rank, "update_proj_gap": gap, "scale": scale, "proj_type": "std"}]
-    if dense:
-        groups.append({"params": list(dense)})
-    return groups
-
-
-def feed(params, gen, scale=1e-2):
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen) * scale
+    return galore_groups(mats, dense, rank=rank, gap=gap, scale=scale)
 
 
 @pytest.mark.parametrize("variant, rank, scale", [("apollo", 8, 2.0), ("apollo", 4, 1.0),
@@ -144,31 +129,9 @@ def test_state_dict_survives_weights_only_load_and_resumes_bitwise(variant, bits
                            lr=1e-2, config=GaLoreConfig(weight_decay=0.01, bits=bits, variant=variant, stagger=True,
                                                         min_8bit_size=64))
 
-    start = make_params() + [torch.nn.Parameter(torch.randn(300))]
-    grads = [[torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * s + i)) * 1e-2
-              for i, p in enumerate(start)] for s in range(9)]
-
-    def run(params, opt, steps):
-        for s in steps:
-            for p, g in zip(params, grads[s]):
-                p.grad = g.clone()
-            opt.step()
-
-    straight = [torch.nn.Parameter(p.detach().clone()) for p in start]
-    run(straight, build(straight), range(9))
-    first = [torch.nn.Parameter(p.detach().clone()) for p in start]
-    opt = build(first)
-    run(first, opt, range(4))
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
+    straight, resumed, opt2, loaded = resume_midway(build)
     assert {"projector.seed", "limiter_prev"} <= set(loaded["state"][0])
-    resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
-    opt2 = build(resumed)
-    opt2.load_state_dict(loaded)
     assert isinstance(opt2.state[resumed[0]]["projector"], RandomProjector)
-    run(resumed, opt2, range(4, 9))
     for a, b in zip(straight, resumed):
         assert torch.equal(a, b)
 

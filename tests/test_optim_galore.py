@@ -21,6 +21,7 @@ def make_params(seed: int = 0, shapes=SHAPES) -> list[torch.nn.Parameter]:
 
 
 def galore_groups(mats, dense=(), rank=8, gap=5, proj_type="std", scale=0.25):
+    """Parameter groups: `mats` projected (GaLore's, or APOLLO's with the same keys), `dense` not."""
     groups = [{"params": list(mats), "rank": rank, "update_proj_gap": gap, "scale": scale, "proj_type": proj_type}]
     if dense:
         groups.append({"params": list(dense)})
@@ -122,6 +123,15 @@ def test_state_dict_survives_weights_only_load_and_resumes_bitwise(bits, moments
                            config=GaLoreConfig(weight_decay=0.01, bits=bits, moments=moments, variant=variant,
                                                stagger=True, min_8bit_size=64))
 
+    straight, resumed, _, _ = resume_midway(build)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+
+
+def resume_midway(build):
+    """Nine optimizer steps straight; and four, a weights-only save and load of the optimizer state,
+    a new optimizer (`build(params)`) loaded with it, then the other five. Returns (the straight
+    weights, the resumed weights, the new optimizer, the state it loaded)."""
     start = make_params() + [torch.nn.Parameter(torch.randn(300))]
     grads = [[torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * s + i)) * 1e-2
               for i, p in enumerate(start)] for s in range(9)]
@@ -146,8 +156,7 @@ def test_state_dict_survives_weights_only_load_and_resumes_bitwise(bits, moments
     opt2 = build(resumed)
     opt2.load_state_dict(loaded)
     run(resumed, opt2, range(4, 9))
-    for a, b in zip(straight, resumed):
-        assert torch.equal(a, b)
+    return straight, resumed, opt2, loaded
 
 
 def test_staggered_phases_spread_refreshes_over_the_gap():

@@ -142,11 +142,11 @@ def test_several_gpus_cost_at_most_one_averaging_bucket(strategy):
 
 
 def test_the_planners_copies_of_the_codes_constants_agree_with_the_code():
-    """planner/components.py repeats a few constants so that `plan` never imports torch; they must
+    """planner/components.py (and adapters.py) repeat a few constants so that `plan` never imports torch; they must
     stay the values the code uses."""
-    from lowmem_tune import loss
+    from lowmem_tune import loss, nf4
     from lowmem_tune.optim import moments, subspace, writer
-    from lowmem_tune.planner import components
+    from lowmem_tune.planner import adapters, components
     from lowmem_tune.train import distributed
 
     assert components.BLOCKSIZE == moments.BLOCKSIZE
@@ -155,6 +155,7 @@ def test_the_planners_copies_of_the_codes_constants_agree_with_the_code():
     assert components.ROUNDING_BLOCK == writer.BLOCK_ELEMENTS
     assert components.LOSS_CHUNK_TOKENS == loss.CHUNK_TOKENS
     assert components.AVERAGE_BUCKET_BYTES == distributed.BUCKET_BYTES
+    assert adapters.NF4_BLOCK == nf4.NF4_BLOCK
 
 
 @pytest.mark.parametrize("prefer", ["quality", "speed", "memory"])
