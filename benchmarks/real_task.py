@@ -57,8 +57,8 @@ STRATEGIES = ["full", "adamw8bit", "galore", "fira", "apollo", "apollo-mini", "l
 SEEDED = ["full", "galore", "owlore", "welore"]  # run with every seed; the others with the first
 LR_FACTORS = {"owlore": [1 / 3, 1.0]}
 """The grid each strategy chooses its learning rate from on the dev part, as factors of the one its
-planned profile has: that one and three times it (1e-5 for most; OwLore's recipe already starts at
-3e-4 with scale 1, so it tries that and a third of it)."""
+planned profile has: that one and three times it (1e-5 for most, 1e-4 for GaLore, Fira and APOLLO;
+OwLore's recipe starts at 3e-4 with scale 1, so it tries that and a third of it)."""
 SIZES = {
     "cpu": {"sst2": {"heldout": 300, "dev": 100, "train": None, "steps": 40},
             "mix": {"heldout": 100, "dev": 25, "train": 250, "steps": 80},
