@@ -8,7 +8,7 @@ answer's letter scored after "Answer:"; groups (STEM, humanities, social science
 by their questions as lm-eval prints them, and the macro average over subjects.
 
 - `ours`: every question of --split (default validation, 1531 questions; test has 14042) in the
-  precision `model.dtype: auto` picks (bf16 on a CPU with AMX / AVX512-BF16), examples/s;
+  precision `model.dtype: auto` picks (bf16 on a CPU with AMX / AVX512-BF16);
 - `parity`: the first --parity-rows questions of every subject in float32, ours and lm-eval's
   (run from the Python of its own virtual environment, --lm-eval-python: its pins clash with
   this project's), compared question by question.
@@ -140,8 +140,8 @@ def write_results(report: dict[str, Any]) -> None:
         f"MMLU, Gemma 3 270M (dequantized Q4_K_M), 5-shot — {meta['date']}, commit {meta['commit']}, {meta['machine']} "
         f"(`{meta['command']}`).", "",
         f"`lowmem-tune eval --dataset mmlu` over the whole {meta['split']} split ({whole['questions']} questions, "
-        f"{whole['dtype']}): {whole['seconds']:.0f} s of scoring, {whole['questions'] / whole['seconds']:.2f} "
-        f"questions/s. Chance is 25 %.", "",
+        f"{whole['dtype']}). Chance is 25 %. (Evaluation speed is `speed.py`'s measure, on a quiet CPU; the "
+        f"seconds in the JSON are this run's, whatever else the machine did.)", "",
         "| group | questions | accuracy |", "|---|---|---|"]
     for group, scores in whole["groups"].items():
         lines.append(f"| {group} | {sum(whole['tasks'][t]['n'] for t in scores['tasks'])} | "
