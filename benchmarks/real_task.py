@@ -264,7 +264,7 @@ def run_experiment(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                   round(mean_acc(trials[lr]["heldout"]), 3), flush=True)
         chosen = max(trials, key=lambda lr: mean_acc(trials[lr]["dev"]))  # the dev part chooses; ties: the first
         runs = [trials[chosen]]
-        seeds = range(1, size["seeds"]) if strategy in SEEDED else range(0)
+        seeds = range(1, args.seeds or size["seeds"]) if strategy in SEEDED else range(0)
         runs += [launch(args, work, data_file, strategy, plan_file, chosen, seed) for seed in seeds]
         report["strategies"][strategy] = {"lr": chosen, "trials": {str(k): v for k, v in trials.items()}, "runs": runs}
         report["wall_s"] = time.perf_counter() - args.began
@@ -284,6 +284,8 @@ def main() -> None:
     parser.add_argument("--lr-factors", type=float, nargs="+", default=None,
                         help="the learning rates to try, as factors of the planned one (default: the grid above); "
                              "one factor skips the choice, e.g. to rerun the chosen rate at another --dtype")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"seeds for {', '.join(SEEDED)} (default: the size's; the others run one)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--experiment", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", help=argparse.SUPPRESS)
@@ -291,7 +293,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     for hidden in ("--work", "--model", "--data", "--result", "--plan"):
         parser.add_argument(hidden, type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--render", type=Path, help="write the table and plot again from a results JSON")
     args = parser.parse_args()
+    if args.render:
+        write_results(json.loads(args.render.read_text()), args, args.render.with_suffix(""))
+        return
     if args.child:
         args.result.write_text(json.dumps(child(args)))
         return
@@ -325,21 +331,32 @@ def interval(runs: list[dict[str, Any]], task: str) -> tuple[float, float]:
     return mean, 1.96 * (mean * (1 - mean) / (n * len(accs))) ** 0.5
 
 
-def write_results(report: dict[str, Any], args: argparse.Namespace) -> None:
+def average_interval(runs: list[dict[str, Any]], tasks: list[str]) -> tuple[float, float]:
+    """The mean over tasks and its 95% half-width, the tasks' held-out parts being independent."""
+    parts = [interval(runs, t) for t in tasks]
+    return statistics.mean(m for m, _ in parts), sum(h * h for _, h in parts) ** 0.5 / len(parts)
+
+
+def cell(mean: float, half: float) -> str:
+    return f"{100 * mean:.1f} ± {100 * half:.1f}"
+
+
+def write_results(report: dict[str, Any], args: argparse.Namespace, stem: Path | None = None) -> None:
     import platform
 
     experiment = report["experiment"]
     tasks = report["data"]["tasks"]
-    meta = {"date": time.strftime("%Y-%m-%d"), "commit": args.commit, "size": args.size,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "command": " ".join(["python", "benchmarks/real_task.py", *sys.argv[1:]])}
+    meta = report.pop("meta", None) or {  # a report read back by --render keeps the meta of its run
+        "date": time.strftime("%Y-%m-%d"), "commit": args.commit, "size": args.size,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "command": " ".join(["python", "benchmarks/real_task.py", *sys.argv[1:]])}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"real_task_{experiment}{'_' + args.tag if args.tag else ''}"
+    stem = stem or RESULTS / f"real_task_{experiment}{'_' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, **report}, indent=1, default=str) + "\n")
     base = report["base"]["heldout"]
     dtypes = sorted({r["dtype"] for entry in report["strategies"].values() for r in entry["runs"]})
     lines = [f"Gemma 3 270M (dequantized Q4_K_M) finetuned on `{experiment}` — {meta['date']}, commit {meta['commit']}, "
-             f"{meta['machine']}, weights in {', '.join(dtypes)}, size `{args.size}` (`{meta['command']}`), "
+             f"{meta['machine']}, weights in {', '.join(dtypes)}, size `{meta['size']}` (`{meta['command']}`), "
              f"{report['wall_s'] / 60:.0f} min in all.", "",
              "Held-out parts: " + ", ".join(f"{t} n={report['data']['counts'][t]['heldout']} (majority "
                                             f"{100 * report['data']['majority'][t]:.1f} %)" for t in tasks)
@@ -347,19 +364,15 @@ def write_results(report: dict[str, Any], args: argparse.Namespace) -> None:
     columns = ["strategy", "lr (dev-chosen)", "seeds", *tasks, *(["average"] if len(tasks) > 1 else []),
                "tokens/s", "planned GPU peak GiB", "peak RSS GiB", "wall s / run"]
     lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-    base_avg = mean_acc(base)
-    lines.append("| base model | — | — | " + " | ".join(f"{100 * base[t]['acc']:.1f} ± {196 * (base[t]['acc_stderr'] or 0):.1f}"
-                                              for t in tasks)
-                 + (f" | {100 * base_avg:.1f} |" if len(tasks) > 1 else " |") + " — | — | — | — |")
+    base_runs = [report["base"]]
+    lines.append("| base model | — | — | " + " | ".join(cell(*interval(base_runs, t)) for t in tasks)
+                 + (f" | {cell(*average_interval(base_runs, tasks))} |" if len(tasks) > 1 else " |")
+                 + " — | — | — | — |")
     for strategy, entry in report["strategies"].items():
         runs = entry["runs"]
-        cells = []
-        for t in tasks:
-            mean, half = interval(runs, t)
-            cells.append(f"{100 * mean:.1f} ± {100 * half:.1f}")
-        avg = statistics.mean(mean_acc(r["heldout"]) for r in runs)
+        cells = [cell(*interval(runs, t)) for t in tasks]
         row = (f"| {strategy} | {entry['lr']:g} | {len(runs)} | " + " | ".join(cells)
-               + (f" | {100 * avg:.1f} |" if len(tasks) > 1 else " |")
+               + (f" | {cell(*average_interval(runs, tasks))} |" if len(tasks) > 1 else " |")
                + f" {statistics.mean(r['tokens_per_s'] for r in runs):.0f} | "
                + (f"{runs[0]['planned_bytes'] / 2**30:.2f}" if "planned_bytes" in runs[0] else "—") + " | "
                f"{max(r['peak_rss_bytes'] for r in runs) / 2**30:.2f} | {statistics.mean(r['wall_s'] for r in runs):.0f} |")
