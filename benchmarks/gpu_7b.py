@@ -53,6 +53,8 @@ MUST_SHOW_PEAK_BYTES = 18 * 10**9  # issue 9: "at or below 18 GB" (decimal GB, t
 MUST_SHOW_SPEED_RATIO = 0.85
 INT8_PEAK_BYTES = 10 * 10**9  # issue 15: "peak max_memory_allocated <= 10 GB"
 CARD_8GB_BYTES = 8 * 2**30  # the rtx4060 preset the WeLore INT8 profile was planned for
+APOLLO_MINI_PEAK_BYTES = 9 * 2**30  # issue 30: LLaMA-2-7B at seq 512 planned at <= 9 GiB with INT8 weights
+QLORA_PEAK_BYTES = 10 * 10**9  # REFERENCE §11: QLoRA finetunes LLaMA-2-7B in under 10 GB
 OOM_MARKERS = ("out of memory", "outofmemoryerror")
 
 
@@ -86,6 +88,9 @@ def default_configs(seq_lens: list[int]) -> list[BenchConfig]:
         "galore-int8": {**_profile_knobs("galore"), "rank": 128, "weight_bits": 8, "group_size": 256},
         # the 8 GB card's plan: WeLore ERR 0.5 with INT8 factors and dense matrices (issue 16)
         "welore-int8": _profile_knobs("welore", card="rtx4060"),
+        # the 12 GB card's APOLLO-Mini with INT8 weights (issue 30: planned <= 9 GiB), and QLoRA beside it
+        "apollo-mini-int8": _profile_knobs("apollo-mini", card="rtx3060"),
+        "qlora": _profile_knobs("qlora", card="rtx3060"),
     }
     configs = [BenchConfig(name, seq, True, knobs) for seq in seq_lens for name, knobs in strategies.items()]
     configs += [BenchConfig(name, seq_lens[0], False, strategies[name]) for name in ("galore", "adamw8bit")]
@@ -269,7 +274,7 @@ def environment(device: str, model: str) -> dict[str, Any]:
 
 
 def must_show(rows: list[dict[str, Any]]) -> list[tuple[str, bool | None, str]]:
-    """The GPU claims of issues 9, 15 and 16, each (claim, held, evidence); None where a row is missing."""
+    """The GPU claims of issues 9, 15, 16 and 30, each (claim, held, evidence); None where a row is missing."""
     by_id = {r["id"]: r for r in rows}
 
     def peak_check(row_id: str, claim: str, bound: int = MUST_SHOW_PEAK_BYTES) -> tuple[str, bool | None, str]:
@@ -286,7 +291,10 @@ def must_show(rows: list[dict[str, Any]]) -> list[tuple[str, bool | None, str]]:
                          INT8_PEAK_BYTES),
               peak_check("welore-int8-512", "WeLore ERR 0.5 with INT8 weights (the 8 GB plan), seq 512, peak <= "
                          f"the {usable_bytes(CARD_8GB_BYTES, 0.10) / 2**30:.2f} GiB an 8 GiB card leaves usable",
-                         usable_bytes(CARD_8GB_BYTES, 0.10))]
+                         usable_bytes(CARD_8GB_BYTES, 0.10)),
+              peak_check("apollo-mini-int8-512", "APOLLO-Mini with INT8 weights (the 12 GB plan), seq 512, peak <= 9 GiB",
+                         APOLLO_MINI_PEAK_BYTES),
+              peak_check("qlora-512", "QLoRA (NF4 base, rank 16), seq 512, peak <= 10 GB", QLORA_PEAK_BYTES)]
     galore, adamw = by_id.get("galore-512-uncapped"), by_id.get("adamw8bit-512-uncapped")
     claim = f"tokens/s of 8-bit GaLore layerwise >= {MUST_SHOW_SPEED_RATIO} x 8-bit AdamW (uncapped)"
     if galore and adamw and galore.get("tokens_per_s") and adamw.get("tokens_per_s"):
@@ -321,7 +329,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                      f"{_gib(r.get('peak_reserved_bytes'))} | {_gib(r.get('setup_peak_bytes'))} | "
                      f"{_gib(r.get('planned_bytes'))} | {tps} | {tps_all} | {share} | {r.get('steps_done', 0)} | "
                      f"{r['status']} |")
-    lines += ["", "Must show (issues 9, 15 and 16):", ""]
+    lines += ["", "Must show (issues 9, 15, 16 and 30):", ""]
     for claim, held, evidence in must_show(rows):
         lines.append(f"- {claim}: **{ {True: 'yes', False: 'NO', None: 'not measured'}[held] }** ({evidence})")
     return "\n".join(lines) + "\n"
