@@ -70,11 +70,14 @@ def test_must_show_reads_the_rows(gpu_7b):
         {"id": "adamw8bit-512-uncapped", "tokens_per_s": 1000.0},
         {"id": "galore-int8-512", "fits": True, "peak_allocated_bytes": 11 * 10**9},
         {"id": "welore-int8-512", "fits": True, "peak_allocated_bytes": 6 * 2**30},
+        {"id": "apollo-mini-int8-512", "fits": True, "peak_allocated_bytes": 9 * 2**30 + 1},
+        {"id": "qlora-512", "fits": True, "peak_allocated_bytes": 9 * 10**9},
     ]
     held = [h for _, h, _ in gpu_7b.must_show(rows)]
-    assert held == [True, False, False, True, True]  # the GaLore INT8 row is over its 10 GB
-    assert [h for _, h, _ in gpu_7b.must_show(rows[:1])] == [True, None, None, None, None]
-    rows[-1]["peak_allocated_bytes"] = 7 * 2**30  # over the 6.27 GiB an 8 GiB card leaves
+    # the GaLore INT8 row is over its 10 GB, the APOLLO-Mini one a byte over its 9 GiB
+    assert held == [True, False, False, True, False, True, True]
+    assert [h for _, h, _ in gpu_7b.must_show(rows[:1])] == [True, None, None, None, None, None, None]
+    rows[5]["peak_allocated_bytes"] = 7 * 2**30  # over the 6.27 GiB an 8 GiB card leaves
     assert [h for _, h, _ in gpu_7b.must_show(rows)][3] is False
 
 
