@@ -21,6 +21,9 @@ import the checkout's own package (PYTHONPATH), so no install is needed.
     python benchmarks/gpu_7b.py --only galore-512 owlore-512 --steps 8
     python benchmarks/gpu_7b.py --cpu-smoke          # the same plumbing with tiny-llama on the CPU
 
+The GPU suite (../shared/gpu) installs its wheels.txt; the adapter configurations also need the
+wheels in benchmarks/gpu_wheels.txt (peft): append them to .gpu/wheels.txt before wheelhouse.sh.
+
 Results: benchmarks/results/gpu_7b_<gpu>.{json,md} (e.g. gpu_7b_nvidia_h100_80gb_hbm3.json); rows of
 an earlier run on the same GPU are kept unless run again. --cpu-smoke writes to a temporary directory (CPU figures are not GPU results).
 """
