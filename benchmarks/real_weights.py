@@ -20,13 +20,15 @@ import json
 import math
 import os
 import platform
-import random
 import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,7 +48,7 @@ def passages() -> tuple[list[str], list[str]]:
     return [r["passage"] for r in parts["train"]], [r["passage"] for r in parts["heldout"]]
 
 
-def token_rows(tokenizer, texts: list[str], count: int) -> "torch.Tensor":
+def token_rows(tokenizer, texts: list[str], count: int) -> torch.Tensor:
     """`count` rows of SEQ_LEN tokens: each text BOS first (as training encodes it), concatenated."""
     import torch
 

@@ -18,7 +18,7 @@ from lowmem_tune.cli import main
 from lowmem_tune.data import IGNORE_INDEX, Example, tokenize_examples, train_local_tokenizer
 from lowmem_tune.data.chat import ChatTemplate, chat_template_for, conversation, shipped_template
 from lowmem_tune.data.examples import detect_format, render_examples
-from lowmem_tune.data.tokenize import bos_first, check_kept, conversation_item, tokenize_example
+from lowmem_tune.data.tokenize import bos_first, check_kept, tokenize_example
 from lowmem_tune.errors import UserError
 from lowmem_tune.profile import DataSection, profile_from_dict
 from lowmem_tune.train import run_training
