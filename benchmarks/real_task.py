@@ -154,9 +154,10 @@ def run_profile(args: argparse.Namespace, plan: dict[str, Any], data: dict[str, 
     raw["hardware"] = {"device": args.device}
     raw["data"] = {"dataset": data["train"], "format": "instruction", "prompt_template": "{prompt}",
                    "response_template": "{response}", "max_seq_len": size["max_seq_len"], "heldout": 0}
-    raw["train"].update({"max_steps": size[args.experiment]["steps"], "micro_batch_size": size["micro_batch"],
+    steps = args.steps or size[args.experiment]["steps"]
+    raw["train"].update({"max_steps": steps, "micro_batch_size": size["micro_batch"],
                          "gradient_accumulation": 1, "lr": args.lr, "scheduler": "cosine",
-                         "warmup_steps": size[args.experiment]["steps"] // 10, "seed": args.seed,
+                         "warmup_steps": steps // 10, "seed": args.seed,
                          "save_every": 10**6, "eval_every": 10**6, "log_every": 10})
     raw["output"] = {"dir": str(args.work / f"run-{time.time_ns()}"), "save_final": False}
     raw["eval"] = {}
@@ -233,6 +234,8 @@ def launch(args: argparse.Namespace, work: Path, data_file: Path, strategy: str,
                str(result)]
     if plan_file is not None:
         command += ["--plan", str(plan_file)]
+    if args.steps:
+        command += ["--steps", str(args.steps)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(args.tree), str(ROOT / "benchmarks")]),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run(command, check=True, env=env, cwd=work)
@@ -286,6 +289,7 @@ def main() -> None:
                              "one factor skips the choice, e.g. to rerun the chosen rate at another --dtype")
     parser.add_argument("--seeds", type=int, default=None,
                         help=f"seeds for {', '.join(SEEDED)} (default: the size's; the others run one)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps of every run (default: the size's)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--experiment", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", help=argparse.SUPPRESS)
@@ -353,7 +357,6 @@ def write_results(report: dict[str, Any], args: argparse.Namespace, stem: Path |
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = stem or RESULTS / f"real_task_{experiment}{'_' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, **report}, indent=1, default=str) + "\n")
-    base = report["base"]["heldout"]
     dtypes = sorted({r["dtype"] for entry in report["strategies"].values() for r in entry["runs"]})
     lines = [f"Gemma 3 270M (dequantized Q4_K_M) finetuned on `{experiment}` — {meta['date']}, commit {meta['commit']}, "
              f"{meta['machine']}, weights in {', '.join(dtypes)}, size `{meta['size']}` (`{meta['command']}`), "
