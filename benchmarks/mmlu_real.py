@@ -116,7 +116,9 @@ def lm_eval_per_row(python: str, model: Path, source: Path, split: str, rows: in
         "    card.pop('metadata', None)\n"
         "    (pathlib.Path(tasks_dir) / f'{subject}.yaml').write_text(yaml.safe_dump(card))\n"
         "    names.append(f'local_{subject}')\n"
-        "lm = HFLM(pretrained=model, dtype=torch.float32, batch_size=8, device='cpu')\n"
+        # one request at a time: lm-eval keeps the float32 logits of every position over the 262k-word
+        # vocabulary, ~1 GB per 5-shot question, twice with its log-softmax; a batch of 8 was killed for memory
+        "lm = HFLM(pretrained=model, dtype=torch.float32, batch_size=1, device='cpu')\n"
         "result = simple_evaluate(model=lm, tasks=names, task_manager=TaskManager(include_path=tasks_dir),\n"
         "                         num_fewshot=5, log_samples=True, bootstrap_iters=0)\n"
         "json.dump({name[6:]: [int(s['acc']) for s in sorted(result['samples'][name], key=lambda s: s['doc_id'])]\n"
@@ -131,8 +133,6 @@ def lm_eval_per_row(python: str, model: Path, source: Path, split: str, rows: in
 
 def write_results(report: dict[str, Any]) -> None:
     meta, whole, ours, theirs = report["meta"], report["whole"], report["ours_fp32"], report["lm_eval_fp32"]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "mmlu_real.json").write_text(json.dumps(report) + "\n")
     macro = sum(t["acc"] for t in whole["tasks"].values()) / len(whole["tasks"])
     a = [v for s in sorted(ours) for v in ours[s]]
     b = [v for s in sorted(ours) for v in theirs[s]]
@@ -142,11 +142,11 @@ def write_results(report: dict[str, Any]) -> None:
         f"`lowmem-tune eval --dataset mmlu` over the whole {meta['split']} split ({whole['questions']} questions, "
         f"{whole['dtype']}). Chance is 25 %. (Evaluation speed is `speed.py`'s measure, on a quiet CPU; the "
         f"seconds in the JSON are this run's, whatever else the machine did.)", "",
-        "| group | questions | accuracy |", "|---|---|---|"]
+        "| group | questions | accuracy, weighted by questions as lm-eval prints it (95 %) |", "|---|---|---|"]
     for group, scores in whole["groups"].items():
-        lines.append(f"| {group} | {sum(whole['tasks'][t]['n'] for t in scores['tasks'])} | "
-                     f"{100 * scores['acc']:.1f} % |")
-    lines += [f"| macro average over the 57 subjects | — | {100 * macro:.1f} % |", "",
+        lines.append(f"| {group} | {scores['n']} | {100 * scores['acc_weighted']:.1f} % "
+                     f"(± {196 * scores['acc_weighted_stderr']:.1f}) |")
+    lines += [f"| macro average over the {len(whole['tasks'])} subjects | — | {100 * macro:.1f} % |", "",
               f"Row by row against lm-evaluation-harness 0.4.13 (its mmlu default yamls, the data source replaced "
               f"by the same rows), float32, the first {meta['parity_rows']} {meta['split']} questions of every "
               f"subject ({len(a)} in all): lowmem-tune {100 * sum(a) / len(a):.1f} %, lm-eval "
@@ -163,7 +163,11 @@ def main() -> None:
     parser.add_argument("--lm-eval-python", required=True, help="python of a venv with lm_eval==0.4.13")
     parser.add_argument("--split", choices=["validation", "test"], default="validation")
     parser.add_argument("--parity-rows", type=int, default=2, help="questions per subject compared with lm-eval")
+    parser.add_argument("--render", type=Path, help="write the table again from a results JSON")
     args = parser.parse_args()
+    if args.render:
+        write_results(json.loads(args.render.read_text()))
+        return
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import platform
@@ -174,14 +178,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         tree = split_tree(source, args.split, work)
-        report: dict[str, Any] = {"whole": ours_whole_split(model, tree),
-                                  "ours_fp32": ours_per_row(model, tree, args.parity_rows),
-                                  "lm_eval_fp32": lm_eval_per_row(args.lm_eval_python, model, source, args.split,
-                                                                  args.parity_rows, work)}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    report["meta"] = {"date": time.strftime("%Y-%m-%d"), "commit": commit.strip(), "split": args.split,
-                      "parity_rows": args.parity_rows, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                      "command": " ".join(["python", "benchmarks/mmlu_real.py", *sys.argv[1:]])}
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT).stdout
+        report: dict[str, Any] = {
+            "meta": {"date": time.strftime("%Y-%m-%d"), "commit": commit.strip(), "split": args.split,
+                     "parity_rows": args.parity_rows, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                     "command": " ".join(["python", "benchmarks/mmlu_real.py", *sys.argv[1:]])},
+            "whole": ours_whole_split(model, tree),
+            "ours_fp32": ours_per_row(model, tree, args.parity_rows),
+            "lm_eval_fp32": lm_eval_per_row(args.lm_eval_python, model, source, args.split, args.parity_rows, work)}
+    # the measurements first, so that a fault in the table loses none of them (--render writes it again)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "mmlu_real.json").write_text(json.dumps(report) + "\n")
     write_results(report)
 
 
