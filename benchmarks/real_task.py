@@ -57,7 +57,7 @@ STRATEGIES = ["full", "adamw8bit", "galore", "fira", "apollo", "apollo-mini", "l
 SEEDED = ["full", "galore", "owlore", "welore"]  # run with every seed; the others with the first
 LR_FACTORS = {"owlore": [1 / 3, 1.0]}
 """The grid each strategy chooses its learning rate from on the dev part, as factors of the one its
-planned profile has: that one and three times it (1e-5 for most, 1e-4 for GaLore, Fira and APOLLO;
+planned profile has: that one and three times it (1e-5 for most, 1e-4 for GaLore, Fira, APOLLO and LISA;
 OwLore's recipe starts at 3e-4 with scale 1, so it tries that and a third of it)."""
 SIZES = {
     "cpu": {"sst2": {"heldout": 300, "dev": 100, "train": None, "steps": 40},

@@ -230,13 +230,14 @@ def _given_up(c: Candidate) -> int:
 
 # Recipes for the knobs the planner does not search. OwLore's published one (REFERENCE.md §3):
 # K = 50, T = 100, scale 1.0, lr 3e-4. The adapters: the QLoRA paper's 2e-4 for 7B-13B models.
-# GaLore, Fira and APOLLO scale their normalized update by 0.25, so at full finetuning's 1e-5 they
+# GaLore, Fira, APOLLO and LISA scale their normalized update by 0.25, so at full finetuning's 1e-5 they
 # barely move a pretrained model: on SST-2 (benchmarks/real_task.py, Gemma 3 270M) the dev part
-# chose 1e-4 over 1e-5 for GaLore (91 % vs 68 %) and APOLLO (91 % vs 80 %); Fira's subspace update
-# is GaLore's. APOLLO-Mini's dev part chose 1e-5 (85 % vs 73 %): it keeps the default.
+# chose 1e-4 over 1e-5 for GaLore (91 % vs 68 %), APOLLO (91 % vs 80 %) and LISA, which runs GaLore
+# inside its sampled layers (73 % vs 65 %); Fira's subspace update is GaLore's. APOLLO-Mini's dev part
+# chose 1e-5 (85 % vs 73 %): it keeps the default.
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "owlore": {"strategy": {"interval": 50, "update_proj_gap": 100, "scale": 1.0}, "train": {"lr": 3.0e-4}},
-    **{name: {"train": {"lr": 1.0e-4}} for name in ("galore", "fira", "apollo")},
+    **{name: {"train": {"lr": 1.0e-4}} for name in ("galore", "fira", "apollo", "lisa")},
     **{name: {"train": {"lr": 2.0e-4}} for name in ADAPTERS},
 }
 
