@@ -122,3 +122,47 @@ def test_resume_with_bf16_weights_and_stochastic_rounding_is_bit_identical(tmp_p
     a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "stopped" / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_an_8bit_update_run_on_several_threads_gives_the_bits_of_one(monkeypatch, dtype):
+    """The 8-bit update of a large tensor runs its blocks (rounded 16-bit weights) or kernel pieces
+    (float32 weights) on several threads; the noise is drawn in order, so weights, moments and the
+    generator's state are bitwise those of one thread."""
+    import threading
+
+    import bitsandbytes.functional as F
+
+    from lowmem_tune.optim import moments, writer
+
+    monkeypatch.setattr(writer, "BLOCK_ELEMENTS", 8 * moments.BLOCKSIZE)
+    monkeypatch.setattr(moments, "KERNEL_PIECE", 4 * moments.BLOCKSIZE)
+    kernel, threads_seen = F.optimizer_update_8bit_blockwise, set()
+
+    def recording(*args, **kwargs):
+        threads_seen.add(threading.current_thread().name)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(F, "optimizer_update_8bit_blockwise", recording)
+    shape = (50 * moments.BLOCKSIZE // 32 + 3, 32)  # blocks of 64 rows and a short last one
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            gen = torch.Generator().manual_seed(0)
+            w = torch.nn.Parameter((0.02 * torch.randn(shape, generator=gen)).to(dtype))
+            rounding = StochasticRounding(5) if dtype != torch.float32 else None
+            opt = GaLoreAdamW([w], lr=1e-3, config=GaLoreConfig(bits=8, weight_decay=0.1), rounding=rounding)
+            for _ in range(3):
+                w.grad = torch.randn(shape, generator=gen).to(dtype)
+                opt.step()
+            state = opt.state[w]
+            results.append((w.detach().clone(), {k: state[k].clone() for k in ("exp_avg", "exp_avg_sq", "absmax1")},
+                            rounding.state_dict()["generators"]["cpu"] if rounding else None))
+    finally:
+        torch.set_num_threads(before)
+    (w1, s1, g1), (w3, s3, g3) = results
+    assert torch.equal(w1, w3) and all(torch.equal(s1[k], s3[k]) for k in s1)
+    assert g1 is None or torch.equal(g1, g3)
+    assert any(name.startswith("lowmem-tune-piece") for name in threads_seen)
