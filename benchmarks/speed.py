@@ -26,9 +26,9 @@ Peak memory of the held-out loss (`eval_loss`) on 2 batches, before and after: t
 set of a process that loads the model and runs it, minus the resident set after loading.
 
     python benchmarks/speed.py --lm-eval-python /path/to/venv/bin/python
-    python benchmarks/speed.py --pairs 1 --steps 6 --skip-eval --tag train   # training only
+    python benchmarks/speed.py --pairs 1 --steps 6 --skip-eval   # training only
 
-Results: benchmarks/results/speed.{json,md} (speed_TAG with --tag).
+Results: benchmarks/results/speed.{json,md}.
 """
 
 from __future__ import annotations
@@ -313,7 +313,6 @@ def main() -> None:
     parser.add_argument("--lm-eval-python", default=None, help="python of a venv with lm_eval==0.4.13")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-eval", action="store_true")
-    parser.add_argument("--tag", default="", help="a suffix for the result files (e.g. train, for a --skip-eval run)")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     for hidden in ("--work", "--model", "--data", "--result"):
         parser.add_argument(hidden, type=Path, help=argparse.SUPPRESS)
@@ -387,8 +386,7 @@ def write_results(report: dict[str, Any], args: argparse.Namespace, auto: str) -
             "transformers": transformers.__version__, "cpu": cpu, "cores": os.cpu_count(), "auto_dtype": auto,
             "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]])}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"speed{'_' + args.tag if args.tag else ''}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, **report}, indent=2) + "\n")
+    (RESULTS / "speed.json").write_text(json.dumps({"meta": meta, **report}, indent=2) + "\n")
     lines = [f"Speed on Gemma 3 270M (dequantized Q4_K_M), BoolQ — {meta['date']}, commit {meta['commit']} "
              f"(before: {meta['before']}), {cpu}, {meta['cores']} cores, transformers {meta['transformers']}; "
              f"`auto` is {auto} here (`{meta['command']}`).", ""]
@@ -430,7 +428,7 @@ def write_results(report: dict[str, Any], args: argparse.Namespace, auto: str) -
                   f"before {m['before']['above_loaded_bytes'] / 2**20:.0f} MiB, after "
                   f"{m['after']['above_loaded_bytes'] / 2**20:.0f} MiB (loss {m['before']['loss']:.4f} / "
                   f"{m['after']['loss']:.4f})."]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import torch
 
-from lowmem_tune.optim.pieces import run_pieces
 from lowmem_tune.optim.projector import as_contiguous, is_fake
 
 BLOCKSIZE = 256  # bitsandbytes' block size for 8-bit optimizer states (CPU and CUDA)
@@ -143,9 +142,8 @@ class Blockwise8bitMoments:
         grad, target = grad.reshape(-1), target.view(-1)
         # A piece at a time: bitsandbytes' CPU kernel dequantizes both moments into float32 copies,
         # and for a 168M-value embedding those are 0.7 GB each, page-faulted in at every step (a
-        # piece costs 5x less there). Pieces start on block boundaries, so the result is the same,
-        # and they are independent, so the CPU runs them on all its cores (`run_pieces`).
-        def update_piece(offset: int) -> None:
+        # piece costs 5x less there). Pieces start on block boundaries, so the result is the same.
+        for offset in range(0, grad.numel(), KERNEL_PIECE):
             n = min(KERNEL_PIECE, grad.numel() - offset)
             at = start + offset
             first, blocks = at // BLOCKSIZE, -(-n // BLOCKSIZE)
@@ -156,11 +154,6 @@ class Blockwise8bitMoments:
                 state["absmax1"].narrow(0, first, blocks), state["absmax2"].narrow(0, first, blocks),
                 weight_decay=weight_decay,
             )
-
-        if grad.numel() <= KERNEL_PIECE:
-            update_piece(0)
-        else:
-            run_pieces(update_piece, range(0, grad.numel(), KERNEL_PIECE), grad)
 
 
 def moments_for(numel: int, bits: int, min_8bit_size: int = MIN_8BIT_SIZE) -> type:

@@ -60,41 +60,29 @@ class StochasticRounding:
         if dtype == torch.float32:
             return x
         if dtype == torch.bfloat16:
-            return self._bf16_bits(as_contiguous(x).clone(), self.draw(x, dtype)).to(torch.bfloat16)
+            return self._bf16_bits(as_contiguous(x).clone()).to(torch.bfloat16)
         if dtype == torch.float16:
-            return self._fp16(x, self.draw(x, dtype))
+            near = x.to(torch.float16)
+            gap = near.float() - x
+            other = torch.nextafter(near, torch.where(gap > 0, -torch.inf, torch.inf).to(torch.float16))
+            away = (other.float() - near.float()).abs()
+            take_other = self.uniform_like(x) * away < gap.abs()
+            return torch.where(take_other, other, near)
         raise ValueError(f"no stochastic rounding to {dtype}")
 
-    def draw(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The random values that round a tensor shaped like `like` to `dtype` (bfloat16 or
-        float16). Drawn apart from the rounding so that blocks rounded on several threads still
-        take the generator's values in one order (`round_into(..., noise)`)."""
-        return self._random_int16(like) if dtype == torch.bfloat16 else self.uniform_like(like)
-
-    def round_into(self, target: torch.Tensor, scratch: torch.Tensor, noise: torch.Tensor | None = None) -> None:
-        """target (bf16 / fp16) <- the float32 `scratch` rounded stochastically, with `noise` from
-        `draw` (drawn here when None); `scratch` (a contiguous temporary of the caller's) is
-        overwritten."""
-        noise = self.draw(target, target.dtype) if noise is None else noise
+    def round_into(self, target: torch.Tensor, scratch: torch.Tensor) -> None:
+        """target (bf16 / fp16) <- the float32 `scratch` rounded stochastically; `scratch` (a
+        contiguous temporary of the caller's) is overwritten."""
         if target.dtype == torch.bfloat16:
-            target.copy_(self._bf16_bits(scratch, noise))  # its low 16 bits are zero: the conversion is exact
+            target.copy_(self._bf16_bits(scratch))  # its low 16 bits are zero: the conversion is exact
         else:
-            target.copy_(self._fp16(scratch, noise))
+            target.copy_(self.to_dtype(scratch, target.dtype))
 
-    @staticmethod
-    def _fp16(x: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-        near = x.to(torch.float16)
-        gap = near.float() - x
-        other = torch.nextafter(near, torch.where(gap > 0, -torch.inf, torch.inf).to(torch.float16))
-        away = (other.float() - near.float()).abs()
-        return torch.where(uniform * away < gap.abs(), other, near)
-
-    @staticmethod
-    def _bf16_bits(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x (contiguous float32, overwritten) with 16 random bits (`noise`, int16) added to its
-        magnitude and the low 16 truncated: bfloat16 is the top half of a float32, and the carry
-        into bit 16 happens with probability (x - lo) / (hi - lo)."""
-        bits = x.view(torch.int32).add_(noise.view(x.shape)).add_(1 << 15).bitwise_and_(_LOW_HALF)
+    def _bf16_bits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (contiguous float32, overwritten) with 16 random bits added to its magnitude and the
+        low 16 truncated: bfloat16 is the top half of a float32, and the carry into bit 16
+        happens with probability (x - lo) / (hi - lo)."""
+        bits = x.view(torch.int32).add_(self._random_int16(x)).add_(1 << 15).bitwise_and_(_LOW_HALF)
         return bits.view(torch.float32)
 
     def to_grid(self, v: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,7 @@
 The update is formed in float32 for one block (so the working copy is one block, never the whole
 matrix), added to the block's float32 value and rounded back with `StochasticRounding`; weight
 decay after the update, as galore-torch and our Adam do. `apply_in_place` hands the block's
-float32 value to an update that writes it itself: bitsandbytes' 8-bit kernel, which decays first,
-its blocks on every core of a CPU (`pieces.py`).
+float32 value to an update that writes it itself: bitsandbytes' 8-bit kernel, which decays first.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
-from lowmem_tune.optim.pieces import run_pieces
 from lowmem_tune.optim.rounding import StochasticRounding
 
 BLOCK_ELEMENTS = 1 << 20
@@ -68,18 +66,9 @@ class RoundingWriter:
     @torch.no_grad()
     def apply_in_place(self, weight: torch.Tensor, update: InPlaceUpdate, align: int = 1) -> None:
         """weight <- round(update(w)), for an update that writes a block's float32 value itself
-        (bitsandbytes' 8-bit kernel): no separate update tensor is formed. The blocks are
-        independent and run on every core of a CPU (`run_pieces`); their noise is drawn here, in
-        order, so the result does not depend on the threads."""
-        def blocks() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-            for start, rows in row_blocks(weight, align):
-                block = weight.narrow(0, start, rows)
-                yield start, block, self.rounding.draw(block, weight.dtype)
-
-        def write(piece: tuple[int, torch.Tensor, torch.Tensor]) -> None:
-            start, block, noise = piece
+        (bitsandbytes' 8-bit kernel): no separate update tensor is formed."""
+        for start, rows in row_blocks(weight, align):
+            block = weight.narrow(0, start, rows)
             value = block.float()
             update(start, value)
-            self.rounding.round_into(block, value, noise)
-
-        run_pieces(write, blocks(), weight)
+            self.rounding.round_into(block, value)
