@@ -12,8 +12,8 @@ lm-evaluation-harness prompt and its gold continuation (loss on the continuation
 what the loglikelihood scorer then compares. Each strategy runs the profile that
 `lowmem-tune plan --model gemma-3-270m --gpu 24GB --strategy S` writes, with only the data, the
 steps and the micro batch set here. The learning rate is chosen per strategy from the planned
-one and a multiple of it by accuracy on the dev part (the held-out part never chooses
-anything); the chosen one is then run with more seeds. Reported per strategy: the base model's
+one and a multiple of it (WeLore's compression too, `SETTING_GRIDS`) by accuracy on the dev part
+(the held-out part never chooses anything); the chosen one is then run with more seeds. Reported per strategy: the base model's
 held-out accuracy, the finetuned one's with a 95% interval (±1.96 standard errors; over seeds,
 the mean and each seed), the loss curve, tokens/s, the process's peak resident memory, wall time.
 WeLore's row also gives the compressed model's accuracy before any finetuning. The adapter methods
@@ -59,6 +59,11 @@ LR_FACTORS = {"owlore": [1 / 3, 1.0]}
 """The grid each strategy chooses its learning rate from on the dev part, as factors of the one its
 planned profile has: that one and three times it (1e-5 for most, 1e-4 for GaLore, Fira, APOLLO and LISA;
 OwLore's recipe starts at 3e-4 with scale 1, so it tries that and a third of it)."""
+SETTING_GRIDS = {"welore": [{}, {"rank_reduction": 0.1}]}
+"""Strategy settings the dev part chooses among too (each at every learning rate of the grid), as
+changes to the planned profile's `strategy` section: WeLore's compression as `plan` sets it (ERR 0.3,
+made for 7B models) and a tenth of the decoder's rank, which costs a 270M model far less
+(`real_weights.py`: held-out perplexity at ERR 0.1, 0.3 and 0.5)."""
 SIZES = {
     "cpu": {"sst2": {"heldout": 300, "dev": 100, "train": None, "steps": 40},
             "mix": {"heldout": 100, "dev": 25, "train": 250, "steps": 80},
@@ -242,6 +247,10 @@ def launch(args: argparse.Namespace, work: Path, data_file: Path, strategy: str,
     return json.loads(result.read_text())
 
 
+def trial_label(lr: float, settings: dict[str, Any]) -> str:
+    return " ".join([f"lr {lr:g}", *(f"{k} {v}" for k, v in settings.items())])
+
+
 def mean_acc(scores: dict[str, Any]) -> float:
     return statistics.mean(s["acc"] for s in scores.values())
 
@@ -258,18 +267,25 @@ def run_experiment(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for strategy in args.strategies:
         plan_file = work / f"plan-{strategy}.json"
         plan_file.write_text(json.dumps(planned_profile(strategy, size["max_seq_len"], args.tree)))
-        trials = {}
-        planned_lr = json.loads(plan_file.read_text())["train"]["lr"]
+        planned = json.loads(plan_file.read_text())
         factors = args.lr_factors or LR_FACTORS.get(strategy, [1.0, 3.0])
-        for lr in [round(planned_lr * f, 12) for f in factors]:
-            trials[lr] = launch(args, work, data_file, strategy, plan_file, lr, seed=0)
-            print(strategy, lr, "dev", round(mean_acc(trials[lr]["dev"]), 3), "held-out",
-                  round(mean_acc(trials[lr]["heldout"]), 3), flush=True)
-        chosen = max(trials, key=lambda lr: mean_acc(trials[lr]["dev"]))  # the dev part chooses; ties: the first
-        runs = [trials[chosen]]
+        trials: dict[str, dict[str, Any]] = {}
+        grid: dict[str, tuple[float, dict[str, Any], Path]] = {}
+        for settings in SETTING_GRIDS.get(strategy, [{}]):
+            variant = work / f"plan-{strategy}-{len(grid)}.json"
+            variant.write_text(json.dumps({**planned, "strategy": {**planned["strategy"], **settings}}))
+            for lr in [round(planned["train"]["lr"] * f, 12) for f in factors]:
+                label = trial_label(lr, settings)
+                grid[label] = (lr, settings, variant)
+                trials[label] = launch(args, work, data_file, strategy, variant, lr, seed=0)
+                print(strategy, label, "dev", round(mean_acc(trials[label]["dev"]), 3), "held-out",
+                      round(mean_acc(trials[label]["heldout"]), 3), flush=True)
+        best = max(trials, key=lambda label: mean_acc(trials[label]["dev"]))  # the dev part chooses; ties: the first
+        lr, settings, variant = grid[best]
+        runs = [trials[best]]
         seeds = range(1, args.seeds or size["seeds"]) if strategy in SEEDED else range(0)
-        runs += [launch(args, work, data_file, strategy, plan_file, chosen, seed) for seed in seeds]
-        report["strategies"][strategy] = {"lr": chosen, "trials": {str(k): v for k, v in trials.items()}, "runs": runs}
+        runs += [launch(args, work, data_file, strategy, variant, lr, seed) for seed in seeds]
+        report["strategies"][strategy] = {"lr": lr, "settings": settings, "trials": trials, "runs": runs}
         report["wall_s"] = time.perf_counter() - args.began
         write_results(report, args)  # after each strategy: hours of runs survive a crash in a later one
     return report
@@ -364,7 +380,7 @@ def write_results(report: dict[str, Any], args: argparse.Namespace, stem: Path |
              "Held-out parts: " + ", ".join(f"{t} n={report['data']['counts'][t]['heldout']} (majority "
                                             f"{100 * report['data']['majority'][t]:.1f} %)" for t in tasks)
              + f"; train parts: {sum(c['train'] for c in report['data']['counts'].values())} examples.", ""]
-    columns = ["strategy", "lr (dev-chosen)", "seeds", *tasks, *(["average"] if len(tasks) > 1 else []),
+    columns = ["strategy", "lr, settings (dev-chosen)", "seeds", *tasks, *(["average"] if len(tasks) > 1 else []),
                "tokens/s", "planned GPU peak GiB", "peak RSS GiB", "wall s / run"]
     lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     base_runs = [report["base"]]
@@ -374,7 +390,7 @@ def write_results(report: dict[str, Any], args: argparse.Namespace, stem: Path |
     for strategy, entry in report["strategies"].items():
         runs = entry["runs"]
         cells = [cell(*interval(runs, t)) for t in tasks]
-        row = (f"| {strategy} | {entry['lr']:g} | {len(runs)} | " + " | ".join(cells)
+        row = (f"| {strategy} | {trial_label(entry['lr'], entry.get('settings', {})).removeprefix('lr ')} | {len(runs)} | " + " | ".join(cells)
                + (f" | {cell(*average_interval(runs, tasks))} |" if len(tasks) > 1 else " |")
                + f" {statistics.mean(r['tokens_per_s'] for r in runs):.0f} | "
                + (f"{runs[0]['planned_bytes'] / 2**30:.2f}" if "planned_bytes" in runs[0] else "—") + " | "
@@ -389,8 +405,8 @@ def write_results(report: dict[str, Any], args: argparse.Namespace, stem: Path |
               "held-out score:", ""]
     for strategy, entry in report["strategies"].items():
         seeds = ", ".join(f"{100 * mean_acc(r['heldout']):.1f}" for r in entry["runs"])
-        trials = "; ".join(f"lr {lr}: dev {100 * mean_acc(t['dev']):.1f} / held-out {100 * mean_acc(t['heldout']):.1f}"
-                           for lr, t in entry["trials"].items())
+        trials = "; ".join(f"{label if label.startswith('lr') else 'lr ' + label}: dev {100 * mean_acc(t['dev']):.1f} / held-out {100 * mean_acc(t['heldout']):.1f}"
+                           for label, t in entry["trials"].items())
         lines.append(f"- {strategy}: seeds {seeds} ({trials})")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot_losses(report, stem.with_suffix(".png"))
