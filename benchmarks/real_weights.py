@@ -170,7 +170,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     right.set_xticks([i + 0.4 - width / 2 for i in range(len(kinds))], kinds, rotation=30)
     right.set_ylabel("kept rank / full rank (all layers)")
     right.set_title("WeLore ranks per matrix type")
-    right.legend()
+    right.set_ylim(0, 1.2)
+    right.legend(loc="upper center", ncol=len(report["welore"]), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
