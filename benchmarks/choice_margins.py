@@ -13,6 +13,7 @@ other) before and after, with how many questions' margin grew.
 
     python benchmarks/choice_margins.py                    # sst2 and mix, the CPU size (~40 min on 2 cores)
     python benchmarks/choice_margins.py --experiments mix
+    python benchmarks/choice_margins.py --render           # the table again from the JSON
 
 Results: benchmarks/results/choice_margins.{json,md}.
 """
@@ -124,7 +125,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", nargs="+", choices=["sst2", "mix"], default=["sst2", "mix"])
     parser.add_argument("--size", choices=["cpu", "smoke"], default="cpu", help="real_task.py's sizes (smoke: checks the script)")
+    parser.add_argument("--render", action="store_true", help="write the table again from results/choice_margins.json")
     args = parser.parse_args()
+    if args.render:
+        write_table(json.loads((RESULTS / "choice_margins.json").read_text()))
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from real_assets import gemma_model
@@ -163,8 +168,9 @@ def write_table(report: dict[str, Any]) -> None:
             lines.append(f"| {experiment} | {task} | {r['n']} | {100 * r['acc_before']:.1f} | {100 * r['acc_after']:.1f} | "
                          f"{r['gold_change']:+.2f} | {r['others_change']:+.2f} | {r['margin_before']:+.2f} | "
                          f"{r['margin_after']:+.2f} | {r['margin_grew']} of {r['n']} |")
-        lines.append(f"\n{experiment}: {result['steps']} steps x {result['micro_batch']} of {result['train_examples']} "
-                     f"train examples, weights in {result['dtype']}.\n")
+    lines.append("")
+    lines += [f"- {experiment}: {result['steps']} steps x {result['micro_batch']} of {result['train_examples']} train "
+              f"examples, weights in {result['dtype']}." for experiment, result in report["experiments"].items()]
     (RESULTS / "choice_margins.md").write_text("\n".join(lines).rstrip() + "\n")
     print("\n".join(lines))
 
