@@ -54,7 +54,8 @@ def choice_loglikelihoods(model, tokenizer, task: str, data_file: str) -> list[d
     was_training = model.training
     model.eval()
     try:
-        scores = iter(LoglikelihoodScorer(model, tokenizer, 16).score(encode_pairs(tokenizer, pairs, bos_first(tokenizer))))
+        scorer = LoglikelihoodScorer(model, tokenizer, 16)
+        scores = iter(scorer.score(encode_pairs(tokenizer, pairs, bos_first(tokenizer))))
     finally:
         model.train(was_training)
     return [{"gold": q.gold, "lls": [next(scores) for _ in q.choices]} for q in questions]
@@ -124,7 +125,8 @@ def run_experiment(experiment: str, size_name: str, work: Path, model_dir: Path)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", nargs="+", choices=["sst2", "mix"], default=["sst2", "mix"])
-    parser.add_argument("--size", choices=["cpu", "smoke"], default="cpu", help="real_task.py's sizes (smoke: checks the script)")
+    parser.add_argument("--size", choices=["cpu", "smoke"], default="cpu",
+                        help="real_task.py's sizes (smoke: checks the script, writes nothing)")
     parser.add_argument("--render", action="store_true", help="write the table again from results/choice_margins.json")
     args = parser.parse_args()
     if args.render:
@@ -165,7 +167,8 @@ def write_table(report: dict[str, Any]) -> None:
              "margin before | margin after | margins that grew |", "|---" * 10 + "|"]
     for experiment, result in report["experiments"].items():
         for task, r in result["tasks"].items():
-            lines.append(f"| {experiment} | {task} | {r['n']} | {100 * r['acc_before']:.1f} | {100 * r['acc_after']:.1f} | "
+            lines.append(f"| {experiment} | {task} | {r['n']} | {100 * r['acc_before']:.1f} | "
+                         f"{100 * r['acc_after']:.1f} | "
                          f"{r['gold_change']:+.2f} | {r['others_change']:+.2f} | {r['margin_before']:+.2f} | "
                          f"{r['margin_after']:+.2f} | {r['margin_grew']} of {r['n']} |")
     lines.append("")

@@ -11,14 +11,14 @@ held-out part, a dev part and a train part that never meet. Training examples ar
 lm-evaluation-harness prompt and its gold continuation (loss on the continuation), which is
 what the loglikelihood scorer then compares. Each strategy runs the profile that
 `lowmem-tune plan --model gemma-3-270m --gpu 24GB --strategy S` writes, with only the data, the
-steps and the micro batch set here. The learning rate is chosen per strategy from the planned
-one and a multiple of it (WeLore's compression too, `SETTING_GRIDS`) by accuracy on the dev part
-(the held-out part never chooses anything); the chosen one is then run with more seeds. Reported per strategy: the base model's
-held-out accuracy, the finetuned one's with a 95% interval (±1.96 standard errors; over seeds,
-the mean and each seed), the loss curve, tokens/s, the process's peak resident memory, wall time.
-WeLore's row also gives the compressed model's accuracy before any finetuning. The adapter methods
-(lora, qlora, dora) run beside them on the same data and steps, at their planned 2e-4 (QLoRA's);
-each row also gives what `plan` estimates for that profile's peak on a GPU.
+steps and the micro batch set here. The learning rate is chosen per strategy from the planned one
+and a multiple of it (WeLore's compression too, `SETTING_GRIDS`) by accuracy on the dev part (the
+held-out part never chooses anything); the chosen one is then run with more seeds. Reported per
+strategy: the base model's held-out accuracy, the finetuned one's with a 95% interval (±1.96
+standard errors; over seeds, the mean and each seed), the loss curve, tokens/s, the process's peak
+resident memory, wall time. WeLore's row also gives the compressed model's accuracy before any
+finetuning. The adapter methods (lora, qlora, dora) run beside them on the same data and steps, at
+their planned 2e-4 (QLoRA's); each row also gives what `plan` estimates for that profile's peak on a GPU.
 
 Experiments:
 - `sst2`: GLUE SST-2 (872 rows: 300 held-out, 100 dev, the rest train).
@@ -390,7 +390,8 @@ def write_results(report: dict[str, Any], args: argparse.Namespace, stem: Path |
     for strategy, entry in report["strategies"].items():
         runs = entry["runs"]
         cells = [cell(*interval(runs, t)) for t in tasks]
-        row = (f"| {strategy} | {trial_label(entry['lr'], entry.get('settings', {})).removeprefix('lr ')} | {len(runs)} | " + " | ".join(cells)
+        chosen = trial_label(entry["lr"], entry.get("settings", {})).removeprefix("lr ")
+        row = (f"| {strategy} | {chosen} | {len(runs)} | " + " | ".join(cells)
                + (f" | {cell(*average_interval(runs, tasks))} |" if len(tasks) > 1 else " |")
                + f" {statistics.mean(r['tokens_per_s'] for r in runs):.0f} | "
                + (f"{runs[0]['planned_bytes'] / 2**30:.2f}" if "planned_bytes" in runs[0] else "—") + " | "
@@ -405,7 +406,8 @@ def write_results(report: dict[str, Any], args: argparse.Namespace, stem: Path |
               "held-out score:", ""]
     for strategy, entry in report["strategies"].items():
         seeds = ", ".join(f"{100 * mean_acc(r['heldout']):.1f}" for r in entry["runs"])
-        trials = "; ".join(f"{label if label.startswith('lr') else 'lr ' + label}: dev {100 * mean_acc(t['dev']):.1f} / held-out {100 * mean_acc(t['heldout']):.1f}"
+        trials = "; ".join(f"{label if label.startswith('lr') else 'lr ' + label}: "  # reports before labels: the lr
+                           f"dev {100 * mean_acc(t['dev']):.1f} / held-out {100 * mean_acc(t['heldout']):.1f}"
                            for label, t in entry["trials"].items())
         lines.append(f"- {strategy}: seeds {seeds} ({trials})")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
