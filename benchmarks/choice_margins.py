@@ -137,6 +137,8 @@ def main() -> None:
     from real_assets import gemma_model
 
     began = time.perf_counter()
+    # the code that runs is the checkout's as this starts (its modules load now)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     model_dir = gemma_model()
     report: dict[str, Any] = {"experiments": {}}
     for experiment in args.experiments:
@@ -144,7 +146,6 @@ def main() -> None:
             report["experiments"][experiment] = run_experiment(experiment, args.size, Path(tmp), model_dir)
         print(experiment, json.dumps(report["experiments"][experiment]["tasks"]), flush=True)
     report["wall_s"] = time.perf_counter() - began
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     report["meta"] = {"date": time.strftime("%Y-%m-%d"), "commit": commit.strip(),
                       "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                       "command": " ".join(["python", "benchmarks/choice_margins.py", *sys.argv[1:]])}
