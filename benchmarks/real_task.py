@@ -265,9 +265,7 @@ def run_experiment(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     report["base"] = launch(args, work, data_file, "base", None)
     print("base", {t: round(s["acc"], 3) for t, s in report["base"]["heldout"].items()}, flush=True)
     for strategy in args.strategies:
-        plan_file = work / f"plan-{strategy}.json"
-        plan_file.write_text(json.dumps(planned_profile(strategy, size["max_seq_len"], args.tree)))
-        planned = json.loads(plan_file.read_text())
+        planned = planned_profile(strategy, size["max_seq_len"], args.tree)
         factors = args.lr_factors or LR_FACTORS.get(strategy, [1.0, 3.0])
         trials: dict[str, dict[str, Any]] = {}
         grid: dict[str, tuple[float, dict[str, Any], Path]] = {}
