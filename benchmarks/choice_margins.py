@@ -41,24 +41,16 @@ STRATEGY, LR = "full", 1e-5  # full finetuning at the rate the dev part chose fo
 def choice_loglikelihoods(model, tokenizer, task: str, data_file: str) -> list[dict[str, Any]]:
     """Every held-out question's gold index and the log-likelihood of each of its choices, scored
     as `eval` scores them (zero-shot, the task card's prompt, BOS first)."""
-    from lowmem_tune.data.tokenize import bos_first
     from lowmem_tune.evaluation.cards import load_card
-    from lowmem_tune.evaluation.data import load_task_rows
-    from lowmem_tune.evaluation.loglikelihood import LoglikelihoodScorer, encode_pairs
-    from lowmem_tune.evaluation.prompts import FewshotSampler, QuestionBuilder
+    from lowmem_tune.evaluation.runner import run_task
 
-    card = load_card(task)
-    rows, _ = load_task_rows(card, data_file)
-    questions = QuestionBuilder(card).build(rows, FewshotSampler(rows, True), 0)
-    pairs = [(ctx, cont) for q in questions for ctx, cont in zip(q.contexts, q.continuations)]
     was_training = model.training
     model.eval()
     try:
-        scorer = LoglikelihoodScorer(model, tokenizer, 16)
-        scores = iter(scorer.score(encode_pairs(tokenizer, pairs, bos_first(tokenizer))))
+        scores, _ = run_task(model, tokenizer, load_card(task), num_fewshot=0, batch_size=16, data_file=data_file)
     finally:
         model.train(was_training)
-    return [{"gold": q.gold, "lls": [next(scores) for _ in q.choices]} for q in questions]
+    return [{"gold": gold, "lls": lls} for gold, lls in zip(scores.golds, scores.choice_loglikelihoods)]
 
 
 def margin(question: dict[str, Any]) -> float:

@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,16 @@ def launch(args: argparse.Namespace, work: Path, data_file: Path, strategy: str,
     return json.loads(result.read_text())
 
 
+@dataclass
+class Trial:
+    """One learning rate and settings tried on the dev part: the plan variant it ran and its result."""
+
+    lr: float
+    settings: dict[str, Any]
+    plan: Path
+    result: dict[str, Any]
+
+
 def trial_label(lr: float, settings: dict[str, Any]) -> str:
     return " ".join([f"lr {lr:g}", *(f"{k} {v}" for k, v in settings.items())])
 
@@ -267,23 +278,22 @@ def run_experiment(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for strategy in args.strategies:
         planned = planned_profile(strategy, size["max_seq_len"], args.tree)
         factors = args.lr_factors or LR_FACTORS.get(strategy, [1.0, 3.0])
-        trials: dict[str, dict[str, Any]] = {}
-        grid: dict[str, tuple[float, dict[str, Any], Path]] = {}
-        for settings in SETTING_GRIDS.get(strategy, [{}]):
-            variant = work / f"plan-{strategy}-{len(grid)}.json"
+        trials: dict[str, Trial] = {}
+        for k, settings in enumerate(SETTING_GRIDS.get(strategy, [{}])):
+            variant = work / f"plan-{strategy}-{k}.json"
             variant.write_text(json.dumps({**planned, "strategy": {**planned["strategy"], **settings}}))
             for lr in [round(planned["train"]["lr"] * f, 12) for f in factors]:
                 label = trial_label(lr, settings)
-                grid[label] = (lr, settings, variant)
-                trials[label] = launch(args, work, data_file, strategy, variant, lr, seed=0)
-                print(strategy, label, "dev", round(mean_acc(trials[label]["dev"]), 3), "held-out",
-                      round(mean_acc(trials[label]["heldout"]), 3), flush=True)
-        best = max(trials, key=lambda label: mean_acc(trials[label]["dev"]))  # the dev part chooses; ties: the first
-        lr, settings, variant = grid[best]
-        runs = [trials[best]]
+                result = launch(args, work, data_file, strategy, variant, lr, seed=0)
+                trials[label] = Trial(lr, settings, variant, result)
+                print(strategy, label, "dev", round(mean_acc(result["dev"]), 3), "held-out",
+                      round(mean_acc(result["heldout"]), 3), flush=True)
+        best = max(trials.values(), key=lambda t: mean_acc(t.result["dev"]))  # the dev part chooses; ties: the first
+        lr, settings = best.lr, best.settings
         seeds = range(1, args.seeds or size["seeds"]) if strategy in SEEDED else range(0)
-        runs += [launch(args, work, data_file, strategy, variant, lr, seed) for seed in seeds]
-        report["strategies"][strategy] = {"lr": lr, "settings": settings, "trials": trials, "runs": runs}
+        runs = [best.result] + [launch(args, work, data_file, strategy, best.plan, lr, seed) for seed in seeds]
+        report["strategies"][strategy] = {
+            "lr": lr, "settings": settings, "trials": {label: t.result for label, t in trials.items()}, "runs": runs}
         report["wall_s"] = time.perf_counter() - args.began
         write_results(report, args)  # after each strategy: hours of runs survive a crash in a later one
     return report

@@ -181,6 +181,16 @@ def test_acc_norm_divides_by_choice_length_in_characters(tokenizer):
     assert scores.per_row == {"acc": [0.0], "acc_norm": [1.0]}
 
 
+def test_choice_loglikelihoods_are_kept_per_question(tokenizer):
+    two = ChoiceQuestion(["Q:"] * 2, [" a", " b"], ["a", "b"], gold=1)
+    three = ChoiceQuestion(["R:"] * 3, [" c", " d", " e"], ["c", "d", "e"], gold=2)
+    lls = [-1.0, -4.0, -5.0, -0.5, -2.5]
+    scores = score_choice_questions([two, three], _FixedScores(tokenizer, lls), ["acc"], bos=False)
+    assert scores.golds == [1, 2]
+    assert scores.choice_loglikelihoods == [[-1.0, -4.0], [-5.0, -0.5, -2.5]]
+    assert scores.predictions == [0, 1]
+
+
 def test_ties_go_to_the_first_choice():
     assert argmax([-1.0, -1.0, -2.0]) == 0
     assert argmax([-3.0, -1.0, -1.0]) == 1

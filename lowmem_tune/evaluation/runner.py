@@ -92,12 +92,18 @@ def argmax(values: Sequence[float]) -> int:
 
 @dataclass
 class TaskScores:
-    """Per-row outcomes of one task: 0/1 per metric, and what the model chose or answered."""
+    """Per-row outcomes of one task: 0/1 per metric, and what the model chose or answered.
+
+    Choice tasks also keep each row's gold index and the log-likelihood of every choice (what
+    lm-eval's --log_samples writes): the margins behind the accuracy.
+    """
 
     task: str
     per_row: dict[str, list[float]]
     predictions: list[Any]
     counts: dict[str, int] = field(default_factory=dict)
+    golds: list[int] = field(default_factory=list)
+    choice_loglikelihoods: list[list[float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -122,8 +128,10 @@ def score_choice_questions(questions: Sequence[ChoiceQuestion], scorer: Loglikel
     scores = iter(scorer.score(encode_pairs(scorer.tokenizer, pairs, bos), advance))
     per_row: dict[str, list[float]] = {m: [] for m in metrics}
     predictions = []
+    choice_lls = []
     for q in questions:
         lls = [next(scores) for _ in q.choices]
+        choice_lls.append(lls)
         pred = argmax(lls)
         predictions.append(pred)
         if "acc" in per_row:
@@ -132,7 +140,7 @@ def score_choice_questions(questions: Sequence[ChoiceQuestion], scorer: Loglikel
             # An empty choice would divide by zero; lm-eval never ships one.
             norm = [ll / (len(c) or 1) for ll, c in zip(lls, q.choices)]
             per_row["acc_norm"].append(float(argmax(norm) == q.gold))
-    return TaskScores(task, per_row, predictions)
+    return TaskScores(task, per_row, predictions, golds=[q.gold for q in questions], choice_loglikelihoods=choice_lls)
 
 
 def score_open_questions(questions: Sequence[OpenQuestion], generator: GreedyGenerator, card: TaskCard,
