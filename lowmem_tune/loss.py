@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowmem_tune.optim.norms import is_one_on_cpu
+
 IGNORE_INDEX = -100
 CHUNK_TOKENS = 1024
 
@@ -62,8 +64,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors  # scaled in place: no second copy of the head's gradient
-        return (None if grad_hidden is None else grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)),
-                None if grad_weight is None else grad_weight.mul_(grad_loss.to(grad_weight.dtype)), None, None, None)
+        if not is_one_on_cpu(grad_loss):
+            for grad in (grad_hidden, grad_weight):
+                if grad is not None:
+                    grad.mul_(grad_loss.to(grad.dtype))
+        return grad_hidden, grad_weight, None, None, None
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, Any], chunk_tokens: int = CHUNK_TOKENS,

@@ -164,3 +164,14 @@ def test_an_evaluation_forms_no_gradient_of_the_head():
     with torch.no_grad():
         expected = float(ungathered_loss(model, b, 1024))
     assert abs(float(loss) - expected) <= 1e-6 * expected
+
+
+def test_the_incoming_gradient_scales_the_head_and_hidden_gradients(model64):
+    """A loss divided by 2 (accumulation over two micro-batches) gives exactly half of every
+    gradient; undivided, the multiplication by 1 is skipped and the gradients are the same."""
+    b = batch()
+    halved, whole = copy.deepcopy(model64), copy.deepcopy(model64)
+    (causal_lm_loss(halved, b) / 2).backward()
+    causal_lm_loss(whole, b).backward()
+    for (name, h), (_, w) in zip(halved.named_parameters(), whole.named_parameters()):
+        assert torch.equal(h.grad * 2, w.grad), name

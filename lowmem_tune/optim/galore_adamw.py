@@ -34,7 +34,7 @@ import torch
 from lowmem_tune.optim.adam_step import dense_step, galore_step
 from lowmem_tune.optim.galore_config import APOLLO_VARIANTS, GaLoreConfig
 from lowmem_tune.optim.moments import carry_moments, moments_for
-from lowmem_tune.optim.norms import squared_norm
+from lowmem_tune.optim.norms import is_one_on_cpu, squared_norm
 from lowmem_tune.optim.offload import is_parked, park, tensor_bytes, unpark
 from lowmem_tune.optim.persistence import TRANSIENT, galore_state_dict, load_galore_state_dict
 from lowmem_tune.optim.projector import GaLoreProjector
@@ -286,6 +286,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # the full gradient's norm is exact for one micro-batch of one process only
         full = torch.stack(full_sq).sum().sqrt() if full_exact and self.average is None else None
         coef = None if max_norm is None else (max_norm / (consumed + 1e-6)).clamp(max=1.0)
+        if coef is not None and is_one_on_cpu(coef):  # nothing clipped
+            coef = None
         for p, group, state, grad in pending:
             self._ensure_moments(p, state)
             if coef is not None:
