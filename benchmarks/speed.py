@@ -27,8 +27,10 @@ set of a process that loads the model and runs it, minus the resident set after 
 
     python benchmarks/speed.py --lm-eval-python /path/to/venv/bin/python
     python benchmarks/speed.py --pairs 1 --steps 6 --skip-eval   # training only
+    python benchmarks/speed.py --before COMMIT --before-dtype auto --sides before auto --skip-eval --tag NAME
+        # an A/B of two commits at the same precision (results/speed_NAME.{json,md})
 
-Results: benchmarks/results/speed.{json,md}.
+Results: benchmarks/results/speed.{json,md} (speed_TAG.{json,md} with --tag).
 """
 
 from __future__ import annotations
@@ -281,6 +283,9 @@ CHILDREN = {"train": child_train, "breakdown": child_breakdown, "hf-train": chil
 # --------------------------------------------------------------------------- parent
 
 
+TRAIN_SIDES = ("before", "fp32", "auto", "auto 32-bit", "hf")
+
+
 def run_child(kind: str, python: str, tree: Path, work: Path, model: Path, data: Path, dtype: str,
               steps: int = 0, warmup: int = 2, bits: int = 8) -> dict[str, Any]:
     """One side in its own process, from the copy of this script in `tree` (the commit measured)."""
@@ -311,6 +316,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--eval-rows", type=int, default=200)
     parser.add_argument("--lm-eval-python", default=None, help="python of a venv with lm_eval==0.4.13")
+    parser.add_argument("--before-dtype", default="float32", choices=["float32", "auto"],
+                        help="the precision of the `before` training side (auto: an A/B of two commits)")
+    parser.add_argument("--sides", nargs="+", default=list(TRAIN_SIDES), choices=TRAIN_SIDES,
+                        help="the training sides to run (default: all)")
+    parser.add_argument("--tag", default="", help="a suffix for the result files (speed_TAG.{json,md})")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-eval", action="store_true")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
@@ -345,9 +355,11 @@ def main() -> None:
                 for pair in range(args.pairs):
                     row: dict[str, Any] = {"pair": pair}
                     for side, tree, dtype, kind, bits in (
-                            ("before", before, "float32", "train", 8), ("fp32", after, "float32", "train", 8),
+                            ("before", before, args.before_dtype, "train", 8), ("fp32", after, "float32", "train", 8),
                             ("auto", after, "auto", "train", 8), ("auto 32-bit", after, "auto", "train", 32),
                             ("hf", after, auto, "hf-train", 32)):
+                        if side not in args.sides:
+                            continue
                         run = run_child(kind, py, tree, work, model, train_data, dtype, args.steps, args.warmup, bits)
                         row[side] = {"tokens_per_s": tokens_per_s(run, args.warmup), "losses": run["losses"]}
                         print(side, round(row[side]["tokens_per_s"], 1), flush=True)
@@ -382,24 +394,27 @@ def write_results(report: dict[str, Any], args: argparse.Namespace, auto: str) -
     commit = report.pop("commit")
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    meta = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "before": args.before,
+    meta = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "before": args.before, "before_dtype": args.before_dtype,
             "transformers": transformers.__version__, "cpu": cpu, "cores": os.cpu_count(), "auto_dtype": auto,
             "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]])}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "speed.json").write_text(json.dumps({"meta": meta, **report}, indent=2) + "\n")
+    stem = "speed" + (f"_{args.tag}" if args.tag else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, **report}, indent=2) + "\n")
     lines = [f"Speed on Gemma 3 270M (dequantized Q4_K_M), BoolQ — {meta['date']}, commit {meta['commit']} "
              f"(before: {meta['before']}), {cpu}, {meta['cores']} cores, transformers {meta['transformers']}; "
              f"`auto` is {auto} here (`{meta['command']}`).", ""]
     if report["train"]:
+        sides = [s for s in TRAIN_SIDES if s in report["train"][0]]
+        ratios = [(a, b) for a, b in (("auto", "before"), ("auto", "hf"), ("auto 32-bit", "hf")) if {a, b} <= set(sides)]
+        names = {"before": f"before ({args.before_dtype})", "auto 32-bit": "auto, 32-bit states", "hf": "HF Trainer"}
         lines += [f"Training: galore, 8-bit moments, layerwise, rank {RANK}, micro batch {MICRO_BATCH} x {SEQ_LEN} "
                   f"tokens, activation checkpointing; tokens/s (median of steps after {args.warmup}).", "",
-                  "| pair | before (fp32) | fp32 | auto | auto, 32-bit states | HF Trainer | auto / before | "
-                  "auto / HF | 32-bit states: ours / HF |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| pair | " + " | ".join([names.get(s, s) for s in sides] + [f"{a} / {b}" for a, b in ratios]) + " |",
+                  "|---|" + "---|" * (len(sides) + len(ratios))]
         for r in report["train"]:
-            t = {k: r[k]["tokens_per_s"] for k in ("before", "fp32", "auto", "auto 32-bit", "hf")}
-            lines.append(f"| {r['pair']} | {t['before']:.1f} | {t['fp32']:.1f} | {t['auto']:.1f} | {t['auto 32-bit']:.1f} | "
-                         f"{t['hf']:.1f} | {t['auto'] / t['before']:.2f} | {t['auto'] / t['hf']:.2f} | "
-                         f"{t['auto 32-bit'] / t['hf']:.2f} |")
+            t = {k: r[k]["tokens_per_s"] for k in sides}
+            lines.append(f"| {r['pair']} | " + " | ".join([f"{t[s]:.1f}" for s in sides]
+                                                       + [f"{t[a] / t[b]:.2f}" for a, b in ratios]) + " |")
         if "breakdown" in report:
             bd = report["breakdown"]
             lines += ["", f"Where a step goes (`auto`, {bd['dtype']}, {bd['tokens_per_step']:.0f} tokens a step, "
@@ -407,10 +422,11 @@ def write_results(report: dict[str, Any], args: argparse.Namespace, auto: str) -
             lines += [f"- {name}: {value:.2f}" for name, value in bd["parts_s"].items()]
             lines += [f"- the decoder's matmuls at this CPU's measured rate ({bd['matmul_flops'] / 1e9:.0f} GFLOPS, "
                       f"a 2048 x 640 x 8192 product): {bd['decoder_matmul_s']:.2f}"]
-        same = all(r["before"]["losses"] == r["fp32"]["losses"] for r in report["train"])
-        lines += ["", f"Losses, before vs fp32: {'identical' if same else 'differ'} "
-                  f"(before {report['train'][0]['before']['losses']}, fp32 {report['train'][0]['fp32']['losses']}); "
-                  f"auto {report['train'][0]['auto']['losses']}; HF {report['train'][0]['hf']['losses']}.", ""]
+        twin = "fp32" if args.before_dtype == "float32" else "auto"  # the side `before` runs like
+        if {"before", twin} <= set(sides):
+            same = all(r["before"]["losses"] == r[twin]["losses"] for r in report["train"])
+            lines += ["", f"Losses, before vs {twin}: {'identical' if same else 'differ'}."]
+        lines += ["", "Losses (pair 0): " + "; ".join(f"{s} {report['train'][0][s]['losses']}" for s in sides) + ".", ""]
     if report["eval"]:
         sides = [k for k in report["eval"][0] if k != "pair"]
         lines += [f"Evaluation: BoolQ zero-shot, {args.eval_rows} rows, batch 8; examples/s (scoring only) and "
@@ -428,7 +444,7 @@ def write_results(report: dict[str, Any], args: argparse.Namespace, auto: str) -
                   f"before {m['before']['above_loaded_bytes'] / 2**20:.0f} MiB, after "
                   f"{m['after']['above_loaded_bytes'] / 2**20:.0f} MiB (loss {m['before']['loss']:.4f} / "
                   f"{m['after']['loss']:.4f})."]
-    (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
