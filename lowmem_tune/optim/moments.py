@@ -26,7 +26,7 @@ from lowmem_tune.optim.projector import as_contiguous, is_fake
 
 BLOCKSIZE = 256  # bitsandbytes' block size for 8-bit optimizer states (CPU and CUDA)
 MIN_8BIT_SIZE = 4096  # smaller tensors keep float32 moments, as in bitsandbytes' optimizers
-KERNEL_PIECE = 1 << 18  # values per call of the 8-bit kernel (a multiple of BLOCKSIZE)
+KERNEL_PIECE = 1 << 20  # values per call of the 8-bit kernel (a multiple of BLOCKSIZE)
 
 
 class Fp32Moments:

@@ -15,7 +15,7 @@ import torch
 
 from lowmem_tune.optim.rounding import StochasticRounding
 
-BLOCK_ELEMENTS = 1 << 18
+BLOCK_ELEMENTS = 1 << 20
 """Values per block: a 4 MiB float32 working copy, plus as much for the update and the noise."""
 
 RowsUpdate = Callable[[int, int], torch.Tensor]
