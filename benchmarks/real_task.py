@@ -289,11 +289,10 @@ def run_experiment(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 print(strategy, label, "dev", round(mean_acc(result["dev"]), 3), "held-out",
                       round(mean_acc(result["heldout"]), 3), flush=True)
         best = max(trials.values(), key=lambda t: mean_acc(t.result["dev"]))  # the dev part chooses; ties: the first
-        lr, settings = best.lr, best.settings
         seeds = range(1, args.seeds or size["seeds"]) if strategy in SEEDED else range(0)
-        runs = [best.result] + [launch(args, work, data_file, strategy, best.plan, lr, seed) for seed in seeds]
-        report["strategies"][strategy] = {
-            "lr": lr, "settings": settings, "trials": {label: t.result for label, t in trials.items()}, "runs": runs}
+        runs = [best.result] + [launch(args, work, data_file, strategy, best.plan, best.lr, seed) for seed in seeds]
+        report["strategies"][strategy] = {"lr": best.lr, "settings": best.settings,
+                                          "trials": {label: t.result for label, t in trials.items()}, "runs": runs}
         report["wall_s"] = time.perf_counter() - args.began
         write_results(report, args)  # after each strategy: hours of runs survive a crash in a later one
     return report
