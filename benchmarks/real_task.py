@@ -69,7 +69,7 @@ SIZES = {
     "cpu": {"sst2": {"heldout": 300, "dev": 100, "train": None, "steps": 40},
             "mix": {"heldout": 100, "dev": 25, "train": 250, "steps": 80},
             "micro_batch": 8, "max_seq_len": 256, "seeds": 1},
-    "smoke": {"sst2": {"heldout": 20, "dev": 10, "train": 60, "steps": 2},  # checks the script, measures nothing
+    "smoke": {"sst2": {"heldout": 20, "dev": 10, "train": 60, "steps": 2},  # checks the script: prints, writes nothing
               "mix": {"heldout": 8, "dev": 4, "train": 10, "steps": 2},
               "micro_batch": 2, "max_seq_len": 128, "seeds": 2},
     "gpu": {"sst2": {"heldout": 300, "dev": 100, "train": None, "steps": 300},
@@ -377,9 +377,11 @@ def write_results(report: dict[str, Any], args: argparse.Namespace, stem: Path |
         "date": time.strftime("%Y-%m-%d"), "commit": args.commit, "size": args.size,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "command": " ".join(["python", "benchmarks/real_task.py", *sys.argv[1:]])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    smoke = meta["size"] == "smoke"  # checks the script: prints, writes no results
     stem = stem or RESULTS / f"real_task_{experiment}{'_' + args.tag if args.tag else ''}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, **report}, indent=1, default=str) + "\n")
+    if not smoke:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, **report}, indent=1, default=str) + "\n")
     dtypes = sorted({r["dtype"] for entry in report["strategies"].values() for r in entry["runs"]})
     lines = [f"Gemma 3 270M (dequantized Q4_K_M) finetuned on `{experiment}` — {meta['date']}, commit {meta['commit']}, "
              f"{meta['machine']}, weights in {', '.join(dtypes)}, size `{meta['size']}` (`{meta['command']}`), "
@@ -417,8 +419,9 @@ def write_results(report: dict[str, Any], args: argparse.Namespace, stem: Path |
                            f"dev {100 * mean_acc(t['dev']):.1f} / held-out {100 * mean_acc(t['heldout']):.1f}"
                            for label, t in entry["trials"].items())
         lines.append(f"- {strategy}: seeds {seeds} ({trials})")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    plot_losses(report, stem.with_suffix(".png"))
+    if not smoke:
+        stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        plot_losses(report, stem.with_suffix(".png"))
     print("\n".join(lines))
 
 
