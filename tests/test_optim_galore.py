@@ -282,6 +282,8 @@ def test_gradient_norms_of_large_bf16_tensors_are_exact():
     exact = float(torch.linalg.vector_norm(grad, dtype=torch.float64).square())
     assert squared_norm(grad).dtype == torch.float32
     assert abs(float(squared_norm(grad)) / exact - 1) < 1e-6
+    uneven = torch.randn((1 << 21) + 5, dtype=torch.float64)  # two full pieces and a short one
+    assert float(squared_norm(uneven)) == pytest.approx(float(uneven.square().sum()), rel=1e-12)
     small = torch.randn(7, 5, dtype=torch.float64)
     assert squared_norm(small).dtype == torch.float64
     assert float(squared_norm(small)) == pytest.approx(float(small.square().sum()), rel=1e-14)
